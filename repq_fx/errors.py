@@ -1,0 +1,30 @@
+"""One error hierarchy for everything repq_fx raises on purpose.
+
+Every message names what went wrong and what to do about it. Internal invariants
+raise ``AssertionError`` explicitly; user input never meets a bare ``assert``.
+"""
+from __future__ import annotations
+
+
+class RepQError(Exception):
+    """Base class of every error repq_fx raises on purpose."""
+
+
+class CaptureError(RepQError):
+    """The model could not be captured as a graph (FX tracing failed)."""
+
+
+class UnsupportedOpError(RepQError):
+    """An operation has no rule in one of repq_fx's registries."""
+
+
+class ConfigError(RepQError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class NotMergeableError(RepQError):
+    """A block was asked to become one conv but the algebra says it is not exact."""
+
+
+class NotPreparedError(RepQError):
+    """An operation needs a model returned by ``repq_fx.prepare``."""
