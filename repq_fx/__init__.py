@@ -1,0 +1,18 @@
+"""repq_fx: RepQ quantization-aware training for re-parametrized networks, as a Torch FX pass.
+
+>>> import torch.nn as nn, repq_fx
+>>> report = repq_fx.explain(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+>>> len(report.merged)
+1
+"""
+from .api import explain, merge
+from .capture import register_leaf_module
+from .errors import CaptureError, ConfigError, NotMergeableError, NotPreparedError, RepQError, UnsupportedOpError
+from .patterns.linear_ops import register_op
+from .report import BlockReport, Report
+
+__all__ = [
+    "explain", "merge", "register_leaf_module", "register_op", "Report", "BlockReport",
+    "RepQError", "CaptureError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
+]
+__version__ = "0.1.0"

@@ -86,6 +86,10 @@ class AffineConv:
         """1x1 kernel, stride 1, no padding: output pixel (i, j) depends on input pixel (i, j) only."""
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == ((0, 0), (0, 0))
 
+    def is_pointwise_along(self, dim: int) -> bool:
+        """Kernel 1, stride 1 and no padding or crop along ``dim``."""
+        return self.kernel_size[dim] == 1 and self.stride[dim] == 1 and self.padding[dim] == (0, 0)
+
     def is_diagonal(self) -> bool:
         """Pointwise and channel-wise (a per-channel scale and shift)."""
         return self.is_pointwise() and self.groups == self.in_channels == self.out_channels

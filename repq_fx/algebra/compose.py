@@ -45,31 +45,36 @@ def compose(second: AffineConv, first: AffineConv) -> AffineConv | NoMatch:
 
 
 def _composite_pad_value(second: AffineConv, first: AffineConv) -> Any | None | NoMatch:
-    if not second.reads_padding():
+    padded_dims = [d for d in range(2) if any(p > 0 for p in second.padding[d])]
+    if not padded_dims:
         return first.pad_value if first.reads_padding() else None
-    if not first.is_pointwise():
+    if not all(first.is_pointwise_along(d) for d in padded_dims):
         k1, k2 = first.kernel_size, second.kernel_size
         return NoMatch(
             f"{k1[0]}x{k1[1]} -> {k2[0]}x{k2[1]} sequential with padding on the intermediate: "
             "not exact at borders (the first conv's response in the pad region is not constant)"
         )
-    # The second map reads first(x~) outside the image; first is pointwise, so that is W1 @ pi + b1.
+    # Outside the image along a padded dim, first(x~) is W1 @ pi + b1: it must equal second's pad value.
     target = second.pad_value
     response = first.bias
+    solved: Any | None | NoMatch
     if _same(target, response):
-        return None
-    if first.is_diagonal():
-        scale = first.weight.reshape(-1)
-        if bool((_value(scale) != 0).all()):
-            diff = _zeros_like_out(first) if target is None else target
-            if response is not None:
-                diff = diff - response
-            return diff / scale
-    k = second.kernel_size
-    return NoMatch(
-        f"1x1 -> {k[0]}x{k[1]} sequential: the intermediate is padded with a value other than the 1x1's "
-        "response to a zero pixel (a nonzero bias before a zero-padded conv); not exact at borders"
-    )
+        solved = None
+    elif first.kernel_size == (1, 1) and first.groups == first.in_channels == first.out_channels and bool(
+            (_value(first.weight) != 0).all()):
+        diff = _zeros_like_out(first) if target is None else target
+        if response is not None:
+            diff = diff - response
+        solved = diff / first.weight.reshape(-1)
+    else:
+        k = second.kernel_size
+        return NoMatch(
+            f"1x1 -> {k[0]}x{k[1]} sequential: the intermediate is padded with a value other than the 1x1's "
+            "response to a zero pixel (a nonzero bias before a zero-padded conv); not exact at borders"
+        )
+    if first.reads_padding() and not _same(first.pad_value, solved):
+        return NoMatch("the two convs of a sequence pad with different values: not exact at borders")
+    return solved
 
 
 def _same(a: Any | None, b: Any | None) -> bool:

@@ -1,0 +1,333 @@
+"""Canonicalize a traced graph: one form per op, no-ops removed.
+
+After this pass every later stage sees only these forms:
+
+==========================  ==========================================================
+op                          canonical node
+==========================  ==========================================================
+conv                        ``F.conv2d(x, w, b, stride, padding, dilation, groups)``
+BatchNorm (any form)        ``norm.batch_norm(x, <get_attr of the BN module>)``
+avg-pool                    ``F.avg_pool2d(x, k, s, p, ceil_mode, count_include_pad, div)``
+pad                         ``F.pad(x, pads, "constant", value)``
+add / sub / mul / div       ``operator.add`` / ``sub`` / ``mul`` / ``truediv``
+cat                         ``torch.cat(tensors, dim)``
+==========================  ==========================================================
+
+Removed: ``nn.Identity``, dropout with p=0 or ``training=False``, DropPath at rate 0,
+``add(0, x)``, ``mul(x, 1)`` and ``torch._assert`` checks. Each rewrite is one
+entry in a table keyed by the node's target, so supporting a new spelling is one line.
+
+>>> import torch.nn as nn
+>>> from repq_fx.capture.tracer import trace
+>>> gm = canonicalize(trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(), nn.BatchNorm2d(8))))
+>>> [getattr(n.target, "__name__", n.target) for n in gm.graph.nodes if n.op == "call_function"]
+['conv2d', 'batch_norm']
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .norm import batch_norm, is_batch_norm
+
+Rewrite = Callable[[fx.GraphModule, fx.Node], "fx.Node | None"]
+_MODULE_REWRITES: dict[type, Rewrite] = {}
+_FUNCTION_REWRITES: dict[Any, Rewrite] = {}
+_METHOD_REWRITES: dict[str, Rewrite] = {}
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+_PAD_ARGS = ("input", "pad", "mode", "value")
+_PAD_DEFAULTS = {"mode": "constant", "value": None}
+
+
+def _register(table: dict, *keys: Any) -> Callable[[Rewrite], Rewrite]:
+    def deco(fn: Rewrite) -> Rewrite:
+        for k in keys:
+            table[k] = fn
+        return fn
+    return deco
+
+
+def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Positional + keyword arguments of ``node`` by parameter name."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple) -> fx.Node:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    return new
+
+
+def _conv_padding(padding: Any, weight_shape: torch.Size | tuple[int, ...], dilation: Any) -> Any:
+    if padding == "valid":
+        return 0
+    if padding == "same":  # odd kernels only; even kernels pad asymmetrically in torch
+        d = dilation if isinstance(dilation, (tuple, list)) else (dilation, dilation)
+        total = [di * (k - 1) for di, k in zip(d, weight_shape[2:])]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return padding
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+@_register(_MODULE_REWRITES, nn.Identity)
+def _drop_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # x -> x
+    return node.args[0]
+
+
+@_register(_MODULE_REWRITES, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+def _dropout_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # dropout(p=0)(x) -> x
+    return node.args[0] if gm.get_submodule(node.target).p == 0 else None
+
+
+@_register(_MODULE_REWRITES, nn.Conv2d)
+def _conv_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # Conv2d(x) -> F.conv2d(x, self.weight, self.bias, ...)
+    conv = gm.get_submodule(node.target)
+    if type(conv).forward is not nn.Conv2d.forward or conv.padding_mode != "zeros":
+        return None
+    padding = _conv_padding(conv.padding, conv.weight.shape, conv.dilation)
+    if padding is None:
+        return None
+    with gm.graph.inserting_before(node):
+        w = gm.graph.get_attr(f"{node.target}.weight")
+        b = gm.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
+    return _replace(gm, node, F.conv2d, (node.args[0], w, b, conv.stride, padding, conv.dilation, conv.groups))
+
+
+@_register(_MODULE_REWRITES, nn.AvgPool2d)
+def _avgpool_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # AvgPool2d(x) -> F.avg_pool2d(x, ...)
+    p = gm.get_submodule(node.target)
+    args = (node.args[0], p.kernel_size, p.stride, p.padding, p.ceil_mode, p.count_include_pad, p.divisor_override)
+    return _replace(gm, node, F.avg_pool2d, args)
+
+
+@_register(_MODULE_REWRITES, nn.ZeroPad2d, nn.ConstantPad2d)
+def _pad_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # ZeroPad2d(x) -> F.pad(x, pads, "constant", value)
+    p = gm.get_submodule(node.target)
+    return _replace(gm, node, F.pad, (node.args[0], tuple(p.padding), "constant", float(p.value)))
+
+
+def _norm_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # BN(x) -> batch_norm(x, self.bn); BatchNormAct2d(x) -> act(drop(batch_norm(x, self.bn)))
+    with gm.graph.inserting_before(node):
+        module_ref = gm.graph.get_attr(node.target)
+    out = _replace(gm, node, batch_norm, (node.args[0], module_ref))
+    module = gm.get_submodule(node.target)
+    for child in ("drop", "act"):
+        sub = getattr(module, child, None)
+        if isinstance(sub, nn.Module) and not isinstance(sub, nn.Identity):
+            with gm.graph.inserting_before(node):
+                out = gm.graph.call_module(f"{node.target}.{child}", (out,))
+    return out
+
+
+# -- functions ----------------------------------------------------------------------------------
+
+@_register(_FUNCTION_REWRITES, F.conv2d, torch.conv2d)
+def _conv_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # torch.conv2d(...) / keyword args -> F.conv2d(x, w, b, stride, padding, dilation, groups)
+    a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
+    if isinstance(a["padding"], str):
+        return None  # string padding on a computed weight: shape unknown here
+    args = tuple(a[k] for k in _CONV_ARGS)
+    if node.target is F.conv2d and args == node.args and not node.kwargs:
+        return None
+    return _replace(gm, node, F.conv2d, args)
+
+
+@_register(_FUNCTION_REWRITES, F.avg_pool2d)
+def _avgpool_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # avg_pool2d(x, k, ...) with keyword args -> all positional
+    a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
+    args = tuple(a[k] for k in _POOL_ARGS)
+    if node.target is F.avg_pool2d and args == node.args and not node.kwargs:
+        return None
+    return _replace(gm, node, F.avg_pool2d, args)
+
+
+@_register(_FUNCTION_REWRITES, F.pad)
+def _pad_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # F.pad(x, pads, mode, value) -> all positional, value a float
+    a = _bind(node, _PAD_ARGS, _PAD_DEFAULTS)
+    value = 0.0 if a["value"] is None else a["value"]
+    args = (a["input"], tuple(a["pad"]) if isinstance(a["pad"], list) else a["pad"], a["mode"], value)
+    if args == node.args and not node.kwargs:
+        return None
+    return _replace(gm, node, F.pad, args)
+
+
+@_register(_FUNCTION_REWRITES, F.dropout, F.dropout2d, torch.dropout)
+def _dropout_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # dropout(x, p=0) -> x ; dropout(x, training=False) -> x
+    a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+    if a["p"] == 0 or a["training"] is False:
+        return a["input"]
+    return None
+
+
+@_register(_FUNCTION_REWRITES, F.batch_norm)
+def _batch_norm_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # F.batch_norm(x, m.running_mean, ...) traced through module m -> batch_norm(x, m)
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    a = _bind(node, names, {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+    owners = {arg.target.rpartition(".")[0] for arg in (a["running_mean"], a["running_var"])
+              if isinstance(arg, fx.Node) and arg.op == "get_attr"}
+    if len(owners) != 1:
+        return None
+    owner = owners.pop()
+    try:
+        module = gm.get_submodule(owner)
+    except AttributeError:
+        return None
+    if not is_batch_norm(module):
+        return None
+    with gm.graph.inserting_before(node):
+        module_ref = gm.graph.get_attr(owner)
+    return _replace(gm, node, batch_norm, (a["input"], module_ref))
+
+
+@_register(_FUNCTION_REWRITES, torch._assert)
+def _drop_assert(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # torch._assert(cond, msg) -> (removed)
+    gm.graph.erase_node(node)
+    return None
+
+
+@_register(_FUNCTION_REWRITES, torch.cat, torch.concat, torch.concatenate)
+def _cat_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # torch.concat(xs, dim=d) -> torch.cat(xs, d)
+    a = _bind(node, ("tensors", "dim"), {"dim": 0})
+    args = (list(a["tensors"]), a["dim"])
+    if node.target is torch.cat and args[0] == list(node.args[0]) and len(node.args) == 2 and not node.kwargs:
+        return None
+    return _replace(gm, node, torch.cat, args)
+
+
+_ARITH = {
+    operator.add: operator.add, torch.add: operator.add, operator.iadd: operator.add,
+    operator.sub: operator.sub, torch.sub: operator.sub, torch.subtract: operator.sub, operator.isub: operator.sub,
+    operator.mul: operator.mul, torch.mul: operator.mul, torch.multiply: operator.mul, operator.imul: operator.mul,
+    operator.truediv: operator.truediv, torch.div: operator.truediv, torch.true_divide: operator.truediv,
+    operator.itruediv: operator.truediv,
+}
+_METHOD_ARITH = {
+    "add": operator.add, "add_": operator.add, "sub": operator.sub, "sub_": operator.sub,
+    "mul": operator.mul, "mul_": operator.mul, "div": operator.truediv, "div_": operator.truediv,
+}
+
+
+def _arith(gm: fx.GraphModule, node: fx.Node, op: Any) -> fx.Node | None:
+    if len(node.args) != 2 or (node.kwargs and set(node.kwargs) - {"alpha"}):
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    a, b = node.args
+    if op is operator.add and alpha == 1 and _is_zero(a):
+        return b  # add(0, x) -> x
+    if op in (operator.add, operator.sub) and alpha == 1 and _is_zero(b):
+        return a  # add(x, 0) -> x
+    if op in (operator.mul, operator.truediv) and _is_one(b):
+        return a  # mul(x, 1) -> x
+    if op is operator.mul and _is_one(a):
+        return b
+    if alpha != 1:
+        if op not in (operator.add, operator.sub):
+            return None
+        with gm.graph.inserting_before(node):
+            b = gm.graph.call_function(operator.mul, (b, alpha))
+    if op is node.target and (a, b) == node.args and not node.kwargs:
+        return None
+    return _replace(gm, node, op, (a, b))
+
+
+def _is_zero(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+def _is_one(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 1
+
+
+for _target, _op in _ARITH.items():
+    _FUNCTION_REWRITES[_target] = (lambda op: lambda gm, node: _arith(gm, node, op))(_op)
+for _name, _op in _METHOD_ARITH.items():
+    _METHOD_REWRITES[_name] = (lambda op: lambda gm, node: _method_arith(gm, node, op))(_op)
+
+
+def _method_arith(gm: fx.GraphModule, node: fx.Node, op: Any) -> fx.Node | None:
+    # x.add_(y) -> operator.add(x, y), only where no one else sees the mutation
+    if node.target.endswith("_"):
+        self_arg = node.args[0]
+        if not isinstance(self_arg, fx.Node) or len(self_arg.users) > 1:
+            return None
+    return _arith(gm, node, op)
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+def _rewrite_for(gm: fx.GraphModule, node: fx.Node) -> Rewrite | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if is_batch_norm(module):
+            return _norm_module
+        for cls in type(module).__mro__:
+            if cls in _MODULE_REWRITES:
+                return _MODULE_REWRITES[cls]
+        if _is_inert_drop_path(module):
+            return _drop_module
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_REWRITES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHOD_REWRITES.get(node.target)
+    return None
+
+
+def _is_inert_drop_path(module: nn.Module) -> bool:
+    """timm DropPath / StochasticDepth at rate 0 is the identity."""
+    name = type(module).__name__
+    if name not in ("DropPath", "StochasticDepth"):
+        return False
+    rate = getattr(module, "drop_prob", getattr(module, "p", None))
+    return rate == 0
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``gm`` in place into the canonical forms above and return it."""
+    for node in list(gm.graph.nodes):
+        rewrite = _rewrite_for(gm, node)
+        if rewrite is None:
+            continue
+        erased_by_rule = node.target is torch._assert
+        replacement = rewrite(gm, node)
+        if erased_by_rule or replacement is None or replacement is node:
+            continue
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+

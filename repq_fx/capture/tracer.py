@@ -1,0 +1,84 @@
+"""Trace an unmodified model with torch.fx, keeping norm layers as leaves.
+
+A graph traced *through* a BatchNorm bakes ``training=True/False`` into
+``F.batch_norm``; keeping BatchNorm modules (and timm's norm-act wrappers, through
+timm's own no-trace registry) as ``call_module`` leaves lets the captured graph
+follow ``.train()`` / ``.eval()`` at run time.
+
+>>> import torch.nn as nn
+>>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+>>> [n.op for n in gm.graph.nodes]
+['placeholder', 'call_module', 'call_module', 'output']
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import CaptureError
+
+_LEAF_TYPES: list[type[nn.Module]] = [nn.modules.batchnorm._BatchNorm]
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Keep modules of ``cls`` opaque (one ``call_module`` node) when tracing; usable as a decorator.
+
+    >>> @register_leaf_module
+    ... class MyOp(nn.Module):
+    ...     def forward(self, x):
+    ...         return x * 2
+    """
+    if cls not in _LEAF_TYPES:
+        _LEAF_TYPES.append(cls)
+    return cls
+
+
+def _timm_leaf_types() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except Exception:  # timm missing or too old: nothing to honour
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class LeafTracer(fx.Tracer):
+    """``fx.Tracer`` whose leaves are torch.nn modules, norm layers and registered/timm no-trace modules."""
+
+    def __init__(self) -> None:
+        timm_modules, timm_functions = _timm_leaf_types()
+        super().__init__(autowrap_functions=timm_functions)
+        self._leaf_types = tuple(_LEAF_TYPES) + timm_modules
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """A GraphModule of a deep copy of ``model`` (the model itself is never touched).
+
+    Raises :class:`CaptureError` with FX's reason and what to do when tracing fails.
+    """
+    if isinstance(model, fx.GraphModule):
+        model = copy.deepcopy(model)
+        root, graph = model, model.graph
+        return fx.GraphModule(root, graph, root.__class__.__name__)
+    model = copy.deepcopy(model)
+    tracer = LeafTracer()
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:  # FX raises many types (TraceError, TypeError, RuntimeError...)
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
+            "What to do: make the failing submodule a leaf with repq_fx.register_leaf_module(ItsClass) "
+            "(it is then kept as it is and never merged), pass concrete_args for arguments that steer "
+            "control flow, or rewrite the data-dependent Python (int() on shapes, slice assignment, "
+            "branches on tensor values) in a traceable form."
+        ) from e
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)

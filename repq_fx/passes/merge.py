@@ -1,0 +1,74 @@
+"""The merge pass: every exact block becomes one ``nn.Conv2d``; everything else stays as it was.
+
+>>> import torch.nn as nn
+>>> from repq_fx.capture import capture
+>>> gm = merge_blocks(capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))))
+>>> [type(m).__name__ for m in gm.children()]
+['Conv2d']
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..algebra import to_module
+from ..patterns.blocks import Analysis, Block, find_blocks
+
+
+def merge_blocks(gm: fx.GraphModule, analysis: Analysis | None = None) -> fx.GraphModule:
+    """Rewrite ``gm`` (canonical, in place): each merged block's exit becomes ``conv(entry)``."""
+    analysis = analysis or find_blocks(gm)
+    dtype = _param_dtype(gm)
+    replaced: dict[fx.Node, fx.Node] = {}  # block exit -> its merged conv node
+    for block in analysis.blocks:
+        if block.merged and not _is_plain_conv(block):
+            replaced[block.region.exit] = _replace_with_conv(gm, block, dtype, replaced)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _param_dtype(gm: fx.GraphModule) -> torch.dtype:
+    for p in gm.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _is_plain_conv(block: Block) -> bool:
+    """A lone conv with symmetric padding: rewriting it would change nothing."""
+    return len(block.ops) == 1 and block.ops[0].is_conv
+
+
+def _replace_with_conv(gm: fx.GraphModule, block: Block, dtype: torch.dtype,
+                       replaced: dict[fx.Node, fx.Node]) -> fx.Node:
+    conv = to_module(block.conv, dtype=dtype)
+    device = next((p.device for p in gm.parameters()), None)
+    if device is not None:
+        conv = conv.to(device)
+    target = _free_name(gm, f"{block.name}.reparam_conv" if block.name else "reparam_conv")
+    gm.add_submodule(target, conv)
+    exit_ = block.region.exit
+    with gm.graph.inserting_before(exit_):
+        entry = replaced.get(block.region.entry, block.region.entry)
+        new = gm.graph.call_module(target, (entry,))
+    new.meta = dict(exit_.meta)
+    exit_.replace_all_uses_with(new)
+    return new
+
+
+def _free_name(gm: fx.GraphModule, target: str) -> str:
+    name, i = target, 1
+    while _exists(gm, name):
+        name, i = f"{target}_{i}", i + 1
+    return name
+
+
+def _exists(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+        return True
+    except AttributeError:
+        return False

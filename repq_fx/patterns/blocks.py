@@ -1,0 +1,315 @@
+"""Blocks: regions that contain a conv, with their merged map or the reason they cannot be merged.
+
+:func:`find_blocks` partitions the graph (``regions.partition``), evaluates each
+region's affine map with the algebra, and where the algebra refuses, splits the
+region at the failing op (or leaves the op out) and tries again, so every exact
+sub-block is still merged. The evaluation itself (:func:`evaluate`) is shared with
+``prepare``, which runs it on symbolic values.
+
+>>> import torch.nn as nn
+>>> from repq_fx.capture import capture
+>>> gm = capture(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+>>> [b.name for b in find_blocks(gm).blocks]
+['0']
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
+from ..capture.norm import batch_norm
+from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
+from .regions import Region, partition
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Where and why the algebra refused a region."""
+
+    node: fx.Node
+    kind: str  # "op" | "compose" | "combine" | "final" | "cost" | "channels"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Block:
+    """A region with at least one conv: ``exit = conv(entry)`` after merging."""
+
+    name: str  # module path the block lives under ("" for the root)
+    region: Region
+    ops: tuple[LinearOp, ...]  # the region's ops in graph order
+    conv: ConvParams | None  # the merged conv (numeric, eval-mode statistics)
+    reason: str = ""  # why it was split or left alone; "" when merged without refusals
+
+    @property
+    def merged(self) -> bool:
+        return self.conv is not None
+
+    @property
+    def num_convs(self) -> int:
+        return sum(op.is_conv for op in self.ops)
+
+
+@dataclass
+class Analysis:
+    """Everything ``find_blocks`` learned about a graph."""
+
+    blocks: list[Block]
+    linear: dict[fx.Node, LinearOp]  # final linear ops (after demotions)
+    regions: list[Region]
+    notes: dict[fx.Node, str] = field(default_factory=dict)  # node -> why it was split off or demoted
+
+
+class NumericValues:
+    """Parameter values as float64 tensors, BatchNorm with running statistics (the eval-mode merge)."""
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype = torch.float64) -> None:
+        self.gm, self.dtype = gm, dtype
+        self._cache: dict[fx.Node, Any] = {}
+
+    def param(self, arg: Any) -> Any:
+        return fx.node.map_arg(arg, self._node_value) if isinstance(arg, (fx.Node, list, tuple, dict)) else arg
+
+    def _node_value(self, node: fx.Node) -> Any:
+        if node not in self._cache:
+            self._cache[node] = self._evaluate(node)
+        return self._cache[node]
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            value = _fetch_attr(self.gm, node.target)
+        else:
+            args = fx.node.map_arg(node.args, self._raw)
+            kwargs = fx.node.map_arg(node.kwargs, self._raw)
+            with torch.no_grad():
+                if node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "call_module":
+                    value = self.gm.get_submodule(node.target)(*args, **kwargs)
+                else:
+                    raise AssertionError(f"cannot evaluate {node.op} {node.target} as a parameter")
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.detach().to(self.dtype)
+        return value
+
+    def _raw(self, node: fx.Node) -> Any:
+        """Parameter values in the model's own dtype, for evaluating parameter expressions faithfully."""
+        if node.op == "get_attr":
+            return _fetch_attr(self.gm, node.target)
+        if not hasattr(self, "_raw_cache"):
+            self._raw_cache: dict[fx.Node, Any] = {}
+        if node not in self._raw_cache:
+            args = fx.node.map_arg(node.args, self._raw)
+            kwargs = fx.node.map_arg(node.kwargs, self._raw)
+            with torch.no_grad():
+                if node.op == "call_function":
+                    v = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    v = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    v = self.gm.get_submodule(node.target)(*args, **kwargs)
+            self._raw_cache[node] = v
+        return self._raw_cache[node]
+
+    def bn(self, node: fx.Node, module: torch.nn.Module) -> AffineConv | NoMatch:
+        return running_stats_bn(module, self.dtype)
+
+
+def running_stats_bn(module: torch.nn.Module, dtype: torch.dtype) -> AffineConv | NoMatch:
+    """The eval-mode map of a BatchNorm module (running statistics), or why there is none."""
+    if module.running_mean is None or not module.track_running_stats:
+        return NoMatch("BatchNorm with track_running_stats=False normalizes with batch statistics even in eval mode")
+    weight = module.weight.detach().to(dtype) if module.weight is not None else None
+    bias = module.bias.detach().to(dtype) if module.bias is not None else None
+    return ops.batch_norm(module.running_mean.to(dtype), module.running_var.to(dtype), weight, bias, module.eps)
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def entry_channels(gm: fx.GraphModule, region: Region, linear: dict[fx.Node, LinearOp], values: Values) -> int | None:
+    """Channel count of a region's entry: from shape metadata, or from the first op that fixes it."""
+    meta = region.entry.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2:
+        return int(meta.shape[1])
+    frontier = [region.entry]
+    seen = set()
+    inside = set(region.nodes)
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user not in inside or user in seen:
+                continue
+            seen.add(user)
+            c = _input_channels(user, values)
+            if c is not None:
+                return c
+            if linear[user].kind == "unary":  # channel-preserving: pad, pool, crop, scalar ops
+                frontier.append(user)
+            elif linear[user].kind == "sum":
+                frontier.append(user)
+    return None
+
+
+def _input_channels(node: fx.Node, values: Values) -> int | None:
+    if node.target is torch.nn.functional.conv2d:
+        w = values.param(node.args[1])
+        return int(w.shape[1]) * int(node.args[6])
+    if node.target is batch_norm:
+        return int(values.param(node.args[1]).num_features)
+    return None
+
+
+def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, channels: int) -> AffineConv | Failure:
+    """The affine map from ``region.entry`` to ``region.exit``, or where the algebra refused."""
+    maps: dict[fx.Node, AffineConv | None] = {region.entry: None}  # None: the identity
+
+    def full(n: fx.Node) -> AffineConv:
+        m = maps[n]
+        return ops.identity(channels, values.dtype) if m is None else m
+
+    cost = 0.0  # multiply-adds per entry pixel of the convs in the region
+    last_conv = None
+    for node in region.nodes:
+        op = linear[node]
+        if op.kind == "unary":
+            before = maps[op.inputs[0]]
+            own = op.build(values, channels if before is None else before.out_channels)
+            if isinstance(own, NoMatch):
+                return Failure(node, "op", own.reason)
+            result = own if before is None else compose(own, before)
+            if isinstance(result, NoMatch):
+                return Failure(node, "compose", result.reason)
+            if op.is_conv:
+                cost += _macs(own.weight, result.stride)
+                last_conv = node
+        elif op.kind == "sum":
+            result = add([full(i) for i in op.inputs], list(op.signs))
+            if isinstance(result, NoMatch):
+                return Failure(node, "combine", result.reason)
+        else:
+            result = concat([full(i) for i in op.inputs])
+            if isinstance(result, NoMatch):
+                return Failure(node, "combine", result.reason)
+        maps[node] = result
+    final = full(region.exit)
+    if final.reads_padding() and final.pad_value is not None:
+        first = next(n for n in region.nodes if maps[n] is not None and maps[n].pad_value is not None)
+        return Failure(first, "final", "the input is padded with a non-zero value: no single conv computes "
+                                       "this at the borders")
+    merged_cost = _macs(final.weight, final.stride)
+    if merged_cost > cost * (1 + 1e-9) and last_conv is not None:
+        return Failure(last_conv, "cost", f"one merged conv would cost more than its parts ({merged_cost:.0f} "
+                                          f"vs {cost:.0f} multiply-adds per input pixel)")
+    return final
+
+
+def _macs(weight: Any, stride: tuple[int, int]) -> float:
+    """Multiply-adds per input pixel of a conv with ``weight`` at cumulative ``stride``."""
+    return float(weight.numel()) / (stride[0] * stride[1])
+
+
+def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
+    """Partition ``gm`` (canonical) into blocks and merge each one numerically."""
+    values = values or NumericValues(gm)
+    tensors = tensor_nodes(gm)
+    linear: dict[fx.Node, LinearOp] = {}
+    notes: dict[fx.Node, str] = {}
+    for n in gm.graph.nodes:
+        if n in tensors and n.op != "placeholder":
+            verdict = linear_op(n, tensors)
+            if verdict:
+                linear[n] = verdict
+    forced: set[fx.Node] = set()
+    cache: dict[tuple, AffineConv | Failure] = {}
+    while True:
+        regions, demoted = partition(gm, linear, forced)
+        notes.update(demoted)
+        failure = None
+        results: dict[Region, AffineConv | Failure | None] = {}
+        for region in regions:
+            if not any(linear[n].is_conv for n in region.nodes):
+                results[region] = None
+                continue
+            key = (region.entry, region.exit, region.nodes)
+            if key not in cache:
+                channels = entry_channels(gm, region, linear, values)
+                if channels is None:
+                    cache[key] = Failure(region.exit, "channels", "channel count of the block input is unknown; "
+                                                                  "pass example_inputs")
+                else:
+                    cache[key] = evaluate(region, linear, values, channels)
+            results[region] = cache[key]
+            if isinstance(cache[key], Failure) and cache[key].kind != "channels":
+                failure = (region, cache[key])
+                break
+        if failure is None:
+            break
+        _split(*failure, linear, forced, notes)
+    blocks = []
+    for region, result in results.items():
+        if result is None:
+            continue
+        region_ops = tuple(linear[n] for n in region.nodes)
+        conv = None
+        reason = _region_notes(region, notes)
+        if isinstance(result, Failure):
+            reason = result.reason
+        else:
+            conv = to_conv(result)
+            if isinstance(conv, NoMatch):
+                reason, conv = conv.reason, None
+        blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason))
+    return Analysis(blocks, linear, regions, notes)
+
+
+def _split(region: Region, f: Failure, linear: dict, forced: set, notes: dict) -> None:
+    """Cut a refused region: make the failing op's input an exit of its own, or leave the op out."""
+    op = linear[f.node]
+    cut = None
+    if f.kind == "cost" and linear[region.exit].kind != "unary":
+        f = Failure(region.exit, "cost", f.reason)  # a sum/concat that costs more merged stays a sum/concat
+    elif f.kind in ("compose", "cost") and op.inputs[0] is not region.entry:
+        cut = op.inputs[0]  # second(first(x)) not exact or not cheaper: materialize first(x)
+    elif f.kind == "final" and f.node is not region.exit:
+        cut = f.node  # the op that introduced a non-zero pad value ends its own region
+    if cut is not None:
+        forced.add(cut)
+        notes[cut] = f"split here: {f.reason}"
+    else:
+        notes[f.node] = f"left out: {f.reason}"
+        del linear[f.node]
+
+
+def _region_notes(region: Region, notes: dict[fx.Node, str]) -> str:
+    """Notes on the nodes next to this region (where it was split from its neighbours)."""
+    found = [notes[n] for n in (region.entry, *region.nodes) if n in notes]
+    found += [notes[u] for u in region.exit.users if u in notes]
+    return "; ".join(dict.fromkeys(found))
+
+
+def block_name(region: Region, gm: fx.GraphModule) -> str:
+    """The longest module path shared by the block's parameters (``stages.0.0`` for a timm RepVggBlock)."""
+    paths = []
+    for n in region.nodes:
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                obj = _fetch_attr(gm, a.target)
+                paths.append(a.target if isinstance(obj, torch.nn.Module) else a.target.rpartition(".")[0])
+        if n.op == "call_module":
+            paths.append(n.target)
+    if not paths:
+        return region.exit.name
+    common = os.path.commonprefix([p.split(".") for p in paths])
+    return ".".join(common)

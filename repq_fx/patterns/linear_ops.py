@@ -1,0 +1,294 @@
+"""Which canonical nodes are linear, and the affine conv map of each: a table of rules by target.
+
+A rule looks at one node and returns either a :class:`LinearOp` (the node's tensor
+inputs and how to build its map) or a :class:`NoMatch` saying why the node is not a
+linear op; ``explain`` shows those reasons. Parameters reach the map builders
+through a ``Values`` object, so the same rules serve the numeric merge (tensors),
+``prepare`` (symbolic values that emit FX nodes) and any BN-statistics mode.
+
+>>> import torch.nn as nn
+>>> from repq_fx.capture import capture
+>>> gm = capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+>>> conv = next(n for n in gm.graph.nodes if n.op == "call_function")
+>>> op = linear_op(conv, tensor_nodes(gm))
+>>> op.kind, [i.name for i in op.inputs]
+('unary', ['input_1'])
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..algebra import AffineConv, NoMatch, ops
+from ..capture.norm import batch_norm
+
+
+class Values(Protocol):
+    """Where the parameters of an op come from (numbers for merge, FX nodes for prepare)."""
+
+    dtype: torch.dtype
+
+    def param(self, arg: Any) -> Any:
+        """The value of a parameter-valued argument (a node, a constant, a list of them)."""
+
+    def bn(self, node: fx.Node, module: torch.nn.Module) -> AffineConv | NoMatch:
+        """The map of a BatchNorm node (its statistics depend on the mode)."""
+
+
+Builder = Callable[[Values, int], "AffineConv | NoMatch"]
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """How one node acts on its tensor inputs.
+
+    ``kind`` is ``"unary"`` (an affine conv map of ``inputs[0]``, built by ``build``),
+    ``"sum"`` (``sum_i signs[i] * inputs[i]``) or ``"cat"`` (channel concat).
+    """
+
+    node: fx.Node
+    kind: str
+    inputs: tuple[fx.Node, ...]
+    build: Builder | None = None  # unary only: (values, in_channels) -> map
+    signs: tuple[float, ...] = ()  # sum only
+    is_conv: bool = False  # a conv op (a region with none is not a block)
+    out_channels: int | None = field(default=None, compare=False)  # known from parameters
+    in_channels: int | None = field(default=None, compare=False)
+
+
+Rule = Callable[[fx.Node, set], "LinearOp | NoMatch"]
+_RULES: dict[Any, Rule] = {}
+
+
+def register_op(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register a linear-op rule for canonical node targets (``call_function`` targets).
+
+    >>> @register_op(torch.negative)
+    ... def _negative(node, tensors):
+    ...     return _scale_rule(node, node.args[0], -1.0)
+    """
+    def deco(rule: Rule) -> Rule:
+        for t in targets:
+            _RULES[t] = rule
+        return rule
+    return deco
+
+
+def tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a model input (the rest are parameter expressions)."""
+    tensors: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in tensors for a in node.all_input_nodes):
+            tensors.add(node)
+    return tensors
+
+
+def linear_op(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    """The rule's verdict on ``node`` (a tensor node)."""
+    if node.op != "call_function":
+        what = node.target if node.op == "call_module" else f"{node.op} {node.target}"
+        return NoMatch(f"{what} is not a linear op")
+    try:
+        rule = _RULES.get(node.target)
+    except TypeError:
+        rule = None
+    if rule is None:
+        return NoMatch(f"{getattr(node.target, '__name__', node.target)} is not a linear op")
+    return rule(node, tensors)
+
+
+def _params_only(node: fx.Node, args: list[Any], tensors: set[fx.Node]) -> NoMatch | None:
+    for a in args:
+        for n in _nodes_in(a):
+            if n in tensors:
+                return NoMatch(f"{node.name}: an argument ({n.name}) depends on the input, not only on parameters")
+    return None
+
+
+def _nodes_in(a: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(a, out.append)
+    return out
+
+
+@register_op(F.conv2d)
+def _conv(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # conv2d(x, W, b) -> AffineConv(W, b)
+    x, w, b, stride, padding, dilation, groups = node.args
+    bad = _params_only(node, [w, b, stride, padding, dilation, groups], tensors)
+    if bad:
+        return bad
+
+    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+        return ops.conv(values.param(w), values.param(b), stride=stride, padding=padding,
+                        dilation=dilation, groups=groups)
+
+    return LinearOp(node, "unary", (x,), build, is_conv=True)
+
+
+@register_op(batch_norm)
+def _batch_norm(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # batch_norm(x, bn) -> diag(gamma / sigma) + (beta - mu * gamma / sigma)
+    x, module_ref = node.args
+
+    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+        return values.bn(node, values.param(module_ref))
+
+    return LinearOp(node, "unary", (x,), build)
+
+
+@register_op(F.avg_pool2d)
+def _avg_pool(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # avg_pool2d(x, k, s, p) -> depthwise conv with 1/(kh*kw)
+    x, k, s, p, ceil_mode, count_include_pad, divisor_override = node.args
+
+    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+        return ops.avg_pool(in_channels, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                            divisor_override=divisor_override, dtype=values.dtype)
+
+    return LinearOp(node, "unary", (x,), build)
+
+
+@register_op(F.pad)
+def _pad(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # pad(x, pads, "constant", v) -> identity conv with per-side padding, pad value v
+    x, pads, mode, value = node.args
+    if mode != "constant":
+        return NoMatch(f"{node.name}: pad mode {mode!r} is not zeros/constant; a conv cannot reproduce its borders")
+    if not isinstance(value, (int, float)):
+        return NoMatch(f"{node.name}: pad value is not a constant")
+
+    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+        return ops.pad(in_channels, pads, float(value), values.dtype)
+
+    return LinearOp(node, "unary", (x,), build)
+
+
+@register_op(operator.getitem)
+def _crop(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # x[:, :, a:-b, c:-d] -> identity conv with negative padding (a crop)
+    x, index = node.args
+    pads = _crop_pads(index)
+    if pads is None:
+        return NoMatch(f"{node.name}: indexing other than a spatial crop x[:, :, a:-b, c:-d]")
+
+    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+        return ops.pad(in_channels, pads, 0.0, values.dtype)
+
+    return LinearOp(node, "unary", (x,), build)
+
+
+def _crop_pads(index: Any) -> list[int] | None:
+    if not isinstance(index, tuple):
+        return None
+    items = list(index)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (4 - len(items) + 1) + items[at + 1:]
+    items += [slice(None)] * (4 - len(items))
+    if len(items) != 4 or any(i != slice(None) for i in items[:2]):
+        return None
+    pads = []
+    for s in items[2:]:
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            return None
+        start = s.start or 0
+        stop = s.stop
+        if not isinstance(start, int) or start < 0 or not (stop is None or (isinstance(stop, int) and stop < 0)):
+            return None
+        pads.append((-start, stop or 0))
+    (top, bottom), (left, right) = pads
+    return [left, right, top, bottom]
+
+
+@register_op(operator.add, operator.sub)
+def _add_sub(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # a + b, a - b of two tensors -> sum; x + p, x - p, p - x with a per-channel p -> shift
+    a, b = node.args
+    sign = 1.0 if node.target is operator.add else -1.0
+    a_is, b_is = a in tensors, b in tensors
+    if a_is and b_is:
+        return LinearOp(node, "sum", (a, b), signs=(1.0, sign))
+    x, p = (a, b) if a_is else (b, a)
+    scale = -1.0 if (sign < 0 and not a_is) else 1.0  # p - x
+    shift_sign = sign if a_is else 1.0
+    return _per_channel_rule(node, x, p, tensors, kind="shift", scale=scale, shift_sign=shift_sign)
+
+
+@register_op(operator.mul)
+def _mul(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # x * p with a per-channel or scalar p -> diagonal scale
+    a, b = node.args
+    if a in tensors and b in tensors:
+        return NoMatch(f"{node.name}: product of two input-dependent tensors is not linear")
+    x, p = (a, b) if a in tensors else (b, a)
+    return _per_channel_rule(node, x, p, tensors, kind="scale")
+
+
+@register_op(operator.truediv)
+def _div(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # x / p with a per-channel or scalar p -> diagonal scale 1/p
+    a, b = node.args
+    if b in tensors:
+        return NoMatch(f"{node.name}: division by an input-dependent tensor is not linear")
+    return _per_channel_rule(node, a, b, tensors, kind="inverse")
+
+
+@register_op(operator.neg, torch.neg)
+def _neg(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # -x -> diagonal scale -1
+    return _per_channel_rule(node, node.args[0], -1.0, tensors, kind="scale")
+
+
+def _per_channel_rule(node: fx.Node, x: Any, p: Any, tensors: set[fx.Node], *, kind: str,
+                      scale: float = 1.0, shift_sign: float = 1.0) -> LinearOp | NoMatch:
+    bad = _params_only(node, [p], tensors)
+    if bad:
+        return bad
+
+    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+        v = values.param(p)
+        vec = _as_channel_vector(v, in_channels, values.dtype)
+        if vec is None:
+            shape = tuple(getattr(v, "shape", ()))
+            return NoMatch(f"{node.name}: operand of shape {shape} is not per-channel ([C,1,1] or a scalar)")
+        ones = torch.ones(in_channels, dtype=values.dtype)
+        if kind == "scale":
+            return ops.diagonal(vec, None)
+        if kind == "inverse":
+            return ops.diagonal(1 / vec, None)
+        shift = vec if shift_sign == 1.0 else -vec
+        return ops.diagonal(ones * scale, shift)
+
+    return LinearOp(node, "unary", (x,), build)
+
+
+def _as_channel_vector(v: Any, channels: int, dtype: torch.dtype) -> Any | None:
+    """A per-channel operand as a [C] vector, or None if it is not per-channel."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.full((channels,), float(v), dtype=dtype)
+    shape = tuple(getattr(v, "shape", (None,)))
+    if None in shape:
+        return None
+    if len(shape) == 0 or all(s == 1 for s in shape):
+        return v.reshape(1).expand(channels) if len(shape) else v.reshape(1).expand(channels)
+    trailing = shape[-2:] == (1, 1) if len(shape) >= 3 else False
+    if len(shape) in (3, 4) and trailing and shape[-3] == channels and all(s == 1 for s in shape[:-3]):
+        return v.reshape(channels)
+    return None
+
+
+@register_op(torch.cat)
+def _cat(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
+    # cat([a(x), b(x)], dim=1) -> concat of maps
+    parts, dim = node.args
+    if dim not in (1, -3):
+        return NoMatch(f"{node.name}: concat along dim {dim}, not channels")
+    if not all(isinstance(p, fx.Node) and p in tensors for p in parts):
+        return NoMatch(f"{node.name}: concat with parameter tensors")
+    return LinearOp(node, "cat", tuple(parts))

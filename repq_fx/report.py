@@ -1,0 +1,140 @@
+"""The report ``explain`` returns: every block, its branches, merged or not, and why.
+
+>>> import torch.nn as nn
+>>> from repq_fx import explain
+>>> r = explain(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+>>> r.blocks[0].branches, r.blocks[0].merged
+('conv3x3 -> bn', True)
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .capture.norm import batch_norm
+from .patterns.blocks import Analysis, Block, _fetch_attr
+from .patterns.linear_ops import LinearOp
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One block as ``explain`` shows it."""
+
+    name: str  # module path of the block
+    branches: str  # the region as an expression, e.g. "[conv3x3 -> bn + conv1x1 -> bn + bn]"
+    num_convs: int  # convs in the block before merging
+    merged: bool
+    kernel: tuple[int, int] | None  # merged kernel size
+    reason: str  # why it was not merged, or where it was split from its neighbours
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``merge``/``prepare`` do to a model. ``str(report)`` is a table."""
+
+    model: str
+    blocks: tuple[BlockReport, ...]
+    left_out: tuple[tuple[str, str], ...] = field(default=())  # (node, reason) of linear ops not merged
+
+    @property
+    def merged(self) -> tuple[BlockReport, ...]:
+        return tuple(b for b in self.blocks if b.merged)
+
+    @property
+    def not_merged(self) -> tuple[BlockReport, ...]:
+        return tuple(b for b in self.blocks if not b.merged)
+
+    def __str__(self) -> str:
+        rows = [("block", "branches", "convs", "merged", "reason")]
+        for b in self.blocks:
+            kernel = f"-> {b.kernel[0]}x{b.kernel[1]}" if b.kernel else "no"
+            rows.append((b.name or "<root>", b.branches, str(b.num_convs), kernel, b.reason))
+        widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((40, 70, 5, 8, 200))]
+        lines = [f"{self.model}: {len(self.merged)} of {len(self.blocks)} blocks merged into one conv each, "
+                 f"{sum(b.num_convs for b in self.merged)} convs -> {len(self.merged)}"]
+        for r in rows:
+            lines.append("  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
+        for node, reason in self.left_out:
+            lines.append(f"  not merged: {node}: {reason}")
+        return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis) -> Report:
+    """The report of one analysis of a canonical graph."""
+    blocks = tuple(_block_report(gm, b, analysis.linear) for b in analysis.blocks)
+    in_blocks = {n for b in analysis.blocks for n in (b.region.entry, *b.region.nodes)}
+    left_out = tuple((n.name, r) for n, r in analysis.notes.items() if n not in in_blocks)
+    return Report(model_name, blocks, left_out)
+
+
+def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp]) -> BlockReport:
+    kernel = tuple(block.conv.weight.shape[2:]) if block.conv is not None else None
+    return BlockReport(block.name, describe(gm, block.region.exit, block.region.entry, linear),
+                       block.num_convs, block.merged, kernel, block.reason)
+
+
+def describe(gm: fx.GraphModule, node: fx.Node, entry: fx.Node, linear: dict[fx.Node, LinearOp]) -> str:
+    """The region ending at ``node`` as a short expression of op names."""
+    if node is entry or node not in linear:
+        return "x"
+    op = linear[node]
+    if op.kind == "unary":
+        inner = describe(gm, op.inputs[0], entry, linear)
+        name = op_name(gm, node)
+        return name if inner == "x" else f"{inner} -> {name}"
+    parts = [describe(gm, i, entry, linear) for i in op.inputs]
+    if op.kind == "cat":
+        return "cat[" + ", ".join(parts) + "]"
+    terms = []
+    for sign, p in zip(op.signs, parts):
+        p = f"[{p}]" if " + " in p or " - " in p else p
+        terms.append(("- " if sign < 0 else "+ ") + p if terms else ("-" + p if sign < 0 else p))
+    return "[" + " ".join(terms) + "]"
+
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``conv3x3/s2/g4``, ``bn``, ``avgpool3``, ``pad``, ``crop``, ``scale``, ``shift``."""
+    t = node.target
+    if t is F.conv2d:
+        w = node.args[1]
+        shape = tuple(_fetch_attr(gm, w.target).shape) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        name = f"conv{shape[2]}x{shape[3]}" if shape else "conv"
+        stride, dilation, groups = node.args[3], node.args[5], node.args[6]
+        if _gt1(stride):
+            name += f"/s{_fmt(stride)}"
+        if _gt1(dilation):
+            name += f"/d{_fmt(dilation)}"
+        if groups != 1:
+            name += f"/g{groups}"
+        if isinstance(w, fx.Node) and w.op != "get_attr":
+            name += "(computed)"
+        return name
+    if t is batch_norm:
+        return "bn"
+    if t is F.avg_pool2d:
+        return f"avgpool{_fmt(node.args[1])}"
+    if t is F.pad:
+        return "pad" if node.args[3] == 0 else f"pad({node.args[3]:g})"
+    if t is operator.getitem:
+        return "crop"
+    if t in (operator.mul, operator.truediv, operator.neg, torch.neg):
+        return "scale"
+    return "shift"
+
+
+def _gt1(v) -> bool:
+    return any(x != 1 for x in v) if isinstance(v, (tuple, list)) else v != 1
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return str(v[0]) if len(set(v)) == 1 else "x".join(str(x) for x in v)
+    return str(v)
