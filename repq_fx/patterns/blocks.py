@@ -180,7 +180,6 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
         return ops.identity(channels, values.dtype) if m is None else m
 
     cost = 0.0  # multiply-adds per entry pixel of the convs in the region
-    last_conv = None
     for node in region.nodes:
         op = linear[node]
         if op.kind == "unary":
@@ -192,8 +191,12 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
             if isinstance(result, NoMatch):
                 return Failure(node, "compose", result.reason)
             if op.is_conv:
-                cost += _macs(own.weight, result.stride)
-                last_conv = node
+                own_cost = _macs(own.weight, result.stride)
+                if before is not None and _macs(result.weight, result.stride) > (
+                        _macs(before.weight, before.stride) + own_cost) * (1 + 1e-9):
+                    return Failure(node, "cost", "one merged conv would cost more than the convs in sequence "
+                                                 f"(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
+                cost += own_cost
         elif op.kind == "sum":
             result = add([full(i) for i in op.inputs], list(op.signs))
             if isinstance(result, NoMatch):
@@ -209,9 +212,9 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
         return Failure(first, "final", "the input is padded with a non-zero value: no single conv computes "
                                        "this at the borders")
     merged_cost = _macs(final.weight, final.stride)
-    if merged_cost > cost * (1 + 1e-9) and last_conv is not None:
-        return Failure(last_conv, "cost", f"one merged conv would cost more than its parts ({merged_cost:.0f} "
-                                          f"vs {cost:.0f} multiply-adds per input pixel)")
+    if merged_cost > cost * (1 + 1e-9):
+        return Failure(region.exit, "cost", f"one merged conv would cost more than its parts ({merged_cost:.0f} "
+                                            f"vs {cost:.0f} multiply-adds per input pixel)")
     return final
 
 
@@ -278,9 +281,7 @@ def _split(region: Region, f: Failure, linear: dict, forced: set, notes: dict) -
     """Cut a refused region: make the failing op's input an exit of its own, or leave the op out."""
     op = linear[f.node]
     cut = None
-    if f.kind == "cost" and linear[region.exit].kind != "unary":
-        f = Failure(region.exit, "cost", f.reason)  # a sum/concat that costs more merged stays a sum/concat
-    elif f.kind in ("compose", "cost") and op.inputs[0] is not region.entry:
+    if f.kind in ("compose", "cost") and op.kind == "unary" and op.inputs[0] is not region.entry:
         cut = op.inputs[0]  # second(first(x)) not exact or not cheaper: materialize first(x)
     elif f.kind == "final" and f.node is not region.exit:
         cut = f.node  # the op that introduced a non-zero pad value ends its own region
@@ -311,5 +312,7 @@ def block_name(region: Region, gm: fx.GraphModule) -> str:
             paths.append(n.target)
     if not paths:
         return region.exit.name
-    common = os.path.commonprefix([p.split(".") for p in paths])
-    return ".".join(common)
+    common = ".".join(os.path.commonprefix([p.split(".") for p in paths]))
+    if common in paths:  # all ops belong to one module (a conv with a residual): name the block by its parent
+        common = common.rpartition(".")[0]
+    return common
