@@ -125,29 +125,44 @@ def _bias_through(second: AffineConv, first_bias: Any) -> Any:
     return (second.weight.sum(dim=(2, 3)) * b).sum(dim=1)
 
 
+def composite_shape(second: AffineConv, first: AffineConv) -> tuple[int, int, int, int]:
+    """Weight shape of ``compose(second, first)`` without computing it (for cost checks)."""
+    if second.is_diagonal():
+        return tuple(first.weight.shape)  # type: ignore[return-value]
+    if first.is_diagonal():
+        return tuple(second.weight.shape)  # type: ignore[return-value]
+    groups = math.gcd(first.groups, second.groups)
+    kernel = [_composite_dim(second, first, dim)[0] for dim in range(2)]
+    return second.out_channels, first.in_channels // groups, kernel[0], kernel[1]
+
+
+def _composite_dim(second: AffineConv, first: AffineConv, dim: int) -> tuple[int, int, int, int, tuple[int, int]]:
+    """(kernel size, lattice, factor1, factor2, padding) of the composite along ``dim``."""
+    s1 = first.stride[dim]
+    d1, d2 = first.dilation[dim], second.dilation[dim]
+    k1, k2 = first.kernel_size[dim], second.kernel_size[dim]
+    step1 = d1 if k1 > 1 else 0
+    step2 = s1 * d2 if k2 > 1 else 0
+    lattice = lattice_gcd(step1, step2)
+    f1 = step1 // lattice if step1 else 1
+    f2 = step2 // lattice if step2 else 1
+    k = f1 * (k1 - 1) + f2 * (k2 - 1) + 1
+    p0 = s1 * second.padding[dim][0] + first.padding[dim][0]
+    extent = first.extent(dim) + s1 * second.extent(dim)
+    return k, lattice, f1, f2, (p0, extent + lattice * (k - 1) - p0)
+
+
 def _general(second: AffineConv, first: AffineConv, pad_value: Any | None) -> AffineConv:
     """R6/R7 and kxk -> kxk without intermediate padding: the full convolution of the two kernels."""
     groups = math.gcd(first.groups, second.groups)
     w1 = expand_groups(first.weight, first.groups, groups)
     w2 = expand_groups(second.weight, second.groups, groups)
-    stride, padding, dilation, factor1, factor2 = [], [], [], [], []
-    for dim in range(2):
-        s1, s2 = first.stride[dim], second.stride[dim]
-        d1, d2 = first.dilation[dim], second.dilation[dim]
-        k1, k2 = first.kernel_size[dim], second.kernel_size[dim]
-        step1 = d1 if k1 > 1 else 0
-        step2 = s1 * d2 if k2 > 1 else 0
-        lattice = lattice_gcd(step1, step2)
-        factor1.append(step1 // lattice if step1 else 1)
-        factor2.append(step2 // lattice if step2 else 1)
-        k = factor1[-1] * (k1 - 1) + factor2[-1] * (k2 - 1) + 1
-        p0 = s1 * second.padding[dim][0] + first.padding[dim][0]
-        extent = first.extent(dim) + s1 * second.extent(dim)
-        stride.append(s1 * s2)
-        dilation.append(lattice)
-        padding.append((p0, extent + lattice * (k - 1) - p0))
-    w1 = redilate(w1, tuple(factor1))
-    w2 = redilate(w2, tuple(factor2))
+    dims = [_composite_dim(second, first, dim) for dim in range(2)]
+    stride = tuple(first.stride[d] * second.stride[d] for d in range(2))
+    dilation = tuple(dim[1] for dim in dims)
+    padding = tuple(dim[4] for dim in dims)
+    w1 = redilate(w1, (dims[0][2], dims[1][2]))
+    w2 = redilate(w2, (dims[0][3], dims[1][3]))
     kh2, kw2 = w2.shape[2], w2.shape[3]
     # weight[e, c] = sum_d full_conv(w2[e, d], w1[d, c]) per group, as one grouped conv2d
     weight = F.conv2d(w1.permute(1, 0, 2, 3), w2.flip(dims=(2, 3)), padding=(kh2 - 1, kw2 - 1), groups=groups)
@@ -156,4 +171,4 @@ def _general(second: AffineConv, first: AffineConv, pad_value: Any | None) -> Af
     if first.bias is not None:
         through = _bias_through(second, first.bias)
         bias = through if bias is None else bias + through
-    return AffineConv(weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, pad_value)
+    return AffineConv(weight, bias, stride, padding, dilation, groups, pad_value)

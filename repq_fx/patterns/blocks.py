@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
+from ..algebra.compose import composite_shape
 from ..capture.norm import batch_norm
 from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
 from .regions import Region, partition
@@ -180,6 +181,8 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
         return ops.identity(channels, values.dtype) if m is None else m
 
     cost = 0.0  # multiply-adds per entry pixel of the convs in the region
+    costlier: fx.Node | None = None  # first conv whose composition cost more than the two convs apart
+    budget = sum(float(values.param(linear[n].node.args[1]).numel()) for n in region.nodes if linear[n].is_conv)
     for node in region.nodes:
         op = linear[node]
         if op.kind == "unary":
@@ -187,15 +190,17 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
             own = op.build(values, channels if before is None else before.out_channels)
             if isinstance(own, NoMatch):
                 return Failure(node, "op", own.reason)
+            if before is not None and op.is_conv and _shape_macs(composite_shape(own, before), own, before) > budget:
+                return Failure(node, "cost", "one merged conv would cost more than all convs of the block "
+                                             "(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
             result = own if before is None else compose(own, before)
             if isinstance(result, NoMatch):
                 return Failure(node, "compose", result.reason)
             if op.is_conv:
                 own_cost = _macs(own.weight, result.stride)
-                if before is not None and _macs(result.weight, result.stride) > (
+                if costlier is None and before is not None and _macs(result.weight, result.stride) > (
                         _macs(before.weight, before.stride) + own_cost) * (1 + 1e-9):
-                    return Failure(node, "cost", "one merged conv would cost more than the convs in sequence "
-                                                 f"(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
+                    costlier = node  # e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk
                 cost += own_cost
         elif op.kind == "sum":
             result = add([full(i) for i in op.inputs], list(op.signs))
@@ -213,9 +218,15 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
                                        "this at the borders")
     merged_cost = _macs(final.weight, final.stride)
     if merged_cost > cost * (1 + 1e-9):
-        return Failure(region.exit, "cost", f"one merged conv would cost more than its parts ({merged_cost:.0f} "
-                                            f"vs {cost:.0f} multiply-adds per input pixel)")
+        # split where a sequence first grew in cost; else the exit's sum/concat is what costs
+        return Failure(costlier or region.exit, "cost", f"one merged conv would cost more than its parts "
+                                                        f"({merged_cost:.0f} vs {cost:.0f} multiply-adds per pixel)")
     return final
+
+
+def _shape_macs(shape: tuple[int, ...], second: AffineConv, first: AffineConv) -> float:
+    stride = (first.stride[0] * second.stride[0], first.stride[1] * second.stride[1])
+    return float(shape[0] * shape[1] * shape[2] * shape[3]) / (stride[0] * stride[1])
 
 
 def _macs(weight: Any, stride: tuple[int, int]) -> float:
