@@ -101,10 +101,10 @@ def _zeros_like_out(m: AffineConv) -> torch.Tensor:
 
 def _scale_outputs(first: AffineConv, diag: AffineConv, pad_value: Any | None) -> AffineConv:
     """R1/R10: a per-channel scale and shift after ``first``."""
-    scale = diag.weight.reshape(-1)
-    weight = first.weight * scale.reshape(-1, 1, 1, 1)
+    weight = first.weight * diag.weight  # [O, I/g, kh, kw] * [O, 1, 1, 1]
     bias = diag.bias
     if first.bias is not None:
+        scale = diag.weight.reshape(-1)
         bias = first.bias * scale if bias is None else first.bias * scale + bias
     return first.with_(weight=weight, bias=bias, pad_value=pad_value)
 

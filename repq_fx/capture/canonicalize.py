@@ -182,7 +182,32 @@ def _dropout_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
     if a["p"] == 0 or a["training"] is False:
         return a["input"]
+    if a["training"] is True and node.target is F.dropout:
+        # training=self.training was baked in at trace time: a Dropout module follows .train()/.eval()
+        name = _free_attr(gm, f"{node.name}_module")
+        gm.add_submodule(name, nn.Dropout(a["p"]))
+        with gm.graph.inserting_before(node):
+            return gm.graph.call_module(name, (a["input"],))
     return None
+
+
+def _free_attr(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+@_register(_MODULE_REWRITES, nn.Linear)
+def _linear_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    # Linear(x) -> F.linear(x, self.weight, self.bias)
+    lin = gm.get_submodule(node.target)
+    if type(lin).forward is not nn.Linear.forward:
+        return None
+    with gm.graph.inserting_before(node):
+        w = gm.graph.get_attr(f"{node.target}.weight")
+        b = gm.graph.get_attr(f"{node.target}.bias") if lin.bias is not None else None
+    return _replace(gm, node, F.linear, (node.args[0], w, b))
 
 
 @_register(_FUNCTION_REWRITES, F.batch_norm)

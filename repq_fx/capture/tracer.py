@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..errors import CaptureError
 
 _LEAF_TYPES: list[type[nn.Module]] = [nn.modules.batchnorm._BatchNorm]
+_STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")  # kept as modules so they follow train/eval
 
 
 def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
@@ -54,7 +55,7 @@ class LeafTracer(fx.Tracer):
         self._leaf_types = tuple(_LEAF_TYPES) + timm_modules
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self._leaf_types):
+        if isinstance(m, self._leaf_types) or type(m).__name__ in _STOCHASTIC_DEPTH:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -68,7 +69,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.G
         model = copy.deepcopy(model)
         root, graph = model, model.graph
         return fx.GraphModule(root, graph, root.__class__.__name__)
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).train()  # train mode: `self.training` branches keep their train path
     tracer = LeafTracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -81,4 +82,5 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.G
             "branches on tensor values) in a traceable form."
         ) from e
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    return gm

@@ -119,7 +119,7 @@ class NumericValues:
             self._raw_cache[node] = v
         return self._raw_cache[node]
 
-    def bn(self, node: fx.Node, module: torch.nn.Module) -> AffineConv | NoMatch:
+    def bn(self, node: fx.Node, module: torch.nn.Module, before: AffineConv | None) -> AffineConv | NoMatch:
         return running_stats_bn(module, self.dtype)
 
 
@@ -187,7 +187,7 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
         op = linear[node]
         if op.kind == "unary":
             before = maps[op.inputs[0]]
-            own = op.build(values, channels if before is None else before.out_channels)
+            own = op.build(values, channels if before is None else before.out_channels, before)
             if isinstance(own, NoMatch):
                 return Failure(node, "op", own.reason)
             if before is not None and op.is_conv and _shape_macs(composite_shape(own, before), own, before) > budget:

@@ -36,11 +36,11 @@ class Values(Protocol):
     def param(self, arg: Any) -> Any:
         """The value of a parameter-valued argument (a node, a constant, a list of them)."""
 
-    def bn(self, node: fx.Node, module: torch.nn.Module) -> AffineConv | NoMatch:
-        """The map of a BatchNorm node (its statistics depend on the mode)."""
+    def bn(self, node: fx.Node, module: torch.nn.Module, before: AffineConv | None) -> AffineConv | NoMatch:
+        """The map of a BatchNorm node whose input is ``before`` (None: the block input)."""
 
 
-Builder = Callable[[Values, int], "AffineConv | NoMatch"]
+Builder = Callable[[Values, int, "AffineConv | None"], "AffineConv | NoMatch"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class LinearOp:
     node: fx.Node
     kind: str
     inputs: tuple[fx.Node, ...]
-    build: Builder | None = None  # unary only: (values, in_channels) -> map
+    build: Builder | None = None  # unary only: (values, in_channels, input map) -> map
     signs: tuple[float, ...] = ()  # sum only
     is_conv: bool = False  # a conv op (a region with none is not a block)
     out_channels: int | None = field(default=None, compare=False)  # known from parameters
@@ -124,7 +124,7 @@ def _conv(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     if bad:
         return bad
 
-    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+    def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         return ops.conv(values.param(w), values.param(b), stride=stride, padding=padding,
                         dilation=dilation, groups=groups)
 
@@ -136,8 +136,8 @@ def _batch_norm(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # batch_norm(x, bn) -> diag(gamma / sigma) + (beta - mu * gamma / sigma)
     x, module_ref = node.args
 
-    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
-        return values.bn(node, values.param(module_ref))
+    def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
+        return values.bn(node, values.param(module_ref), before)
 
     return LinearOp(node, "unary", (x,), build)
 
@@ -147,7 +147,7 @@ def _avg_pool(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # avg_pool2d(x, k, s, p) -> depthwise conv with 1/(kh*kw)
     x, k, s, p, ceil_mode, count_include_pad, divisor_override = node.args
 
-    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+    def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         return ops.avg_pool(in_channels, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
                             divisor_override=divisor_override, dtype=values.dtype)
 
@@ -163,7 +163,7 @@ def _pad(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     if not isinstance(value, (int, float)):
         return NoMatch(f"{node.name}: pad value is not a constant")
 
-    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+    def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         return ops.pad(in_channels, pads, float(value), values.dtype)
 
     return LinearOp(node, "unary", (x,), build)
@@ -177,7 +177,7 @@ def _crop(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     if pads is None:
         return NoMatch(f"{node.name}: indexing other than a spatial crop x[:, :, a:-b, c:-d]")
 
-    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+    def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         return ops.pad(in_channels, pads, 0.0, values.dtype)
 
     return LinearOp(node, "unary", (x,), build)
@@ -251,7 +251,7 @@ def _per_channel_rule(node: fx.Node, x: Any, p: Any, tensors: set[fx.Node], *, k
     if bad:
         return bad
 
-    def build(values: Values, in_channels: int) -> AffineConv | NoMatch:
+    def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         v = values.param(p)
         vec = _as_channel_vector(v, in_channels, values.dtype)
         if vec is None:

@@ -1,0 +1,79 @@
+"""``QConfig``: how ``prepare`` quantizes (a frozen dataclass, validated on construction).
+
+>>> QConfig(weight_bits=4, act_bits=4).bn_mode
+'batch'
+>>> QConfig(bn_mode="sometimes")
+Traceback (most recent call last):
+...
+repq_fx.errors.ConfigError: QConfig.bn_mode must be one of 'batch', 'estimate', 'running'; got 'sometimes'
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+QUANTIZERS = ("lsq", "minmax")
+BN_MODES = ("batch", "estimate", "running")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QConfig:
+    """Quantization settings of a RepQ model."""
+
+    weight_bits: int = 8  # bits of the merged (deploy) weights, 2..8, symmetric per output channel
+    act_bits: int = 8  # bits of activations, 2..8, per tensor, asymmetric (uint)
+    weight_quantizer: str = "lsq"  # "lsq" (learned step) or "minmax" (current weight range)
+    act_quantizer: str = "lsq"  # "lsq" (learned step) or "minmax" (EMA of observed ranges)
+    per_channel: bool = True  # per-output-channel weight scales (else one scale per layer)
+    bn_mode: str = "batch"  # BN inside blocks in train mode: "batch" (RepQ-BN), "estimate" (RepQ-BNEst), "running"
+    first_last_bits: int | None = 8  # bits of the first and last quantized layer; None: the common widths
+    skip: tuple[str, ...] = ()  # module names (and everything under them) left in float
+    version: int = 1  # format version of this config in checkpoints
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits"):
+            _check_bits(name, getattr(self, name))
+        if self.first_last_bits is not None:
+            _check_bits("first_last_bits", self.first_last_bits)
+        for name in ("weight_quantizer", "act_quantizer"):
+            _check_choice(name, getattr(self, name), QUANTIZERS)
+        _check_choice("bn_mode", self.bn_mode, BN_MODES)
+        if not isinstance(self.per_channel, bool):
+            raise ConfigError(f"QConfig.per_channel must be True or False; got {self.per_channel!r}")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ConfigError(f"QConfig.skip must be a tuple of module names; got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for checkpoints.
+
+        >>> QConfig.from_dict(QConfig(weight_bits=4).to_dict()) == QConfig(weight_bits=4)
+        True
+        """
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"QConfig has no field(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(data)
+        if "skip" in values:
+            values["skip"] = tuple(values["skip"])
+        return cls(**values)
+
+
+def _check_bits(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise ConfigError(f"QConfig.{name} must be an integer from 2 to 8; got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"QConfig.{name} must be one of {allowed}; got {value!r}")

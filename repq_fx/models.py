@@ -1,0 +1,130 @@
+"""Model specs: one string names a model, ``resolve_model`` builds it.
+
+The command line (``repq-fx explain timm:repvgg_a0``) and the benchmarks name
+models this way. A spec is ``PREFIX:NAME``; the prefix picks a resolver from
+:data:`RESOLVERS`, and any other prefix is read as an importable module path:
+
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``
+- ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``
+- ``examples:NAME``: a class in :mod:`repq_fx.examples.blocks`, e.g. ``examples:RepVGGNet``
+- ``package.module:Class``: ``Class()`` (or a function returning a module, or a module object)
+
+Every model is built without arguments and without downloading weights.
+
+>>> resolve_model("examples:RepVGGNet").linear
+Linear(in_features=128, out_features=10, bias=True)
+>>> resolve_model("torch.nn:Identity")
+Identity()
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+import torch.nn as nn
+
+from .errors import RepQError
+
+__all__ = ["ModelSpecError", "RESOLVERS", "SPEC_FORMS", "resolve_model"]
+
+SPEC_FORMS = "timm:NAME, torchvision:NAME, examples:NAME or package.module:Class"
+
+
+class ModelSpecError(RepQError, ValueError):
+    """A model spec is malformed or names no model; the message says which and lists the accepted forms."""
+
+
+def _timm(name: str) -> nn.Module:
+    timm = _import("timm", "pip install 'repq_fx[timm]'")
+    if not timm.is_model(name):
+        raise ModelSpecError(f"timm has no model {name!r}{_did_you_mean(name, timm.list_models())}")
+    return timm.create_model(name, pretrained=False)
+
+
+def _torchvision(name: str) -> nn.Module:
+    models = _import("torchvision", "pip install torchvision").models
+    if name not in models.list_models():
+        raise ModelSpecError(f"torchvision has no model {name!r}{_did_you_mean(name, models.list_models())}")
+    return models.get_model(name, weights=None)
+
+
+def _examples(name: str) -> nn.Module:
+    from .examples import blocks
+
+    if name not in blocks.__all__ or not _is_module_class(getattr(blocks, name)):
+        names = [n for n in blocks.__all__ if _is_module_class(getattr(blocks, n))]
+        raise ModelSpecError(f"repq_fx.examples.blocks has no model {name!r}{_did_you_mean(name, names)}")
+    return _build(getattr(blocks, name), name)
+
+
+# prefix -> function(NAME) -> nn.Module. Add an entry to teach the CLI a new model source.
+RESOLVERS: dict[str, Callable[[str], nn.Module]] = {
+    "timm": _timm,
+    "torchvision": _torchvision,
+    "examples": _examples,
+}
+
+
+def resolve_model(spec: str) -> nn.Module:
+    """Build the model that ``spec`` names (see the module docstring for the forms).
+
+    Raises :class:`ModelSpecError` (one line, naming what was wrong) for a malformed
+    spec, an unknown model, or a model that cannot be built without arguments.
+
+    >>> type(resolve_model("examples:RepVGGNet")).__name__
+    'RepVGGNet'
+    """
+    prefix, sep, name = spec.partition(":")
+    if not sep or not prefix or not name:
+        raise ModelSpecError(f"bad model spec {spec!r}: expected PREFIX:NAME; accepted forms: {SPEC_FORMS}")
+    resolver = RESOLVERS.get(prefix)
+    try:
+        model = resolver(name) if resolver else _dotted(prefix, name)
+    except ModelSpecError as e:
+        raise ModelSpecError(f"bad model spec {spec!r}: {e}; accepted forms: {SPEC_FORMS}") from None
+    return model
+
+
+def _dotted(module_path: str, attr: str) -> nn.Module:
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as e:
+        raise ModelSpecError(f"{module_path!r} is neither a known prefix ({', '.join(RESOLVERS)}) "
+                             f"nor an importable module ({e})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelSpecError(f"module {module_path!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return _build(obj, attr)
+
+
+def _build(obj: object, what: str) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise ModelSpecError(f"{what} is a {type(obj).__name__}, not a model class or factory")
+    try:
+        model = obj()
+    except TypeError as e:
+        raise ModelSpecError(f"{what} cannot be built without arguments ({e})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{what}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _import(name: str, hint: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ModelSpecError(f"{name} is not installed ({hint})") from None
+
+
+def _is_module_class(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, nn.Module)
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

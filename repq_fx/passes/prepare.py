@@ -1,0 +1,250 @@
+"""The prepare pass: each block becomes ``conv2d(Q_a(x), Q_w(M(theta)), b(theta))`` (RepQ).
+
+``M(theta)`` is the block's merged weight, emitted as FX nodes on the block's own
+parameters by running the algebra on :class:`~repq_fx.passes.emit.Sym` values. BN
+statistics inside the block come from ``quant.bn_stats.branch_statistics`` (batch,
+estimated or running, following ``.train()``/``.eval()`` at run time). Linears are
+quantized the same way. Activation fake quants sit where ONNX Runtime quantizes a
+QDQ model: on the input of every quantized conv/linear and on its output (after a
+ReLU that ONNX Runtime fuses into the conv).
+
+>>> import torch.nn as nn
+>>> from repq_fx.capture import capture
+>>> from repq_fx.config import QConfig
+>>> gm = prepare_graph(capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())), QConfig())
+>>> sorted(n for n, _ in gm.named_modules() if n.endswith("fake_quant"))
+['input_fake_quant', 'output_fake_quant', 'weight_fake_quant']
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..algebra import AffineConv, NoMatch, ops, to_conv
+from ..capture.norm import batch_norm
+from ..config import QConfig
+from ..errors import ConfigError
+from ..patterns.blocks import Analysis, Block, NumericValues, _fetch_attr, entry_channels, evaluate, find_blocks
+from ..quant.bn_stats import branch_statistics
+from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
+from .emit import Emitter, Sym, node_of
+
+_RELUS = (nn.ReLU,)
+_RELU_FUNCTIONS = (F.relu, torch.relu)
+
+
+class SymValues:
+    """Parameters as Syms (their nodes in the graph), BN statistics per ``bn_mode``."""
+
+    def __init__(self, gm: fx.GraphModule, emitter: Emitter, numeric: NumericValues, mode: str) -> None:
+        self.gm, self.emitter, self.numeric, self.mode = gm, emitter, numeric, mode
+        self.dtype = numeric.dtype
+        self.entry: fx.Node | None = None
+
+    def param(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            value = self.numeric.param(arg)
+            return self.emitter.wrap(arg, value) if isinstance(value, torch.Tensor) else value
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.param(a) for a in arg)
+        return arg
+
+    def bn(self, node: fx.Node, module: nn.Module, before: AffineConv | None) -> AffineConv | NoMatch:
+        if module.running_mean is None or not module.track_running_stats:
+            return NoMatch("BatchNorm with track_running_stats=False")
+        graph = self.emitter.graph
+        module_ref = node.args[1]
+        geometry: tuple[Any, ...]
+        if before is None:
+            geometry = (None, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 1, None)
+        else:
+            geometry = (node_of(before.weight), node_of(before.bias), before.stride, before.padding,
+                        before.dilation, before.groups, node_of(before.pad_value))
+        stats = graph.call_function(branch_statistics, (self.entry, *geometry, module_ref, self.mode))
+        mean = self.emitter.wrap(graph.call_function(operator.getitem, (stats, 0)), module.running_mean.to(self.dtype))
+        var = self.emitter.wrap(graph.call_function(operator.getitem, (stats, 1)), module.running_var.to(self.dtype))
+        path = module_ref.target
+        weight = self._attr(f"{path}.weight") if module.weight is not None else None
+        bias = self._attr(f"{path}.bias") if module.bias is not None else None
+        return ops.batch_norm(mean, var, weight, bias, module.eps)
+
+    def _attr(self, target: str) -> Sym:
+        value = _fetch_attr(self.gm, target).detach().to(self.dtype)
+        return self.emitter.wrap(self.emitter.graph.get_attr(target), value)
+
+
+def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None = None) -> fx.GraphModule:
+    """Rewrite ``gm`` (canonical, in place) into the RepQ QAT graph."""
+    analysis = analysis or find_blocks(gm)
+    _check_skip(gm, config)
+    dtype = _param_dtype(gm)
+    emitter = Emitter(gm)
+    numeric = NumericValues(gm, dtype=dtype)
+    quantized: list[tuple[fx.Node, str]] = []  # (conv/linear node, module path for its quantizers)
+    replaced: dict[fx.Node, fx.Node] = {}
+    for block in analysis.blocks:
+        if not block.merged or _skipped(block.name, config):
+            continue
+        conv = _emit_block(gm, block, analysis, emitter, numeric, config, replaced)
+        if conv is not None:
+            quantized.append((conv, block.name))
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is F.linear and node.args[1].op == "get_attr":
+            path = node.args[1].target.rpartition(".")[0]
+            if not _skipped(path, config):
+                quantized.append((node, path))
+    _insert_weight_quantizers_for_linears(gm, quantized, config)
+    _insert_act_quantizers(gm, quantized, config)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric: NumericValues,
+                config: QConfig, replaced: dict) -> fx.Node | None:
+    region = block.region
+    entry = replaced.get(region.entry, region.entry)
+    values = SymValues(gm, emitter, numeric, config.bn_mode)
+    values.entry = entry
+    with gm.graph.inserting_before(region.exit):
+        channels = entry_channels(gm, region, analysis.linear, numeric)
+        merged = evaluate(region, analysis.linear, values, channels)
+        params = to_conv(merged) if isinstance(merged, AffineConv) else merged
+        if not hasattr(params, "weight"):
+            raise AssertionError(f"block {block.name} merged numerically but not symbolically: {params}")
+        base = (block.name or "block").replace(".", "_")
+        weight = params.weight if isinstance(params.weight, Sym) else emitter.wrap(
+            emitter.constant(params.weight), params.weight)
+        weight.node._rename(f"{base}_merged_weight")
+        bias = node_of(params.bias)
+        if isinstance(bias, fx.Node):
+            bias._rename(f"{base}_merged_bias")
+        elif isinstance(bias, torch.Tensor):
+            bias = emitter.constant(bias)
+        quant_path = _free_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
+        bits = config.weight_bits
+        gm.add_submodule(quant_path, WeightFakeQuant(bits, params.out_channels, config.weight_quantizer == "lsq",
+                                                     config.per_channel))
+        wq = gm.graph.call_module(quant_path, (weight.node,))
+        conv = gm.graph.create_node("call_function", F.conv2d,
+                                    (entry, wq, bias, params.stride, params.padding, params.dilation, params.groups),
+                                    name=f"{base}_conv")
+    conv.meta = dict(region.exit.meta)
+    region.exit.replace_all_uses_with(conv)
+    replaced[region.exit] = conv
+    return conv
+
+
+def _insert_weight_quantizers_for_linears(gm: fx.GraphModule, quantized: list, config: QConfig) -> None:
+    for node, path in quantized:
+        if node.target is not F.linear:
+            continue
+        weight = node.args[1]
+        out_features = _fetch_attr(gm, weight.target).shape[0]
+        quant_path = _free_path(gm, f"{path}.weight_fake_quant" if path else "weight_fake_quant")
+        gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, out_features,
+                                                     config.weight_quantizer == "lsq", config.per_channel))
+        with gm.graph.inserting_before(node):
+            wq = gm.graph.call_module(quant_path, (weight,))
+        node.update_arg(1, wq)
+
+
+def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig) -> None:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    quantized = sorted(quantized, key=lambda q: order[q[0]])
+    first = {q[0] for q in quantized if _reads_model_input(q[0])}
+    last = {quantized[-1][0]} if quantized else set()
+    learned = config.act_quantizer == "lsq"
+
+    def bits_of(node: fx.Node) -> tuple[int, int]:
+        if config.first_last_bits is not None and (node in first or node in last):
+            return config.first_last_bits, config.first_last_bits
+        return config.weight_bits, config.act_bits
+
+    quant_outputs: set[fx.Node] = set()
+    for node, path in quantized:
+        out = node
+        users = list(node.users)
+        if len(users) == 1 and _is_relu(gm, users[0]):
+            out = users[0]
+        a_bits = bits_of(node)[1] if node in last else config.act_bits
+        quant_path = _free_path(gm, f"{path}.output_fake_quant" if path else "output_fake_quant")
+        gm.add_submodule(quant_path, ActFakeQuant(a_bits, learned))
+        with gm.graph.inserting_after(out):
+            fq = gm.graph.call_module(quant_path, (out,))
+        out.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
+        quant_outputs.add(fq)
+    inputs: dict[fx.Node, fx.Node] = {}
+    for node, path in quantized:
+        x = node.args[0]
+        if x in quant_outputs:
+            continue
+        if x not in inputs:
+            name = "input_fake_quant" if x.op == "placeholder" else f"{x.name}_fake_quant"
+            quant_path = _free_path(gm, name if x.op == "placeholder" or not path else f"{path}.input_fake_quant")
+            gm.add_submodule(quant_path, ActFakeQuant(bits_of(node)[1], learned))
+            with gm.graph.inserting_after(x):
+                inputs[x] = gm.graph.call_module(quant_path, (x,))
+            for user in list(x.users):  # BN statistics see what the conv sees
+                if user.target is branch_statistics:
+                    user.update_arg(0, inputs[x])
+        node.update_arg(0, inputs[x])
+    for node, _ in quantized:  # weights of the first and last layers
+        if node in first or node in last:
+            wq = gm.get_submodule(node.args[1].target)
+            _set_bits(wq, bits_of(node)[0])
+
+
+def _set_bits(q: WeightFakeQuant, bits: int) -> None:
+    q.bits, q.quant_min, q.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _reads_model_input(node: fx.Node) -> bool:
+    x = node.args[0]
+    return isinstance(x, fx.Node) and x.op == "placeholder"
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _RELUS)
+    return node.op == "call_function" and node.target in _RELU_FUNCTIONS
+
+
+def _skipped(name: str, config: QConfig) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in config.skip)
+
+
+def _check_skip(gm: fx.GraphModule, config: QConfig) -> None:
+    names = {n for n, _ in gm.named_modules()}
+    for s in config.skip:
+        if s not in names:
+            close = sorted(n for n in names if n and (s in n or n in s))[:5]
+            raise ConfigError(f"QConfig.skip names module {s!r}, which the model does not have"
+                              + (f"; similar: {close}" if close else ""))
+
+
+def _param_dtype(gm: fx.GraphModule) -> torch.dtype:
+    for p in gm.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _free_path(gm: fx.GraphModule, target: str) -> str:
+    name, i = target, 1
+    while True:
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            return name
+        name, i = f"{target}_{i}", i + 1
+
+
+__all__ = ["prepare_graph", "SymValues", "batch_norm"]

@@ -1,0 +1,148 @@
+"""Fake quantizers: LSQ (learned step size) and min-max, for weights and activations.
+
+Rounding and its gradients come from PyTorch's fused fake-quant ops
+(``torch._fake_quantize_learnable_per_{channel,tensor}_affine`` for LSQ, with
+gradient scale ``1/sqrt(N * Qp)``; ``torch.fake_quantize_per_{channel,tensor}_affine``
+for min-max). Weights are symmetric signed per output channel; activations are
+per tensor, unsigned with a zero point (what ONNX Runtime runs as uint8).
+
+All state is in buffers/parameters, so a state_dict round-trips the quantizer:
+step sizes, zero points, observed ranges and the ``enabled``/``initialized`` flags.
+
+>>> q = WeightFakeQuant(bits=4, channels=2, learned=True)
+>>> w = torch.tensor([[1.0, -0.5], [0.25, 0.1]])
+>>> q(w)            # initialised from the weight range: step max|w| / 7 per channel
+tensor([[ 1.0000, -0.4286],
+        [ 0.2500,  0.1071]], grad_fn=<...>)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class _FakeQuant(nn.Module):
+    """Shared state: bit width, on/off switch, initialisation flag."""
+
+    def __init__(self, bits: int, quant_min: int, quant_max: int, channels: int, learned: bool) -> None:
+        super().__init__()
+        self.bits, self.quant_min, self.quant_max, self.learned = bits, quant_min, quant_max, learned
+        scale = torch.ones(channels)
+        if learned:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(channels))
+        self.register_buffer("enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+
+    def enable(self, on: bool = True) -> None:
+        self.enabled.fill_(int(on))
+
+    def extra_repr(self) -> str:
+        kind = "lsq" if self.learned else "minmax"
+        return (f"{kind}, bits={self.bits}, range=[{self.quant_min}, {self.quant_max}], "
+                f"enabled={bool(self.enabled)}, initialized={bool(self.initialized)}")
+
+
+class WeightFakeQuant(_FakeQuant):
+    """Symmetric signed fake quant of a weight, per output channel (``channels`` scales) or per tensor.
+
+    LSQ: the step is a parameter, initialised from the weight's range the first time it is seen.
+    Min-max: the step follows the current weight range at every call.
+    """
+
+    def __init__(self, bits: int, channels: int, learned: bool = True, per_channel: bool = True) -> None:
+        super().__init__(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, channels if per_channel else 1, learned)
+        self.per_channel = per_channel
+
+    def _range_scale(self, w: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, w.dim())) if self.per_channel else tuple(range(w.dim()))
+        amax = w.detach().abs().amax(dim=dims) if w.numel() else torch.ones(1)
+        return (amax / self.quant_max).clamp_min(torch.finfo(torch.float32).tiny).float().reshape(-1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.learned or not bool(self.initialized):
+            with torch.no_grad():
+                self.scale.copy_(self._range_scale(w).to(self.scale.device))
+                self.initialized.fill_(1)
+        if not bool(self.enabled):
+            return w
+        if self.learned:
+            grad_factor = 1.0 / math.sqrt(w[0].numel() * self.quant_max) if w.numel() else 1.0
+            if self.per_channel:
+                y = torch._fake_quantize_learnable_per_channel_affine(
+                    w.float(), self.scale.float(), self.zero_point.float(), 0, self.quant_min, self.quant_max,
+                    grad_factor)
+            else:
+                y = torch._fake_quantize_learnable_per_tensor_affine(
+                    w.float(), self.scale.float(), self.zero_point.float(), self.quant_min, self.quant_max,
+                    grad_factor)
+            return y.to(w.dtype)
+        zp = self.zero_point.to(torch.int32)
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(w, self.scale.float(), zp, 0, self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(w, self.scale.float(), zp, self.quant_min, self.quant_max)
+
+
+class ActFakeQuant(_FakeQuant):
+    """Per-tensor unsigned fake quant of an activation, ``[0, 2^bits - 1]`` with a zero point.
+
+    While ``observing`` (see ``repq_fx.calibrate``) it records the range and passes values through.
+    LSQ learns the step after initialisation from the observed range (or the first batch).
+    Min-max keeps an exponential moving average of the range in train mode.
+    """
+
+    def __init__(self, bits: int, learned: bool = True, averaging_constant: float = 0.01) -> None:
+        super().__init__(bits, 0, 2 ** bits - 1, 1, learned)
+        self.averaging_constant = averaging_constant
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("observing", torch.tensor(0, dtype=torch.uint8))
+
+    def observe(self, x: torch.Tensor, average: bool = False) -> None:
+        """Widen (or, with ``average``, move towards) the recorded range with ``x``'s min and max."""
+        lo, hi = x.detach().min().float(), x.detach().max().float()
+        if average and torch.isfinite(self.min_val):
+            c = self.averaging_constant
+            self.min_val.copy_(self.min_val + c * (lo - self.min_val))
+            self.max_val.copy_(self.max_val + c * (hi - self.max_val))
+        else:
+            self.min_val.copy_(torch.minimum(self.min_val, lo))
+            self.max_val.copy_(torch.maximum(self.max_val, hi))
+
+    def init_from_range(self) -> None:
+        """Step and zero point that map the recorded range (widened to include 0) onto the grid."""
+        lo = torch.clamp(self.min_val, max=0.0)
+        hi = torch.clamp(self.max_val, min=0.0)
+        scale = ((hi - lo) / (self.quant_max - self.quant_min)).clamp_min(1e-8)
+        zero_point = torch.clamp(self.quant_min - torch.round(lo / scale), self.quant_min, self.quant_max)
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(1))
+            self.zero_point.copy_(zero_point.reshape(1))
+        self.initialized.fill_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(self.observing):
+            self.observe(x)
+            return x
+        if not bool(self.initialized) or (not self.learned and self.training):
+            with torch.no_grad():
+                self.observe(x, average=bool(self.initialized))
+                self.init_from_range()
+        if not bool(self.enabled):
+            return x
+        if self.learned:
+            grad_factor = 1.0 / math.sqrt(x.numel() * self.quant_max) if x.numel() else 1.0
+            y = torch._fake_quantize_learnable_per_tensor_affine(
+                x.float(), self.scale.float(), self.zero_point.float(), self.quant_min, self.quant_max, grad_factor)
+            return y.to(x.dtype)
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale.float(), self.zero_point.to(torch.int32), self.quant_min, self.quant_max)
+
+
+def fake_quantizers(model: nn.Module) -> list[_FakeQuant]:
+    """Every fake quantizer inside ``model``."""
+    return [m for m in model.modules() if isinstance(m, _FakeQuant)]
