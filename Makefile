@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --doctest-modules tests repq_fx
 
 demo: $(STAMP)
 	$(PY) -m repq_fx.cli demo

@@ -29,7 +29,7 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None)
 
     >>> import torch.nn as nn
     >>> print(explain(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))))  # doctest: +NORMALIZE_WHITESPACE
-    Sequential: 1 of 1 blocks merged into one conv each, 2 convs -> 1
+    Sequential: 1 of 1 blocks merged into one conv each, 1 convs -> 1
     block   branches        convs  merged  reason
     <root>  conv3x3 -> bn   1      -> 3x3
     """

@@ -39,6 +39,7 @@ class Report:
     model: str
     blocks: tuple[BlockReport, ...]
     left_out: tuple[tuple[str, str], ...] = field(default=())  # (node, reason) of linear ops not merged
+    joins: int = 0  # sums/concats of tensors from different sources (residual adds): not blocks
 
     @property
     def merged(self) -> tuple[BlockReport, ...]:
@@ -60,6 +61,9 @@ class Report:
             lines.append("  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
         for node, reason in self.left_out:
             lines.append(f"  not merged: {node}: {reason}")
+        if self.joins:
+            lines.append(f"  ({self.joins} sums/concats join tensors of different sources, e.g. residual adds: "
+                         "they stay as they are)")
         return "\n".join(lines)
 
 
@@ -72,7 +76,7 @@ def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis) -> Rep
     blocks = tuple(_block_report(gm, b, analysis.linear) for b in analysis.blocks)
     in_blocks = {n for b in analysis.blocks for n in (b.region.entry, *b.region.nodes)}
     left_out = tuple((n.name, r) for n, r in analysis.notes.items() if n not in in_blocks)
-    return Report(model_name, blocks, left_out)
+    return Report(model_name, blocks, left_out, len(analysis.joins))
 
 
 def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp]) -> BlockReport:
@@ -90,14 +94,24 @@ def describe(gm: fx.GraphModule, node: fx.Node, entry: fx.Node, linear: dict[fx.
         inner = describe(gm, op.inputs[0], entry, linear)
         name = op_name(gm, node)
         return name if inner == "x" else f"{inner} -> {name}"
-    parts = [describe(gm, i, entry, linear) for i in op.inputs]
     if op.kind == "cat":
-        return "cat[" + ", ".join(parts) + "]"
+        return "cat[" + ", ".join(describe(gm, i, entry, linear) for i in op.inputs) + "]"
+    text = ""
+    for sign, term in _sum_terms(gm, node, entry, linear, 1.0):
+        term = f"({term})" if " + " in term or " - " in term else term
+        text += (" - " if sign < 0 else " + ") + term if text else ("-" + term if sign < 0 else term)
+    return "[" + text + "]"
+
+
+def _sum_terms(gm, node, entry, linear, sign: float) -> list[tuple[float, str]]:
+    """The terms of a (nested) sum, flattened: a + (b + c) -> [a, b, c]."""
+    op = linear.get(node)
+    if node is entry or op is None or op.kind != "sum":
+        return [(sign, describe(gm, node, entry, linear))]
     terms = []
-    for sign, p in zip(op.signs, parts):
-        p = f"[{p}]" if " + " in p or " - " in p else p
-        terms.append(("- " if sign < 0 else "+ ") + p if terms else ("-" + p if sign < 0 else p))
-    return "[" + " ".join(terms) + "]"
+    for s, i in zip(op.signs, op.inputs):
+        terms += _sum_terms(gm, i, entry, linear, sign * s)
+    return terms
 
 
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -2,8 +2,8 @@
 
 >>> import torch.nn as nn
 >>> gm = capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
->>> type(gm).__name__
-'GraphModule'
+>>> isinstance(gm, torch.fx.GraphModule)
+True
 """
 from __future__ import annotations
 

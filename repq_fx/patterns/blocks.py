@@ -9,8 +9,8 @@ sub-block is still merged. The evaluation itself (:func:`evaluate`) is shared wi
 >>> import torch.nn as nn
 >>> from repq_fx.capture import capture
 >>> gm = capture(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
->>> [b.name for b in find_blocks(gm).blocks]
-['0']
+>>> [(b.name, b.num_convs, b.merged) for b in find_blocks(gm).blocks]
+[('', 1, True)]
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ class Analysis:
     blocks: list[Block]
     linear: dict[fx.Node, LinearOp]  # final linear ops (after demotions)
     regions: list[Region]
-    notes: dict[fx.Node, str] = field(default_factory=dict)  # node -> why it was split off or demoted
+    notes: dict[fx.Node, str] = field(default_factory=dict)  # node -> where/why the algebra split a region
+    joins: dict[fx.Node, str] = field(default_factory=dict)  # sums/concats of two different tensors (residuals)
 
 
 class NumericValues:
@@ -240,6 +241,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
     tensors = tensor_nodes(gm)
     linear: dict[fx.Node, LinearOp] = {}
     notes: dict[fx.Node, str] = {}
+    joins: dict[fx.Node, str] = {}
     for n in gm.graph.nodes:
         if n in tensors and n.op != "placeholder":
             verdict = linear_op(n, tensors)
@@ -249,7 +251,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
     cache: dict[tuple, AffineConv | Failure] = {}
     while True:
         regions, demoted = partition(gm, linear, forced)
-        notes.update(demoted)
+        joins.update(demoted)
         failure = None
         results: dict[Region, AffineConv | Failure | None] = {}
         for region in regions:
@@ -285,7 +287,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
             if isinstance(conv, NoMatch):
                 reason, conv = conv.reason, None
         blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason))
-    return Analysis(blocks, linear, regions, notes)
+    return Analysis(blocks, linear, regions, notes, joins)
 
 
 def _split(region: Region, f: Failure, linear: dict, forced: set, notes: dict) -> None:

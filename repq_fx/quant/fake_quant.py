@@ -11,9 +11,9 @@ step sizes, zero points, observed ranges and the ``enabled``/``initialized`` fla
 
 >>> q = WeightFakeQuant(bits=4, channels=2, learned=True)
 >>> w = torch.tensor([[1.0, -0.5], [0.25, 0.1]])
->>> q(w)            # initialised from the weight range: step max|w| / 7 per channel
+>>> q(w).detach()   # initialised from the weight range: step max|w| / 7 per channel
 tensor([[ 1.0000, -0.4286],
-        [ 0.2500,  0.1071]], grad_fn=<...>)
+        [ 0.2500,  0.1071]])
 """
 from __future__ import annotations
 
