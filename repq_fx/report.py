@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .capture.norm import batch_norm
-from .patterns.blocks import Analysis, Block, _fetch_attr
+from .capture.graph_utils import fetch_attr
+from .patterns.blocks import Analysis, Block
 from .patterns.linear_ops import LinearOp
 
 
@@ -119,7 +120,7 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     t = node.target
     if t is F.conv2d:
         w = node.args[1]
-        shape = tuple(_fetch_attr(gm, w.target).shape) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        shape = tuple(fetch_attr(gm, w.target).shape) if isinstance(w, fx.Node) and w.op == "get_attr" else None
         name = f"conv{shape[2]}x{shape[3]}" if shape else "conv"
         stride, dilation, groups = node.args[3], node.args[5], node.args[6]
         if _gt1(stride):

@@ -109,7 +109,7 @@ def add(branches: Sequence[AffineConv], alphas: Sequence[float] | None = None) -
 
 
 def concat(branches: Sequence[AffineConv]) -> AffineConv | NoMatch:
-    """R8: ``cat([branch_b(x)], dim=1)`` as one map (dense unless every branch shares the groups)."""
+    """R8: ``cat([branch_b(x)], dim=1)`` as one map (a dense conv when the branches are grouped)."""
     aligned = align(branches)
     if isinstance(aligned, NoMatch):
         return aligned

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .graph_utils import free_module_path
 from .norm import batch_norm, is_batch_norm
 
 Rewrite = Callable[[fx.GraphModule, fx.Node], "fx.Node | None"]
@@ -184,18 +185,11 @@ def _dropout_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         return a["input"]
     if a["training"] is True and node.target is F.dropout:
         # training=self.training was baked in at trace time: a Dropout module follows .train()/.eval()
-        name = _free_attr(gm, f"{node.name}_module")
+        name = free_module_path(gm, f"{node.name}_module")
         gm.add_submodule(name, nn.Dropout(a["p"]))
         with gm.graph.inserting_before(node):
             return gm.graph.call_module(name, (a["input"],))
     return None
-
-
-def _free_attr(gm: fx.GraphModule, name: str) -> str:
-    candidate, i = name, 1
-    while hasattr(gm, candidate):
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
 
 
 @_register(_MODULE_REWRITES, nn.Linear)

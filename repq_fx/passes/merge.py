@@ -12,13 +12,14 @@ import torch
 import torch.fx as fx
 
 from ..algebra import to_module
+from ..capture.graph_utils import free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, find_blocks
 
 
 def merge_blocks(gm: fx.GraphModule, analysis: Analysis | None = None) -> fx.GraphModule:
     """Rewrite ``gm`` (canonical, in place): each merged block's exit becomes ``conv(entry)``."""
     analysis = analysis or find_blocks(gm)
-    dtype = _param_dtype(gm)
+    dtype = param_dtype(gm)
     replaced: dict[fx.Node, fx.Node] = {}  # block exit -> its merged conv node
     for block in analysis.blocks:
         if block.merged and not _is_plain_conv(block):
@@ -28,13 +29,6 @@ def merge_blocks(gm: fx.GraphModule, analysis: Analysis | None = None) -> fx.Gra
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _param_dtype(gm: fx.GraphModule) -> torch.dtype:
-    for p in gm.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
 
 
 def _is_plain_conv(block: Block) -> bool:
@@ -48,7 +42,7 @@ def _replace_with_conv(gm: fx.GraphModule, block: Block, dtype: torch.dtype,
     device = next((p.device for p in gm.parameters()), None)
     if device is not None:
         conv = conv.to(device)
-    target = _free_name(gm, f"{block.name}.reparam_conv" if block.name else "reparam_conv")
+    target = free_module_path(gm, f"{block.name}.reparam_conv" if block.name else "reparam_conv")
     gm.add_submodule(target, conv)
     exit_ = block.region.exit
     with gm.graph.inserting_before(exit_):
@@ -57,18 +51,3 @@ def _replace_with_conv(gm: fx.GraphModule, block: Block, dtype: torch.dtype,
     new.meta = dict(exit_.meta)
     exit_.replace_all_uses_with(new)
     return new
-
-
-def _free_name(gm: fx.GraphModule, target: str) -> str:
-    name, i = target, 1
-    while _exists(gm, name):
-        name, i = f"{target}_{i}", i + 1
-    return name
-
-
-def _exists(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-        return True
-    except AttributeError:
-        return False

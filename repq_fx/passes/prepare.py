@@ -26,10 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..algebra import AffineConv, NoMatch, ops, to_conv
-from ..capture.norm import batch_norm
 from ..config import QConfig
 from ..errors import ConfigError
-from ..patterns.blocks import Analysis, Block, NumericValues, _fetch_attr, entry_channels, evaluate, find_blocks
+from ..capture.graph_utils import fetch_attr, free_module_path, param_dtype
+from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, find_blocks
 from ..quant.bn_stats import branch_statistics
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from .emit import Emitter, Sym, node_of
@@ -74,7 +74,7 @@ class SymValues:
         return ops.batch_norm(mean, var, weight, bias, module.eps)
 
     def _attr(self, target: str) -> Sym:
-        value = _fetch_attr(self.gm, target).detach().to(self.dtype)
+        value = fetch_attr(self.gm, target).detach().to(self.dtype)
         return self.emitter.wrap(self.emitter.graph.get_attr(target), value)
 
 
@@ -82,7 +82,7 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     """Rewrite ``gm`` (canonical, in place) into the RepQ QAT graph."""
     analysis = analysis or find_blocks(gm)
     _check_skip(gm, config)
-    dtype = _param_dtype(gm)
+    dtype = param_dtype(gm)
     emitter = Emitter(gm)
     numeric = NumericValues(gm, dtype=dtype)
     quantized: list[tuple[fx.Node, str]] = []  # (conv/linear node, module path for its quantizers)
@@ -128,7 +128,7 @@ def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric:
             bias._rename(f"{base}_merged_bias")
         elif isinstance(bias, torch.Tensor):
             bias = emitter.constant(bias)
-        quant_path = _free_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
+        quant_path = free_module_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
         bits = config.weight_bits
         gm.add_submodule(quant_path, WeightFakeQuant(bits, params.out_channels, config.weight_quantizer == "lsq",
                                                      config.per_channel))
@@ -147,8 +147,8 @@ def _insert_weight_quantizers_for_linears(gm: fx.GraphModule, quantized: list, c
         if node.target is not F.linear:
             continue
         weight = node.args[1]
-        out_features = _fetch_attr(gm, weight.target).shape[0]
-        quant_path = _free_path(gm, f"{path}.weight_fake_quant" if path else "weight_fake_quant")
+        out_features = fetch_attr(gm, weight.target).shape[0]
+        quant_path = free_module_path(gm, f"{path}.weight_fake_quant" if path else "weight_fake_quant")
         gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, out_features,
                                                      config.weight_quantizer == "lsq", config.per_channel))
         with gm.graph.inserting_before(node):
@@ -175,7 +175,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
         if len(users) == 1 and _is_relu(gm, users[0]):
             out = users[0]
         a_bits = bits_of(node)[1] if node in last else config.act_bits
-        quant_path = _free_path(gm, f"{path}.output_fake_quant" if path else "output_fake_quant")
+        quant_path = free_module_path(gm, f"{path}.output_fake_quant" if path else "output_fake_quant")
         gm.add_submodule(quant_path, ActFakeQuant(a_bits, learned))
         with gm.graph.inserting_after(out):
             fq = gm.graph.call_module(quant_path, (out,))
@@ -188,7 +188,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
             continue
         if x not in inputs:
             name = "input_fake_quant" if x.op == "placeholder" else f"{x.name}_fake_quant"
-            quant_path = _free_path(gm, name if x.op == "placeholder" or not path else f"{path}.input_fake_quant")
+            quant_path = free_module_path(gm, name if x.op == "placeholder" or not path else f"{path}.input_fake_quant")
             gm.add_submodule(quant_path, ActFakeQuant(bits_of(node)[1], learned))
             with gm.graph.inserting_after(x):
                 inputs[x] = gm.graph.call_module(quant_path, (x,))
@@ -230,21 +230,4 @@ def _check_skip(gm: fx.GraphModule, config: QConfig) -> None:
                               + (f"; similar: {close}" if close else ""))
 
 
-def _param_dtype(gm: fx.GraphModule) -> torch.dtype:
-    for p in gm.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
-def _free_path(gm: fx.GraphModule, target: str) -> str:
-    name, i = target, 1
-    while True:
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            return name
-        name, i = f"{target}_{i}", i + 1
-
-
-__all__ = ["prepare_graph", "SymValues", "batch_norm"]
+__all__ = ["prepare_graph", "SymValues"]

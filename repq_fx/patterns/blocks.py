@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
 from ..algebra.compose import composite_shape
+from ..capture.graph_utils import fetch_attr
 from ..capture.norm import batch_norm
 from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
 from .regions import Region, partition
@@ -84,7 +85,7 @@ class NumericValues:
 
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
-            value = _fetch_attr(self.gm, node.target)
+            value = fetch_attr(self.gm, node.target)
         else:
             args = fx.node.map_arg(node.args, self._raw)
             kwargs = fx.node.map_arg(node.kwargs, self._raw)
@@ -104,7 +105,7 @@ class NumericValues:
     def _raw(self, node: fx.Node) -> Any:
         """Parameter values in the model's own dtype, for evaluating parameter expressions faithfully."""
         if node.op == "get_attr":
-            return _fetch_attr(self.gm, node.target)
+            return fetch_attr(self.gm, node.target)
         if not hasattr(self, "_raw_cache"):
             self._raw_cache: dict[fx.Node, Any] = {}
         if node not in self._raw_cache:
@@ -131,13 +132,6 @@ def running_stats_bn(module: torch.nn.Module, dtype: torch.dtype) -> AffineConv 
     weight = module.weight.detach().to(dtype) if module.weight is not None else None
     bias = module.bias.detach().to(dtype) if module.bias is not None else None
     return ops.batch_norm(module.running_mean.to(dtype), module.running_var.to(dtype), weight, bias, module.eps)
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def entry_channels(gm: fx.GraphModule, region: Region, linear: dict[fx.Node, LinearOp], values: Values) -> int | None:
@@ -319,7 +313,7 @@ def block_name(region: Region, gm: fx.GraphModule) -> str:
     for n in region.nodes:
         for a in n.all_input_nodes:
             if a.op == "get_attr":
-                obj = _fetch_attr(gm, a.target)
+                obj = fetch_attr(gm, a.target)
                 paths.append(a.target if isinstance(obj, torch.nn.Module) else a.target.rpartition(".")[0])
         if n.op == "call_module":
             paths.append(n.target)

@@ -99,4 +99,4 @@ def describe_mode(mode: str) -> str:
             "running": "running statistics"}[mode]
 
 
-__all__ = ["branch_statistics", "describe_mode", "Any"]
+__all__ = ["branch_statistics", "describe_mode"]
