@@ -30,7 +30,7 @@ from ..config import QConfig
 from ..errors import ConfigError
 from ..capture.graph_utils import fetch_attr, free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, find_blocks
-from ..quant.bn_stats import branch_statistics
+from ..quant.bn_stats import branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from .emit import Emitter, Sym, node_of
 
@@ -45,6 +45,7 @@ class SymValues:
         self.gm, self.emitter, self.numeric, self.mode = gm, emitter, numeric, mode
         self.dtype = numeric.dtype
         self.entry: fx.Node | None = None
+        self._moments: dict[fx.Node, fx.Node] = {}
 
     def param(self, arg: Any) -> Any:
         if isinstance(arg, fx.Node):
@@ -65,7 +66,12 @@ class SymValues:
         else:
             geometry = (node_of(before.weight), node_of(before.bias), before.stride, before.padding,
                         before.dilation, before.groups, node_of(before.pad_value))
-        stats = graph.call_function(branch_statistics, (self.entry, *geometry, module_ref, self.mode))
+        moments = None
+        if self.mode == "estimate":  # the block input's moments, computed once per block
+            if self.entry not in self._moments:
+                self._moments[self.entry] = graph.call_function(input_moments, (self.entry, module_ref))
+            moments = self._moments[self.entry]
+        stats = graph.call_function(branch_statistics, (self.entry, *geometry, module_ref, self.mode, moments))
         mean = self.emitter.wrap(graph.call_function(operator.getitem, (stats, 0)), module.running_mean.to(self.dtype))
         var = self.emitter.wrap(graph.call_function(operator.getitem, (stats, 1)), module.running_var.to(self.dtype))
         path = module_ref.target
@@ -193,7 +199,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
             with gm.graph.inserting_after(x):
                 inputs[x] = gm.graph.call_module(quant_path, (x,))
             for user in list(x.users):  # BN statistics see what the conv sees
-                if user.target is branch_statistics:
+                if user.target in (branch_statistics, input_moments):
                     user.update_arg(0, inputs[x])
         node.update_arg(0, inputs[x])
     for node, _ in quantized:  # weights of the first and last layers

@@ -41,26 +41,38 @@ def branch_statistics(
     pad_value: torch.Tensor | None,
     bn: nn.Module,
     mode: str,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, var)`` the BN normalizes with; updates its running statistics in train mode."""
+    """``(mean, var)`` the BN normalizes with; updates its running statistics in train mode.
+
+    ``moments`` are the block input's per-channel ``(mean, var)`` (``input_moments``), shared by all
+    BNs of a block in ``"estimate"`` mode.
+    """
     if not bn.training or mode == "running":
         return bn.running_mean, bn.running_var
     if mode == "batch":
         y = x if weight is None else apply(AffineConv(weight, bias, stride, padding, dilation, groups, pad_value), x)
-        mean = y.mean(dim=(0, 2, 3))
-        var = y.var(dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
         count = y.numel() // y.shape[1]
     elif mode == "estimate":
-        mean, var, count = _estimate(x, weight, bias, stride, padding, dilation, groups)
+        mean_x, var_x = moments if moments is not None else input_moments(x, bn)
+        mean, var, count = _estimate(x, mean_x, var_x, weight, bias, stride, padding, dilation, groups)
     else:
         raise AssertionError(f"unknown bn_mode {mode!r}")
     _update_running(bn, mean, var, count)
     return mean, var
 
 
-def _estimate(x, weight, bias, stride, padding, dilation, groups) -> tuple[torch.Tensor, torch.Tensor, int]:
-    mean_x = x.mean(dim=(0, 2, 3))
-    var_x = x.var(dim=(0, 2, 3), unbiased=False)
+def input_moments(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, biased var)`` of ``x`` in train mode (empty tensors in eval mode: unused)."""
+    if not bn.training:
+        empty = x.new_empty(0)
+        return empty, empty
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def _estimate(x, mean_x, var_x, weight, bias, stride, padding, dilation, groups):
     if weight is None:
         return mean_x, var_x, x.numel() // x.shape[1]
     out_ch = weight.shape[0]
@@ -99,4 +111,4 @@ def describe_mode(mode: str) -> str:
             "running": "running statistics"}[mode]
 
 
-__all__ = ["branch_statistics", "describe_mode"]
+__all__ = ["branch_statistics", "input_moments", "describe_mode"]
