@@ -10,7 +10,7 @@ import argparse
 import copy
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 

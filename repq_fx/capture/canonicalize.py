@@ -14,7 +14,8 @@ cat                         ``torch.cat(tensors, dim)``
 ==========================  ==========================================================
 
 Removed: ``nn.Identity``, dropout with p=0 or ``training=False``, DropPath at rate 0,
-``add(0, x)``, ``mul(x, 1)`` and ``torch._assert`` checks. Each rewrite is one
+``add(0, x)``, ``mul(x, 1)`` and ``torch._assert`` checks of ``x.ndim``/``x.shape`` (other
+asserts, such as FX's ``concrete_args`` guards, stay). Each rewrite is one
 entry in a table keyed by the node's target, so supporting a new spelling is one line.
 
 >>> import torch.nn as nn
@@ -72,6 +73,13 @@ def _replace(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple) -> fx.
     return new
 
 
+def _normalized(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple) -> fx.Node | None:
+    """``target(*args)`` in place of ``node``, or None if ``node`` already is exactly that."""
+    if node.target is target and args == tuple(node.args) and not node.kwargs:
+        return None
+    return _replace(gm, node, target, args)
+
+
 def _conv_padding(padding: Any, weight_shape: torch.Size | tuple[int, ...], dilation: Any) -> Any:
     if padding == "valid":
         return 0
@@ -102,15 +110,24 @@ def _dropout_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 def _conv_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     # Conv2d(x) -> F.conv2d(x, self.weight, self.bias, ...)
     conv = gm.get_submodule(node.target)
-    if type(conv).forward is not nn.Conv2d.forward or conv.padding_mode != "zeros":
+    if conv_module_refusal(conv):
         return None
     padding = _conv_padding(conv.padding, conv.weight.shape, conv.dilation)
-    if padding is None:
-        return None
     with gm.graph.inserting_before(node):
         w = gm.graph.get_attr(f"{node.target}.weight")
         b = gm.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
     return _replace(gm, node, F.conv2d, (node.args[0], w, b, conv.stride, padding, conv.dilation, conv.groups))
+
+
+def conv_module_refusal(conv: nn.Conv2d) -> str:
+    """Why a ``Conv2d`` module stays opaque ("" if it becomes a canonical conv)."""
+    if type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} overrides Conv2d.forward; register a rule or make it traceable"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}: only zero padding can be merged (a conv cannot fold its borders)"
+    if _conv_padding(conv.padding, conv.weight.shape, conv.dilation) is None:
+        return "padding='same' with an even kernel pads asymmetrically; left as it is"
+    return ""
 
 
 @_register(_MODULE_REWRITES, nn.AvgPool2d)
@@ -150,20 +167,14 @@ def _conv_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
     if isinstance(a["padding"], str):
         return None  # string padding on a computed weight: shape unknown here
-    args = tuple(a[k] for k in _CONV_ARGS)
-    if node.target is F.conv2d and args == node.args and not node.kwargs:
-        return None
-    return _replace(gm, node, F.conv2d, args)
+    return _normalized(gm, node, F.conv2d, tuple(a[k] for k in _CONV_ARGS))
 
 
 @_register(_FUNCTION_REWRITES, F.avg_pool2d)
 def _avgpool_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     # avg_pool2d(x, k, ...) with keyword args -> all positional
     a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
-    args = tuple(a[k] for k in _POOL_ARGS)
-    if node.target is F.avg_pool2d and args == node.args and not node.kwargs:
-        return None
-    return _replace(gm, node, F.avg_pool2d, args)
+    return _normalized(gm, node, F.avg_pool2d, tuple(a[k] for k in _POOL_ARGS))
 
 
 @_register(_FUNCTION_REWRITES, F.pad)
@@ -172,9 +183,7 @@ def _pad_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     a = _bind(node, _PAD_ARGS, _PAD_DEFAULTS)
     value = 0.0 if a["value"] is None else a["value"]
     args = (a["input"], tuple(a["pad"]) if isinstance(a["pad"], list) else a["pad"], a["mode"], value)
-    if args == node.args and not node.kwargs:
-        return None
-    return _replace(gm, node, F.pad, args)
+    return _normalized(gm, node, F.pad, args)
 
 
 @_register(_FUNCTION_REWRITES, F.dropout, F.dropout2d, torch.dropout)
@@ -227,19 +236,29 @@ def _batch_norm_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 
 @_register(_FUNCTION_REWRITES, torch._assert)
 def _drop_assert(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    # torch._assert(cond, msg) -> (removed)
-    gm.graph.erase_node(node)
+    # torch._assert(x.ndim == 4, msg) -> (removed); other asserts (concrete_args guards) stay
+    if _is_shape_check(node.args[0]):
+        gm.graph.erase_node(node)
     return None
+
+
+def _is_shape_check(cond: Any, depth: int = 4) -> bool:
+    """A condition computed from ``x.ndim`` / ``x.shape`` / ``x.dim()`` / ``x.size()`` only (timm's dead checks)."""
+    if not isinstance(cond, fx.Node) or depth == 0:
+        return False
+    if cond.op == "call_function" and cond.target is getattr and cond.args[1] in ("ndim", "shape"):
+        return True
+    if cond.op == "call_method" and cond.target in ("dim", "size"):
+        return True
+    inputs = cond.all_input_nodes
+    return bool(inputs) and cond.op == "call_function" and all(_is_shape_check(i, depth - 1) for i in inputs)
 
 
 @_register(_FUNCTION_REWRITES, torch.cat, torch.concat, torch.concatenate)
 def _cat_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     # torch.concat(xs, dim=d) -> torch.cat(xs, d)
     a = _bind(node, ("tensors", "dim"), {"dim": 0})
-    args = (list(a["tensors"]), a["dim"])
-    if node.target is torch.cat and args[0] == list(node.args[0]) and len(node.args) == 2 and not node.kwargs:
-        return None
-    return _replace(gm, node, torch.cat, args)
+    return _normalized(gm, node, torch.cat, (list(a["tensors"]), a["dim"]))
 
 
 _ARITH = {
@@ -339,9 +358,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         rewrite = _rewrite_for(gm, node)
         if rewrite is None:
             continue
-        erased_by_rule = node.target is torch._assert
         replacement = rewrite(gm, node)
-        if erased_by_rule or replacement is None or replacement is node:
+        if node.target is torch._assert or replacement is None or replacement is node:
             continue
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)

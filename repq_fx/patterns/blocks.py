@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
 from ..algebra.compose import composite_shape
+from ..capture.canonicalize import conv_module_refusal
 from ..capture.graph_utils import fetch_attr
 from ..capture.norm import batch_norm
 from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
@@ -73,20 +74,25 @@ class NumericValues:
 
     def __init__(self, gm: fx.GraphModule, dtype: torch.dtype = torch.float64) -> None:
         self.gm, self.dtype = gm, dtype
-        self._cache: dict[fx.Node, Any] = {}
+        self._cache: dict[fx.Node, Any] = {}  # values in self.dtype
+        self._raw_cache: dict[fx.Node, Any] = {}  # values as the model computes them
 
     def param(self, arg: Any) -> Any:
         return fx.node.map_arg(arg, self._node_value) if isinstance(arg, (fx.Node, list, tuple, dict)) else arg
 
     def _node_value(self, node: fx.Node) -> Any:
         if node not in self._cache:
-            self._cache[node] = self._evaluate(node)
+            value = self._raw(node)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value = value.detach().to(self.dtype)
+            self._cache[node] = value
         return self._cache[node]
 
-    def _evaluate(self, node: fx.Node) -> Any:
+    def _raw(self, node: fx.Node) -> Any:
+        """A parameter expression evaluated in the model's own dtype (as the model computes it)."""
         if node.op == "get_attr":
-            value = fetch_attr(self.gm, node.target)
-        else:
+            return fetch_attr(self.gm, node.target)
+        if node not in self._raw_cache:
             args = fx.node.map_arg(node.args, self._raw)
             kwargs = fx.node.map_arg(node.kwargs, self._raw)
             with torch.no_grad():
@@ -98,27 +104,7 @@ class NumericValues:
                     value = self.gm.get_submodule(node.target)(*args, **kwargs)
                 else:
                     raise AssertionError(f"cannot evaluate {node.op} {node.target} as a parameter")
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            value = value.detach().to(self.dtype)
-        return value
-
-    def _raw(self, node: fx.Node) -> Any:
-        """Parameter values in the model's own dtype, for evaluating parameter expressions faithfully."""
-        if node.op == "get_attr":
-            return fetch_attr(self.gm, node.target)
-        if not hasattr(self, "_raw_cache"):
-            self._raw_cache: dict[fx.Node, Any] = {}
-        if node not in self._raw_cache:
-            args = fx.node.map_arg(node.args, self._raw)
-            kwargs = fx.node.map_arg(node.kwargs, self._raw)
-            with torch.no_grad():
-                if node.op == "call_function":
-                    v = node.target(*args, **kwargs)
-                elif node.op == "call_method":
-                    v = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:
-                    v = self.gm.get_submodule(node.target)(*args, **kwargs)
-            self._raw_cache[node] = v
+            self._raw_cache[node] = value
         return self._raw_cache[node]
 
     def bn(self, node: fx.Node, module: torch.nn.Module, before: AffineConv | None) -> AffineConv | NoMatch:
@@ -241,6 +227,8 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
             verdict = linear_op(n, tensors)
             if verdict:
                 linear[n] = verdict
+            elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d):
+                notes[n] = f"left out: {conv_module_refusal(gm.get_submodule(n.target)) or verdict.reason}"
     forced: set[fx.Node] = set()
     cache: dict[tuple, AffineConv | Failure] = {}
     while True:

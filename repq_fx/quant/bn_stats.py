@@ -19,7 +19,6 @@ would (momentum or cumulative average, unbiased variance, ``num_batches_tracked`
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn as nn
