@@ -15,6 +15,8 @@ from .affine import AffineConv
 def apply(m: AffineConv, x: torch.Tensor) -> torch.Tensor:
     """``conv(pad(x, pad_value), weight) + bias`` with per-side padding and crops."""
     (top, bottom), (left, right) = m.padding
+    if m.pad_value is None and top == bottom >= 0 and left == right >= 0:  # conv2d pads by itself
+        return F.conv2d(x, m.weight, m.bias, m.stride, (top, left), m.dilation, m.groups)
     if m.pad_value is None:
         x = F.pad(x, (left, right, top, bottom))
     else:
