@@ -89,6 +89,7 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
     try:
         for q in quantizers:
             q.enable(False)
+            q.reset()  # ranges and steps come from these batches only
         for q in acts:
             q.observing.fill_(1)
         qmodel.eval()
@@ -110,6 +111,12 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
     for q in acts:
         if torch.isfinite(q.min_val):
             q.init_from_range()
+    with torch.no_grad():  # weight steps from the current weights
+        qmodel.eval()
+        try:
+            qmodel(x)
+        finally:
+            qmodel.train(was_training)
     return seen
 
 

@@ -103,7 +103,7 @@ class Emitter:
 
     def __init__(self, gm: fx.GraphModule, prefix: str = "_repq_const") -> None:
         self.gm, self.graph, self.prefix = gm, gm.graph, prefix
-        self._constants: dict[int, fx.Node] = {}
+        self._constants: dict[int, tuple[torch.Tensor, fx.Node]] = {}  # id -> (tensor kept alive, node)
 
     def input(self, name: str, value: Any) -> Sym:
         """A placeholder Sym (for tests and standalone use)."""
@@ -115,15 +115,15 @@ class Emitter:
 
     def constant(self, t: torch.Tensor) -> fx.Node:
         """A tensor constant as a non-persistent buffer of the module (so it follows ``.to()``)."""
-        key = id(t)
+        key = id(t)  # the cache holds t, so its id cannot be reused by another tensor
         if key not in self._constants:
             i = 0
             while hasattr(self.gm, f"{self.prefix}{i}"):
                 i += 1
             name = f"{self.prefix}{i}"
             self.gm.register_buffer(name, t.detach().clone(), persistent=False)
-            self._constants[key] = self.graph.get_attr(name)
-        return self._constants[key]
+            self._constants[key] = (t, self.graph.get_attr(name))
+        return self._constants[key][1]
 
     def _to_node(self, a: Any) -> Any:
         if isinstance(a, Sym):

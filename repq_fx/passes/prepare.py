@@ -107,6 +107,7 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     _insert_weight_quantizers_for_linears(gm, quantized, config)
     _insert_act_quantizers(gm, quantized, config)
     gm.graph.eliminate_dead_code()
+    _snapshot_running_stats(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -146,6 +147,25 @@ def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric:
     region.exit.replace_all_uses_with(conv)
     replaced[region.exit] = conv
     return conv
+
+
+def _snapshot_running_stats(gm: fx.GraphModule) -> None:
+    """Weight functions read BN running statistics through a clone.
+
+    ``branch_statistics`` updates them in place in train mode, as ``nn.BatchNorm2d`` does;
+    a merged weight that read them directly (DBB's BN-valued padding) would have its saved
+    tensors invalidated for backward.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not node.target.endswith(("running_mean", "running_var")):
+            continue
+        readers = [u for u in node.users if u.target is not branch_statistics]
+        if not readers:
+            continue
+        with gm.graph.inserting_after(node):
+            snapshot = gm.graph.call_method("clone", (node,))
+        for user in readers:
+            user.replace_input_with(node, snapshot)
 
 
 def _insert_weight_quantizers_for_linears(gm: fx.GraphModule, quantized: list, config: QConfig) -> None:

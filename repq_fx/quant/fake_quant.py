@@ -41,6 +41,10 @@ class _FakeQuant(nn.Module):
     def enable(self, on: bool = True) -> None:
         self.enabled.fill_(int(on))
 
+    def reset(self) -> None:
+        """Forget the step: it is set again from the next data (or weights) seen."""
+        self.initialized.fill_(0)
+
     def extra_repr(self) -> str:
         kind = "lsq" if self.learned else "minmax"
         return (f"{kind}, bits={self.bits}, range=[{self.quant_min}, {self.quant_max}], "
@@ -112,6 +116,11 @@ class ActFakeQuant(_FakeQuant):
         else:
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
+
+    def reset(self) -> None:
+        super().reset()
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
 
     def init_from_range(self) -> None:
         """Step and zero point that map the recorded range (widened to include 0) onto the grid."""
