@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m repq_fx.cli demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/merge_speed.py
+	$(PY) benchmarks/merge_speed.py --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

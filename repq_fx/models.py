@@ -80,10 +80,9 @@ def resolve_model(spec: str) -> nn.Module:
         raise ModelSpecError(f"bad model spec {spec!r}: expected PREFIX:NAME; accepted forms: {SPEC_FORMS}")
     resolver = RESOLVERS.get(prefix)
     try:
-        model = resolver(name) if resolver else _dotted(prefix, name)
+        return resolver(name) if resolver else _dotted(prefix, name)
     except ModelSpecError as e:
         raise ModelSpecError(f"bad model spec {spec!r}: {e}; accepted forms: {SPEC_FORMS}") from None
-    return model
 
 
 def _dotted(module_path: str, attr: str) -> nn.Module:
