@@ -1,0 +1,415 @@
+"""Time and memory of one QAT training step: float multi-branch model vs RepQ (issue 3), on CPU.
+
+One step is ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward, SGD step.
+Variants, all built from the same timm model (``pretrained=False``):
+
+- ``float``:      the original multi-branch model in train mode (plain float training);
+- ``repq-bn``:    ``repq_fx.prepare(bn_mode="batch")`` (RepQ-BN), W8A8, calibrated on 2 random batches;
+- ``repq-bnest``: ``bn_mode="estimate"`` (RepQ-BNEst);
+- ``repq-running``: ``bn_mode="running"`` (frozen BN; a reference, not a RepQ training mode).
+
+Time: every variant lives in the same process; after ``--warmup`` steps each, the variants run
+round robin (the order rotates every round) for ``--rounds`` rounds of ``--steps`` steps, and each
+step is timed alone. The table gives the median step and its ratio to ``float``.
+
+Memory: each variant is measured again in a fresh subprocess (``--memory-child``) with glibc's
+mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor buffer is its own
+mapping and goes back to the OS when freed: resident memory then follows live tensor memory. The
+child resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) right before a step and reads
+``VmHWM`` after it. ``step peak`` is that peak minus the RSS once the step's ``zero_grad`` has run
+(activations, temporaries, new gradients); ``train peak`` is the peak minus the RSS after imports (also the
+parameters, buffers, gradients and optimizer state). ``state`` is the size of parameters, buffers,
+gradients and optimizer state counted from the tensors themselves.
+
+``--profile`` prints, instead, where RepQ-BN spends a step: an ablation over variants (merged
+float model, RepQ without fake quant, ...), a per-node forward breakdown and torch.profiler's top ops.
+
+    .venv/bin/python benchmarks/qat_step.py --models repvgg_a0 mobileone_s0 --rounds 20 --steps 1 --warmup 4
+    .venv/bin/python benchmarks/qat_step.py --models repvgg_a0 mobileone_s0 --profile --rounds 20 --steps 1
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+warnings.filterwarnings("ignore")
+
+VARIANTS = ("float", "repq-bn", "repq-bnest", "repq-running")
+MODES = {"repq-bn": "batch", "repq-bnest": "estimate", "repq-running": "running"}
+# extra variants of --profile: the one-conv deploy model trained in float, and RepQ with fake quant off
+PROFILE_VARIANTS = ("float", "float-merged", "repq-running-nofq", "repq-running", "repq-bnest", "repq-bn-nofq",
+                    "repq-bn")
+GOALS = [  # (text of the goal in the issue, model, variant, maximum ratio to float)
+    ("RepQ-BN <= 1.6x float on repvgg_a0", "repvgg_a0", "repq-bn", 1.6),
+    ("RepQ-BNEst <= 1.0x float on repvgg_a0", "repvgg_a0", "repq-bnest", 1.0),
+    ("RepQ-BNEst <= 0.6x float on mobileone_s0", "mobileone_s0", "repq-bnest", 0.6),
+]
+MiB = 2 ** 20
+
+
+def build(model_name: str, variant: str, batch: int, size: int, seed: int = 0,
+          device: str | torch.device = "cpu") -> nn.Module:
+    """The module that ``variant`` trains, on ``device``, in train mode.
+
+    The model is created and prepared on the CPU (the check of ``prepare`` runs there on a
+    small input), then moved to ``device`` and calibrated there on 2 random batches.
+    """
+    import timm
+
+    import repq_fx
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False)
+    if variant == "float":
+        return model.to(device).train()
+    if variant == "float-merged":
+        return repq_fx.merge(model).to(device).train()
+    mode = MODES[variant.removesuffix("-nofq")]
+    gen = torch.Generator().manual_seed(seed + 1)
+    check = torch.randn(2, 3, 64, 64, generator=gen)
+    calib = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(2)]
+    qmodel = _prepare_checked(model, repq_fx.QConfig(bn_mode=mode, weight_bits=8, act_bits=8), check)
+    qmodel.to(device)
+    repq_fx.calibrate(qmodel, calib)
+    if variant.endswith("-nofq"):
+        repq_fx.disable_fake_quant(qmodel)
+    return qmodel.train()
+
+
+def _prepare_checked(model: nn.Module, config, x: torch.Tensor, tries: int = 3) -> fx.GraphModule:
+    """``prepare``, checked: with fake quant off, its eval output must equal the original's.
+
+    (A guard against a wrong graph; see RESULTS.md. A retry is reported on stderr.)
+    """
+    import repq_fx
+
+    ref = model.eval()(x)
+    for attempt in range(1, tries + 1):
+        qmodel = repq_fx.prepare(model, config)
+        repq_fx.disable_fake_quant(qmodel)
+        try:
+            with torch.no_grad():
+                out = qmodel.eval()(x)
+            err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+        except RuntimeError as e:
+            err, why = float("inf"), str(e).splitlines()[0]
+        else:
+            why = f"relative error {err:.2e}"
+        if err <= 1e-3:
+            repq_fx.enable_fake_quant(qmodel)
+            return qmodel
+        print(f"warning: prepare({config.bn_mode}) attempt {attempt} gave a wrong model ({why}); retrying",
+              file=sys.stderr)
+    raise RuntimeError(f"prepare({config.bn_mode}) gave a wrong model {tries} times")
+
+
+def make_step(module: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module(x), target)
+        loss.backward()
+        optimizer.step()
+
+    step.optimizer, step.module = optimizer, module  # type: ignore[attr-defined]
+    return step
+
+
+def inputs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, 1000, (batch,), generator=gen)
+
+
+def time_variants(model_name: str, variants: tuple[str, ...], args) -> dict[str, list[float]]:
+    """Per-step seconds of each variant, measured round robin in this process."""
+    x, target = inputs(args.batch, args.size)
+    steps = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        steps[v] = make_step(build(model_name, v, args.batch, args.size), x, target)
+        print(f"  built {model_name}/{v} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for v in variants:
+        for _ in range(args.warmup):
+            steps[v]()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                steps[v]()
+                times[v].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{v} {1e3 * statistics.median(times[v]):.0f} ms" for v in variants), file=sys.stderr)
+    return times
+
+
+# ---------------------------------------------------------------- memory (fresh subprocess per variant)
+
+def _proc_status() -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _release() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    tensors = list(module.parameters()) + list(module.buffers())
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def memory_child(model_name: str, variant: str, args) -> dict:
+    import timm  # noqa: F401  (imported before the baseline)
+
+    import repq_fx  # noqa: F401
+
+    x, target = inputs(args.batch, args.size)
+    _release()
+    rss_imports = _proc_status()["VmRSS"]
+    module = build(model_name, variant, args.batch, args.size)
+    step = make_step(module, x, target)
+    _release()
+    for _ in range(2):
+        step()
+    step_peaks, train_peaks = [], []
+    for _ in range(args.mem_steps):
+        step.optimizer.zero_grad(set_to_none=True)  # the step's own first action, done before the baseline
+        _release()
+        if not _reset_peak():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs is not writable)")
+        start = _proc_status()["VmRSS"]
+        step()
+        peak = _proc_status()["VmHWM"]
+        step_peaks.append(peak - start)
+        train_peaks.append(peak - rss_imports)
+    return {"step_peak": max(step_peaks), "train_peak": max(train_peaks),
+            "state": _state_bytes(module, step.optimizer)}  # type: ignore[attr-defined]
+
+
+def measure_memory(model_name: str, variant: str, args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", model_name, variant,
+           "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads),
+           "--mem-steps", str(args.mem_steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child {model_name}/{variant} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- report
+
+def table(results: dict, args) -> str:
+    head = (f"CPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
+            f"{args.size}x{args.size}, float32; median of {args.rounds} rounds x {args.steps} steps "
+            f"({args.warmup} warm-up steps excluded)")
+    columns = ("| model | variant | median step (ms) | IQR (ms) | min (ms) | ratio to float (median) | "
+               "ratio to float (min) | step peak (MiB) | train peak (MiB) | state (MiB) |")
+    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
+    for model_name, per_variant in results.items():
+        base = statistics.median(per_variant["float"]["times"])
+        base_min = min(per_variant["float"]["times"])
+        for v, r in per_variant.items():
+            t = r["times"]
+            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+            mem = r.get("memory")
+            cells = ([f"{mem['step_peak'] / MiB:.1f}", f"{mem['train_peak'] / MiB:.1f}", f"{mem['state'] / MiB:.1f}"]
+                     if mem else ["-", "-", "-"])
+            lines.append(f"| {model_name} | {v} | {1e3 * statistics.median(t):.1f} | "
+                         f"{1e3 * q[0]:.1f}-{1e3 * q[2]:.1f} | {1e3 * min(t):.1f} | {statistics.median(t) / base:.2f}x | "
+                         f"{min(t) / base_min:.2f}x | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> str:
+    lines = ["", "| goal (issue 3) | measured | verdict |", "|---|---|---|"]
+    for text, model_name, variant, limit in GOALS:
+        if model_name not in results or variant not in results[model_name]:
+            continue
+        r = results[model_name]
+        ratio = statistics.median(r[variant]["times"]) / statistics.median(r["float"]["times"])
+        lines.append(f"| {text} | {ratio:.2f}x | {'met' if ratio <= limit else 'missed'} |")
+    for model_name, r in results.items():
+        if "repq-bnest" in r and r["repq-bnest"].get("memory") and r["float"].get("memory"):
+            est, flt = r["repq-bnest"]["memory"], r["float"]["memory"]
+            for key, what in (("train_peak", "train peak"), ("step_peak", "step peak")):
+                ok = est[key] <= flt[key]
+                lines.append(f"| RepQ-BNEst step memory <= float on {model_name} ({what}) | "
+                             f"{est[key] / MiB:.1f} vs {flt[key] / MiB:.1f} MiB | {'met' if ok else 'missed'} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- profile of RepQ-BN
+
+def categorize(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Each node of a prepared graph: weight synthesis, BN statistics, fake quant, conv, or other data op."""
+    from repq_fx.quant.bn_stats import branch_statistics
+    from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant
+
+    data: set[fx.Node] = set()
+    cats: dict[fx.Node, str] = {}
+    for n in gm.graph.nodes:
+        ins = [a for a in n.all_input_nodes]
+        if n.op == "placeholder":
+            data.add(n)
+            cats[n] = "other"
+        elif n.op == "get_attr":
+            cats[n] = "weight synthesis"
+        elif n.target is branch_statistics:
+            cats[n] = "BN statistics (branch convs)"
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), WeightFakeQuant):
+            cats[n] = "weight fake quant"
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActFakeQuant):
+            cats[n] = "activation fake quant"
+            data.add(n)
+        elif any(a in data for a in ins):
+            data.add(n)
+            cats[n] = "merged conv / linear" if n.target in (F.conv2d, torch.conv2d, F.linear) else \
+                "other data ops (act, pool, head)"
+        else:
+            cats[n] = "weight synthesis"
+    return cats
+
+
+def forward_breakdown(gm: fx.GraphModule, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Forward seconds per category (train mode, with autograd recording), median over ``repeats``."""
+    cats = categorize(gm)
+    runs: list[dict[str, float]] = []
+
+    class Timed(fx.Interpreter):
+        def run_node(self, n):
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            acc[cats[n]] = acc.get(cats[n], 0.0) + time.perf_counter() - t0
+            return out
+
+    for _ in range(repeats):
+        acc: dict[str, float] = {}
+        Timed(gm).run(x)
+        runs.append(acc)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+
+
+def profile(model_name: str, args) -> None:
+    x, target = inputs(args.batch, args.size)
+    print(f"## Ablation, {model_name} (median step, same process, round robin)\n")
+    times = time_variants(model_name, PROFILE_VARIANTS, args)
+    base = statistics.median(times["float"])
+    print("| variant | what it adds | median step (ms) | ratio to float |\n|---|---|---|---|")
+    what = {"float": "multi-branch model, float", "float-merged": "one conv per block (merge()), float",
+            "repq-running-nofq": "weight synthesis M(theta) + merged conv, no fake quant",
+            "repq-running": "+ weight and activation fake quant", "repq-bnest": "+ estimated BN statistics",
+            "repq-bn-nofq": "batch BN statistics, no fake quant", "repq-bn": "RepQ-BN (full)"}
+    for v in PROFILE_VARIANTS:
+        m = statistics.median(times[v])
+        print(f"| {v} | {what[v]} | {1e3 * m:.1f} | {m / base:.2f}x |")
+
+    qmodel = build(model_name, "repq-bn", args.batch, args.size)
+    step = make_step(qmodel, x, target)
+    for _ in range(args.warmup):
+        step()
+    print(f"\n## RepQ-BN forward by node category, {model_name} (fx.Interpreter, median of 5)\n")
+    fwd = forward_breakdown(qmodel, x, repeats=5)
+    total = sum(fwd.values())
+    print("| category | forward ms | share |\n|---|---|---|")
+    for k, v in sorted(fwd.items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {1e3 * v:.1f} | {100 * v / total:.0f}% |")
+    print(f"| total (interpreted) | {1e3 * total:.1f} | |")
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(f"\n## RepQ-BN step, torch.profiler top ops by self CPU time, {model_name} (3 steps)\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=45))
+    convs = [e for e in prof.key_averages() if e.key in ("aten::convolution", "aten::convolution_backward")]
+    for e in convs:
+        print(f"{e.key}: {e.count // 3} calls per step")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["repvgg_a0", "mobileone_s0"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   choices=sorted(set(VARIANTS) | set(PROFILE_VARIANTS)))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mem-steps", type=int, default=3, help="steps measured in each memory subprocess")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="where RepQ-BN spends its time (see the docstring)")
+    p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child, args)))
+        return
+    if args.profile:
+        for model_name in args.models:
+            profile(model_name, args)
+        return
+    variants = tuple(args.variants) if "float" in args.variants else ("float", *args.variants)
+    results: dict[str, dict[str, dict]] = {}
+    for model_name in args.models:
+        print(f"{model_name}: timing", file=sys.stderr)
+        times = time_variants(model_name, variants, args)
+        results[model_name] = {v: {"times": times[v]} for v in variants}
+        gc.collect()
+        if not args.no_memory:
+            for v in variants:
+                results[model_name][v]["memory"] = measure_memory(model_name, v, args)
+                print(f"  memory {model_name}/{v}: {results[model_name][v]['memory']}", file=sys.stderr)
+    print(table(results, args))
+    print(goals(results))
+
+
+if __name__ == "__main__":
+    main()
