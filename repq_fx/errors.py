@@ -28,3 +28,19 @@ class NotMergeableError(RepQError):
 
 class NotPreparedError(RepQError):
     """An operation needs a model returned by ``repq_fx.prepare``."""
+
+
+class DataError(RepQError):
+    """A data set is missing or unreadable; the message names the file and how to get it."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """The files of a data set are not where they were looked for; the message says how to install them."""
+
+
+class CorruptDataError(DataError, ValueError):
+    """A data file exists but its contents are not what its format promises (truncated, wrong header, ...)."""
+
+
+class CheckpointError(RepQError):
+    """A checkpoint is unreadable, or does not match the model or run it is loaded into."""
