@@ -6,7 +6,9 @@ models this way. A spec is ``PREFIX:NAME``; the prefix picks a resolver from
 
 - ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``
 - ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``
-- ``examples:NAME``: a class in :mod:`repq_fx.examples.blocks`, e.g. ``examples:RepVGGNet``
+- ``examples:NAME``: an example network of :data:`repq_fx.examples.networks.NETWORKS`
+  (``RepVGGNet``, ``QARepVGGNet``, ``ACResNet18``, ``DBBResNet18``, ``OREPAResNet18``,
+  ``ResNet18``, ``ECBSR``) or a class in :mod:`repq_fx.examples.blocks`
 - ``package.module:Class``: ``Class()`` (or a function returning a module, or a module object)
 
 Every model is built without arguments and without downloading weights.
@@ -50,11 +52,13 @@ def _torchvision(name: str) -> nn.Module:
 
 
 def _examples(name: str) -> nn.Module:
-    from .examples import blocks
+    from .examples import blocks, networks
 
+    if name in networks.NETWORKS:
+        return networks.build_network(name)
     if name not in blocks.__all__ or not _is_module_class(getattr(blocks, name)):
-        names = [n for n in blocks.__all__ if _is_module_class(getattr(blocks, n))]
-        raise ModelSpecError(f"repq_fx.examples.blocks has no model {name!r}{_did_you_mean(name, names)}")
+        names = list(networks.NETWORKS) + [n for n in blocks.__all__ if _is_module_class(getattr(blocks, n))]
+        raise ModelSpecError(f"repq_fx.examples has no model {name!r}{_did_you_mean(name, names)}")
     return _build(getattr(blocks, name), name)
 
 
