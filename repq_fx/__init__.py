@@ -5,15 +5,16 @@
 >>> len(report.merged)
 1
 """
-from .api import calibrate, disable_fake_quant, enable_fake_quant, explain, merge, prepare
+from .api import calibrate, disable_fake_quant, enable_fake_quant, explain, export_onnx, lower, merge, prepare
 from .config import QConfig
 from .capture import register_leaf_module
-from .errors import CaptureError, ConfigError, NotMergeableError, NotPreparedError, RepQError, UnsupportedOpError
+from .errors import (CaptureError, ConfigError, ExportError, NotCalibratedError, NotMergeableError, NotPreparedError,
+                     RepQError, UnsupportedOpError)
 from .patterns.linear_ops import register_op
 from .report import BlockReport, Report
 
 __all__ = [
-    "explain", "merge", "prepare", "calibrate", "enable_fake_quant", "disable_fake_quant", "QConfig", "register_leaf_module", "register_op", "Report", "BlockReport",
-    "RepQError", "CaptureError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
+    "explain", "merge", "prepare", "calibrate", "lower", "export_onnx", "enable_fake_quant", "disable_fake_quant", "QConfig", "register_leaf_module", "register_op", "Report", "BlockReport",
+    "RepQError", "CaptureError", "ExportError", "NotCalibratedError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
 ]
 __version__ = "0.1.0"

@@ -15,8 +15,10 @@ import torch
 import torch.fx as fx
 
 from .capture import capture
+from .checks import check_graph, check_model, graph_warnings
 from .config import QConfig
 from .errors import ConfigError, NotPreparedError, RepQError
+from .passes.lower import lower_graph
 from .passes.merge import merge_blocks
 from .passes.prepare import prepare_graph
 from .quant.fake_quant import ActFakeQuant, fake_quantizers
@@ -33,8 +35,10 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None)
     block   branches        convs  merged  reason
     <root>  conv3x3 -> bn   1      -> 3x3
     """
+    check_model(model, "explain")
     gm = capture(model, example_inputs)
-    return build_report(type(model).__name__, gm, find_blocks(gm))
+    analysis = find_blocks(gm)
+    return build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis))
 
 
 def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
@@ -42,8 +46,11 @@ def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -
 
     The result equals ``model.eval()``; ``model`` itself is not modified. It is returned in eval mode.
     """
+    check_model(model, "merge")
     gm = capture(model, example_inputs)
-    merged = merge_blocks(gm, find_blocks(gm))
+    analysis = find_blocks(gm)
+    check_graph(gm, analysis, "merge")
+    merged = merge_blocks(gm, analysis)
     return merged.eval()
 
 
@@ -64,11 +71,11 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
     config = config or QConfig()
     if not isinstance(config, QConfig):
         raise ConfigError(f"config must be a repq_fx.QConfig; got {type(config).__name__}")
-    if fake_quantizers(model):
-        raise RepQError(f"{type(model).__name__} is already prepared (it contains fake quantizers); "
-                        "prepare the original float model instead")
+    check_model(model, "prepare")
     gm = capture(model, example_inputs)
-    qmodel = prepare_graph(gm, config, find_blocks(gm))
+    analysis = find_blocks(gm)
+    check_graph(gm, analysis, "prepare")
+    qmodel = prepare_graph(gm, config, analysis)
     qmodel.train(model.training)
     qmodel.repq_config = config
     return qmodel
@@ -81,6 +88,9 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
     """
     acts = [q for q in fake_quantizers(qmodel) if isinstance(q, ActFakeQuant)]
     if not acts:
+        if isinstance(getattr(qmodel, "repq_config", None), QConfig):
+            raise NotPreparedError(f"calibrate(): this prepared {type(qmodel).__name__} has nothing to quantize "
+                                   "(no conv or linear outside QConfig.skip); it runs in float as it is")
         raise NotPreparedError("calibrate() needs a model returned by repq_fx.prepare (no fake quantizers found)")
     quantizers = fake_quantizers(qmodel)
     enabled = [bool(q.enabled) for q in quantizers]
@@ -118,6 +128,43 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
         finally:
             qmodel.train(was_training)
     return seen
+
+
+def lower(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """The deploy model: each quantized block as one int8 conv module, in eval mode.
+
+    Each block's weight function is evaluated with running BN statistics, quantized on the
+    trained grid (int8 per channel, int32 bias at scale ``s_x * s_w``) and replaced by one
+    ``QuantizedConv2d``; activation quantizers become fixed quant-dequant modules. The output
+    equals ``qmodel.eval()`` up to the int32 bias rounding. ``qmodel`` is not modified.
+
+    >>> import torch, torch.nn as nn
+    >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    >>> _ = calibrate(qmodel, [torch.randn(4, 3, 8, 8)])
+    >>> deploy = lower(qmodel)
+    >>> type(deploy.get_submodule("quantized_conv")).__name__
+    'QuantizedConv2d'
+    """
+    return lower_graph(qmodel)
+
+
+def export_onnx(lowered: fx.GraphModule, example_inputs: Sequence[Any] | torch.Tensor, path: str) -> "onnx.ModelProto":
+    """Write ``lowered`` (from :func:`lower`) as a QDQ ONNX model that ONNX Runtime runs in int8.
+
+    Quantized convs become ``DequantizeLinear`` (int8 weight, int32 bias) -> ``Conv``, activation
+    quantizers ``QuantizeLinear`` -> ``DequantizeLinear``; ONNX Runtime fuses them into
+    ``QLinearConv``. The batch dimension is dynamic. Returns the ``onnx.ModelProto``.
+
+    >>> import torch, torch.nn as nn, tempfile, os
+    >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> _ = calibrate(qmodel, [torch.randn(2, 3, 8, 8)])
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> export_onnx(lower(qmodel), (torch.randn(1, 3, 8, 8),), path).graph.input[0].name
+    'input'
+    """
+    from .export.onnx_qdq import export_qdq  # onnx is an optional dependency
+
+    return export_qdq(lowered, example_inputs, path)
 
 
 def enable_fake_quant(qmodel: torch.nn.Module) -> None:

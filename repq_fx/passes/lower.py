@@ -1,0 +1,248 @@
+"""The lower pass: each quantized conv/linear of a prepared model becomes one integer module.
+
+For every ``conv2d(Q_a(x), Q_w(M(theta)), b(theta))`` (and ``linear``) of a prepared graph,
+the weight function ``M(theta)`` and the bias are evaluated once in eval mode (running BN
+statistics), the trained weight quantizer turns ``M`` into int8 values and per-channel steps
+(exactly the ``Q_w(M)`` the model trained with), the bias becomes int32 at scale ``s_x * s_w``,
+and the subgraph is replaced by one :class:`~repq_fx.quant.lowered.QuantizedConv2d`. Activation
+quantizers become fixed :class:`~repq_fx.quant.lowered.QuantizeDequantize` modules. Everything
+else (ReLU, pooling, adds, float layers left out by ``skip``) stays as it was.
+
+>>> import torch, torch.nn as nn, repq_fx
+>>> qmodel = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+>>> _ = repq_fx.calibrate(qmodel, [torch.randn(4, 3, 8, 8)])
+>>> lowered = lower_graph(qmodel)
+>>> [type(lowered.get_submodule(n.target)).__name__ for n in lowered.graph.nodes if n.op == "call_module"]
+['QuantizeDequantize', 'QuantizedConv2d', 'ReLU', 'QuantizeDequantize']
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..capture.graph_utils import fetch_attr, free_module_path
+from ..errors import NotCalibratedError, NotPreparedError, RepQError
+from ..quant.bn_stats import branch_statistics, input_moments
+from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
+from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
+
+_INT32 = torch.iinfo(torch.int32)
+
+
+def _eval_statistics(x: Any, weight: Any, bias: Any, stride: Any, padding: Any, dilation: Any, groups: Any,
+                     pad_value: Any, bn: nn.Module, mode: str, moments: Any = None) -> tuple:
+    return bn.running_mean, bn.running_var
+
+
+def _no_moments(x: Any, bn: nn.Module) -> tuple:
+    return None, None
+
+
+# What the weight side of a block computes in eval mode, where it reads the block input only
+# for its shape: BN statistics are the running ones.
+_EVAL_RULES: dict[Callable, Callable] = {branch_statistics: _eval_statistics, input_moments: _no_moments}
+
+
+class _Dynamic:
+    """Marks a value that depends on the model input (cannot be folded into constants)."""
+
+    def __init__(self, node: fx.Node) -> None:
+        self.node = node
+
+
+def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``qmodel`` with one integer module per quantized conv/linear, in eval mode."""
+    _check_lowerable(qmodel)
+    gm = copy.deepcopy(qmodel).eval()
+    folder = _WeightFolder(gm)
+    lowered = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _LAYERS:
+            if _quantized_inputs(gm, node) is not None:
+                _lower_layer(gm, node, folder)
+                lowered += 1
+    for path, module in list(gm.named_modules()):
+        if isinstance(module, ActFakeQuant):
+            _set_module(gm, path, QuantizeDequantize(module.scale.detach().reshape(()).float(),
+                                                     module.zero_point.reshape(()), module.quant_min,
+                                                     module.quant_max))
+    gm.graph.eliminate_dead_code()
+    leftover = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                   WeightFakeQuant)]
+    if leftover:
+        raise AssertionError(f"weight quantizers not lowered: {[n.target for n in leftover]}")
+    gm.delete_all_unused_submodules()
+    for name in [n for n, _ in gm.named_buffers() if n.rpartition(".")[2].startswith("_repq_const")]:
+        owner, _, attr = name.rpartition(".")
+        if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    gm.graph.lint()
+    gm.recompile()
+    gm.lowered_layers = lowered
+    return gm.eval()
+
+
+def _check_lowerable(qmodel: nn.Module) -> None:
+    quantizers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (ActFakeQuant, WeightFakeQuant))]
+    if not isinstance(qmodel, fx.GraphModule) or not quantizers:
+        raise NotPreparedError(f"lower() needs a model returned by repq_fx.prepare; {type(qmodel).__name__} "
+                               "has no fake quantizers")
+    cold = [n for n, m in quantizers if isinstance(m, ActFakeQuant) and not bool(m.initialized)]
+    if cold:
+        raise NotCalibratedError(f"{len(cold)} activation quantizers never saw data (first: {cold[0]!r}); "
+                                 "run repq_fx.calibrate(qmodel, batches) or train it before lower()")
+    off = [n for n, m in quantizers if not bool(m.enabled)]
+    if off:
+        raise NotCalibratedError(f"{len(off)} fake quantizers are disabled (first: {off[0]!r}), so the model was "
+                                 "not trained on the grid lower() deploys; call repq_fx.enable_fake_quant(qmodel)")
+    for n, m in quantizers:
+        bad = ~torch.isfinite(m.scale) | (m.scale <= 0)
+        if bool(bad.any()):
+            raise RepQError(f"quantizer {n!r} has a step size that is not a positive finite number "
+                            f"({m.scale[bad][:3].tolist()}); training diverged or the state_dict is corrupt")
+
+
+_LAYERS = (F.conv2d, F.linear)
+
+
+def _quantized_inputs(gm: fx.GraphModule, node: fx.Node) -> tuple[ActFakeQuant, WeightFakeQuant] | None:
+    x, w = node.args[0], node.args[1]
+    if not (isinstance(x, fx.Node) and isinstance(w, fx.Node) and x.op == w.op == "call_module"):
+        return None
+    act, weight = gm.get_submodule(x.target), gm.get_submodule(w.target)
+    if isinstance(act, ActFakeQuant) and isinstance(weight, WeightFakeQuant):
+        return act, weight
+    return None
+
+
+def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder") -> None:
+    act, wq = _quantized_inputs(gm, node)
+    weight_node = node.args[1]
+    is_conv = node.target is F.conv2d
+    args = _conv_args(node) if is_conv else _linear_args(node)
+    w = folder.value(weight_node.args[0], node)
+    b = folder.value(args["bias"], node) if isinstance(args["bias"], fx.Node) else args["bias"]
+    with torch.no_grad():
+        w_fq = wq(w)  # the grid the model trained on (min-max: the step follows this weight)
+        step = wq.scale.detach().float()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w_int = torch.round(w_fq.float() / (step.reshape(shape) if step.numel() > 1 else step))
+        w_int = w_int.clamp(wq.quant_min, wq.quant_max).to(torch.int8)
+        step = step.expand(w.shape[0]) if step.numel() == 1 else step
+        s_x = act.scale.detach().float().reshape(())
+        bias_int = None
+        if b is not None:
+            bias_scale = (s_x * step).double()
+            bias_q = torch.round(b.detach().double() / bias_scale)
+            if bool((bias_q.abs() > _INT32.max).any()):
+                raise RepQError(f"bias of {_label(node)} does not fit int32 at scale s_x * s_w: the input step "
+                                f"{float(s_x):.3g} is too small for a bias up to {float(b.abs().max()):.3g}")
+            bias_int = bias_q.to(torch.int32)
+    layer: nn.Module
+    if is_conv:
+        layer = QuantizedConv2d(w_int, step, bias_int, s_x, args["stride"], args["padding"], args["dilation"],
+                                args["groups"], weight_bits=wq.bits)
+    else:
+        layer = QuantizedLinear(w_int, step, bias_int, s_x, weight_bits=wq.bits)
+    layer = layer.to(w.device)
+    base = weight_node.target.rpartition(".")[0]
+    path = free_module_path(gm, f"{base}.quantized_{'conv' if is_conv else 'linear'}" if base
+                            else f"quantized_{'conv' if is_conv else 'linear'}")
+    gm.add_submodule(path, layer)
+    # the node itself becomes the module call, so the code keeps reading `<block>_conv = ...`
+    node.op, node.target = "call_module", path
+    node.args, node.kwargs = (node.args[0],), {}
+
+
+def _conv_args(node: fx.Node) -> dict[str, Any]:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = dict(bias=None, stride=1, padding=0, dilation=1, groups=1)
+    values = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+    if isinstance(values["padding"], str):
+        raise RepQError(f"{_label(node)} uses padding={values['padding']!r}; lower() needs numeric padding")
+    return values
+
+
+def _linear_args(node: fx.Node) -> dict[str, Any]:
+    values = {"bias": None, **dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
+    return values
+
+
+def _label(node: fx.Node) -> str:
+    return f"node {node.name!r}"
+
+
+class _WeightFolder:
+    """Evaluates the weight side of a block (parameters, buffers, constants) with eval-mode BN statistics."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.env: dict[fx.Node, Any] = {}
+
+    def value(self, node: fx.Node, layer: fx.Node) -> torch.Tensor:
+        with torch.no_grad():
+            result = self._eval(node)
+        if isinstance(result, _Dynamic):
+            raise RepQError(f"the weight of {_label(layer)} depends on the model input through node "
+                            f"{result.node.name!r}; lower() can only fold weights computed from parameters")
+        return result
+
+    def _eval(self, root: fx.Node) -> Any:
+        order = []
+        stack, seen = [root], set()
+        while stack:  # the ancestors of root not evaluated yet, in graph order
+            n = stack.pop()
+            if n in seen or n in self.env:
+                continue
+            seen.add(n)
+            order.append(n)
+            stack.extend(n.all_input_nodes)
+        position = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        for n in sorted(order, key=position.__getitem__):
+            self.env[n] = self._run(n)
+        return self.env[root]
+
+    def _run(self, n: fx.Node) -> Any:
+        if n.op == "placeholder":
+            return _Dynamic(n)
+        if n.op == "get_attr":
+            return fetch_attr(self.gm, n.target)
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a])
+        if n.op == "call_function" and n.target in _EVAL_RULES:
+            return _EVAL_RULES[n.target](*args, **kwargs)
+        dynamic = next((a for a in _flatten((args, kwargs)) if isinstance(a, _Dynamic)), None)
+        if dynamic is not None:
+            return dynamic
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_module":
+            return self.gm.get_submodule(n.target)(*args, **kwargs)
+        raise AssertionError(f"cannot fold {n.op} node {n.name}")
+
+
+def _flatten(value: Any) -> list:
+    out: list = []
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            out.extend(_flatten(v))
+    elif isinstance(value, dict):
+        for v in value.values():
+            out.extend(_flatten(v))
+    else:
+        out.append(value)
+    return out
+
+
+def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    owner, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(owner) if owner else gm, name, module)
+
+
+__all__ = ["lower_graph"]

@@ -1,0 +1,144 @@
+"""The deploy-time modules ``lower`` puts in the graph: fixed quant-dequant, integer conv and linear.
+
+A lowered block computes what ONNX Runtime's ``QLinearConv`` computes: the input on the
+activation grid, ``acc = sum (x_q - z_x) * w_q + b_q`` in exact integer arithmetic (int8
+weights, int32 bias at scale ``s_x * s_w``), and ``acc * s_x * s_w`` as the float output,
+which the next :class:`QuantizeDequantize` puts on the output grid. Integers are accumulated
+in float32 where the layer's worst case stays below 2**24 (exact), else in float64.
+
+>>> import torch
+>>> qdq = QuantizeDequantize(scale=0.5, zero_point=0, quant_min=0, quant_max=255)
+>>> qdq(torch.tensor([0.2, 0.3, 1.0, -1.0, 200.0]))
+tensor([  0.0000,   0.5000,   1.0000,   0.0000, 127.5000])
+>>> conv = QuantizedConv2d(torch.tensor([[[[2]]]], dtype=torch.int8), torch.tensor([0.25]),
+...                        torch.tensor([4], dtype=torch.int32), input_scale=0.5)
+>>> conv(torch.tensor([[[[1.5]]]]))   # (3 * 2 + 4) * 0.5 * 0.25
+tensor([[[[1.2500]]]])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_FLOAT32_EXACT = 2 ** 24
+
+
+class QuantizeDequantize(nn.Module):
+    """Per-tensor fake quant with fixed parameters: ``(clamp(round(x / s) + z) - z) * s``.
+
+    Rounds in float32 as the training-time quantizer did, whatever ``x``'s dtype.
+    """
+
+    def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, quant_min: int,
+                 quant_max: int) -> None:
+        super().__init__()
+        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1).clone())
+        self.register_buffer("zero_point", torch.as_tensor(zero_point).round().to(torch.int32).reshape(1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point,
+                                                  self.quant_min, self.quant_max)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, "
+                f"range=[{self.quant_min}, {self.quant_max}]")
+
+
+class _IntegerLayer(nn.Module):
+    """Shared state of the integer conv and linear: int weights, int32 bias, input and weight scales."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: float | torch.Tensor, weight_bits: int = 8) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8:
+            raise TypeError(f"weight must be int8, got {weight.dtype}")
+        self.weight_bits = int(weight_bits)
+        self.register_buffer("weight", weight.clone())
+        self.register_buffer("weight_scale", weight_scale.detach().to(torch.float32).reshape(-1).clone())
+        self.register_buffer("bias", None if bias is None else bias.to(torch.int32).clone())
+        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).reshape(1).clone())
+        self.accumulate_in = self.accumulator_dtype()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.accumulate_in = self.accumulator_dtype()  # new weights: decide float32/float64 again
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def output_scale(self) -> torch.Tensor:
+        """``s_x * s_w`` per output channel (float32): the scale of the accumulator and of the bias."""
+        return self.input_scale * self.weight_scale
+
+    def accumulator_dtype(self, input_levels: int = 255) -> torch.dtype:
+        """float32 when every accumulator value is an integer below 2**24 in magnitude, else float64."""
+        fan_in = self.weight[0].numel()
+        worst = fan_in * input_levels * int(self.weight.abs().max().item() if self.weight.numel() else 0)
+        if self.bias is not None and self.bias.numel():
+            worst += int(self.bias.abs().max().item())
+        return torch.float32 if worst < _FLOAT32_EXACT else torch.float64
+
+    def _integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        dtype = self.accumulate_in
+        x_int = torch.round(x.to(dtype) / self.input_scale.to(dtype))
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return x_int, self.weight.to(dtype), bias
+
+    def _rescale(self, acc: torch.Tensor, out_dtype: torch.dtype, channel_dim: int) -> torch.Tensor:
+        shape = [1] * acc.dim()
+        shape[channel_dim] = -1
+        return (acc * self.output_scale().to(acc.dtype).reshape(shape)).to(out_dtype)
+
+
+class QuantizedConv2d(_IntegerLayer):
+    """One int8 conv: ``x`` (on the input grid) -> ``acc * s_x * s_w`` with exact integer ``acc``.
+
+    ``weight`` holds the trained ``Q(M(theta))`` as int8, ``weight_scale`` its per-channel steps,
+    ``bias`` the int32 bias at scale ``s_x * s_w``.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: float | torch.Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                 groups: int = 1, weight_bits: int = 8) -> None:
+        super().__init__(weight, weight_scale, bias, input_scale, weight_bits)
+        self.stride, self.padding = _pair(stride), _pair(padding)
+        self.dilation, self.groups = _pair(dilation), int(groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_int, w, b = self._integers(x)
+        acc = F.conv2d(x_int, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return self._rescale(acc, x.dtype, 1)
+
+    def extra_repr(self) -> str:
+        o, i, kh, kw = self.weight.shape
+        return (f"{i * self.groups}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, groups={self.groups}, weight_bits={self.weight_bits}, "
+                f"bias={self.bias is not None}")
+
+
+class QuantizedLinear(_IntegerLayer):
+    """One int8 linear, the same arithmetic as :class:`QuantizedConv2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_int, w, b = self._integers(x)
+        return self._rescale(F.linear(x_int, w, b), x.dtype, -1)
+
+    def extra_repr(self) -> str:
+        o, i = self.weight.shape
+        return f"in_features={i}, out_features={o}, weight_bits={self.weight_bits}, bias={self.bias is not None}"
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    return v if len(v) == 2 else (v[0], v[0])
+
+
+__all__ = ["QuantizeDequantize", "QuantizedConv2d", "QuantizedLinear"]

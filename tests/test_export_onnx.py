@@ -1,0 +1,134 @@
+"""``repq_fx.export_onnx``: QDQ ONNX that ONNX Runtime runs with integer kernels, equal to ``lower``.
+
+ONNX Runtime is the oracle: its output on the exported file must match the lowered PyTorch
+model within one output quantization step on >= 99.9 % of elements, and the graph it actually
+runs (``SessionOptions.optimized_model_filepath``) must hold one ``QLinearConv`` per quantized
+conv and no float ``Conv``.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import repq_fx
+from repq_fx.examples.blocks import ECB, RepVGGNet
+from repq_fx.quant.lowered import QuantizedConv2d, QuantizedLinear
+from quantized_models import output_step, prepared
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+timm = pytest.importorskip("timm")
+
+
+def _run_ort(path: str, x: torch.Tensor, optimized: str | None = None) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if optimized is not None:
+        options.optimized_model_filepath = optimized
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def _ops(path: str) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def _layers(lowered, kind) -> int:
+    return sum(isinstance(m, kind) for m in lowered.modules())
+
+
+class ECBSRTiny(nn.Module):
+    """ECBSR-style super-resolution net: ECB blocks with PReLU, a residual, pixel shuffle x2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = ECB(1, 8, act_type="prelu")
+        self.body = nn.Sequential(ECB(8, 8, act_type="prelu", with_idt=True), ECB(8, 8, act_type="prelu"))
+        self.tail = ECB(8, 4, act_type="linear")
+        self.upsample = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.tail(self.body(self.head(x))))
+
+
+CASES = {
+    "repvgg_a0": (lambda: timm.create_model("repvgg_a0", pretrained=False), (4, 3, 64, 64), 1.0),
+    "mobileone_s0": (lambda: timm.create_model("mobileone_s0", pretrained=False), (4, 3, 64, 64), 1.0),
+    "fastvit_t8": (lambda: timm.create_model("fastvit_t8", pretrained=False), (4, 3, 64, 64), 0.5),
+    "ECBSRTiny": (ECBSRTiny, (4, 1, 24, 24), 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_onnx_runtime_matches_lowered_and_runs_int8(name, tmp_path):
+    build, shape, gain = CASES[name]
+    _, qmodel = prepared(build, shape, gain=gain)
+    lowered = repq_fx.lower(qmodel)
+    path, optimized = str(tmp_path / "model.onnx"), str(tmp_path / "optimized.onnx")
+    repq_fx.export_onnx(lowered, (torch.randn(1, *shape[1:]),), path)
+    x = torch.randn(*shape)  # a batch size other than the exported example's: the batch is dynamic
+    with torch.no_grad():
+        expected = lowered(x).numpy()
+    actual = _run_ort(path, x, optimized)
+    steps = np.abs(actual - expected) / output_step(lowered)
+    assert (steps <= 1.001).mean() >= 0.999, f"max {steps.max():.1f} steps"
+    ops = _ops(optimized)
+    assert ops["QLinearConv"] == _layers(lowered, QuantizedConv2d)
+    assert ops["Conv"] == 0  # no conv left in float
+    assert ops["QGemm"] == _layers(lowered, QuantizedLinear)
+
+
+def test_exported_graph_is_standard_qdq(tmp_path):
+    _, qmodel = prepared(RepVGGNet, (8, 1, 28, 28))
+    lowered = repq_fx.lower(qmodel)
+    model = repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 9
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for conv in convs:
+        x, w, b = (producers[i] for i in conv.input)
+        assert x.op_type == w.op_type == b.op_type == "DequantizeLinear"
+        assert init[w.input[0]].dtype == np.int8 and init[b.input[0]].dtype == np.int32
+        assert init[x.input[2]].dtype == np.uint8 and init[w.input[1]].shape == init[w.input[0]].shape[:1]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_four_bit_grid_is_clipped_inside_the_uint8_container(tmp_path):
+    config = repq_fx.QConfig(weight_bits=4, act_bits=4)
+    _, qmodel = prepared(RepVGGNet, (8, 1, 28, 28), config)
+    lowered = repq_fx.lower(qmodel)
+    path = str(tmp_path / "m.onnx")
+    ops = collections.Counter(n.op_type for n in repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), path).graph.node)
+    assert ops["Clip"] >= 1
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = lowered(x).numpy()
+    steps = np.abs(_run_ort(path, x) - expected) / output_step(lowered)
+    assert (steps <= 1.001).mean() >= 0.999
+
+
+def test_an_op_without_a_rule_names_the_node_and_the_op(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).cumsum(1)
+
+    qmodel = repq_fx.prepare(Odd())
+    repq_fx.calibrate(qmodel, [torch.randn(2, 3, 8, 8)])
+    with pytest.raises(repq_fx.ExportError, match=r"'cumsum'.*\.cumsum\(\)"):
+        repq_fx.export_onnx(repq_fx.lower(qmodel), (torch.randn(1, 3, 8, 8),), str(tmp_path / "m.onnx"))
+
+
+def test_export_needs_a_lowered_graph(tmp_path):
+    with pytest.raises(repq_fx.ExportError, match="lower"):
+        repq_fx.export_onnx(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), str(tmp_path / "m.onnx"))
