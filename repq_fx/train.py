@@ -1,0 +1,606 @@
+"""Training and evaluation for the ``repq-fx train`` / ``eval`` commands and the benchmarks.
+
+A run is described by a :class:`TrainConfig` (model spec, data, method, bits, schedule).
+:func:`build_model` turns it into the module to train:
+
+- ``fp``: the model itself, in float;
+- ``repq-bn`` / ``repq-bnest``: ``repq_fx.prepare(model, QConfig(bits, bn_mode="batch" /
+  "estimate"))``, the RepQ QAT model (fake quant on each block's merged weight);
+- ``lsq``: ``repq_fx.merge(model)`` first (BN folded with running statistics), then LSQ QAT
+  of the merged convs: the RepQ paper's "merge then QAT" baseline;
+- ``ptq``: ``merge`` then min-max fake quant, calibrated and not trained.
+
+Quantized runs start from a float checkpoint (``from_ckpt``) and calibrate the activation
+ranges on a few training batches before training. The optimizer is SGD with momentum 0.9
+(weight decay on conv/linear weights only, not on BN, biases or quantizer steps) and a
+cosine learning rate stepped every batch down to 0; Adam is available for SR.
+
+Checkpoints are dicts of tensors and plain data, written atomically (temp file in the same
+folder, fsync, ``os.replace``) and read with ``torch.load(..., weights_only=True)``:
+``{"format", "model", "optimizer", "scheduler", "epoch", "config", "metrics"}``. A damaged
+or mismatched checkpoint raises :class:`~repq_fx.errors.CheckpointError`. Each epoch's
+shuffling and augmentation are seeded by ``(seed, epoch)``, so a resumed run repeats
+exactly what an uninterrupted one would have done.
+
+>>> cfg = TrainConfig(model="examples:RepVGGNet", method="repq-bn", bits=(4, 4))
+>>> cfg.qconfig().bn_mode, cfg.qconfig().weight_bits
+('batch', 4)
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import QConfig
+from .errors import CheckpointError, ConfigError, RepQError
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "DATASETS", "METHODS", "TrainConfig", "build_model", "cosine_schedule", "evaluate",
+    "evaluate_classifier", "evaluate_sr", "input_channels", "load_checkpoint", "make_loaders", "make_optimizer", "parse_bits",
+    "restore", "run_eval", "run_training", "save_checkpoint", "train_one_epoch",
+]
+
+CHECKPOINT_FORMAT = "repq_fx.train/1"
+METHODS = ("fp", "repq-bn", "repq-bnest", "lsq", "ptq")
+QUANTIZED = ("repq-bn", "repq-bnest", "lsq", "ptq")
+DATASETS = ("fashion-mnist", "sr")
+# Fields that must agree between a checkpoint and the run that resumes it.
+RESUME_FIELDS = ("model", "data", "method", "bits", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
+                 "subset", "seed", "scale", "lr_patch")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in every checkpoint (``to_dict``).
+
+    ``lr`` and ``weight_decay`` of None pick the defaults for data and method (:meth:`resolved`):
+    Fashion-MNIST fp: SGD lr 0.05, weight decay 1e-4 (``fmnist-baseline.md``); quantized: lr 0.01,
+    no weight decay; SR: Adam lr 5e-4 (fp) or 1e-4 (quantized), no weight decay.
+    ``subset``: training images (Fashion-MNIST) or training patches per epoch (SR, default 4000).
+
+    >>> TrainConfig(model="examples:RepVGGNet").resolved().lr
+    0.05
+    """
+
+    model: str
+    data: str = "fashion-mnist"
+    method: str = "fp"
+    bits: tuple[int, int] = (8, 8)  # weight bits, activation bits
+    epochs: int = 10
+    batch_size: int | None = None  # 128 for Fashion-MNIST, 16 for SR
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None  # "sgd" (Fashion-MNIST default) or "adam" (SR default)
+    subset: int | None = None
+    seed: int = 0
+    calib_batches: int = 8
+    from_ckpt: str | None = None
+    scale: int = 2  # SR
+    lr_patch: int = 32  # SR: LR training patch size
+    test_subset: int | None = None  # evaluate on fewer test images (quick runs)
+
+    def __post_init__(self) -> None:
+        self.bits = tuple(self.bits)
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.data not in DATASETS:
+            raise ConfigError(f"data must be one of {', '.join(DATASETS)}; got {self.data!r}")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0; got {self.epochs}")
+        if self.optimizer not in (None, "sgd", "adam"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adam'; got {self.optimizer!r}")
+
+    @property
+    def quantized(self) -> bool:
+        """True for every method but ``fp``."""
+        return self.method in QUANTIZED
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every default filled in (batch size, lr, weight decay, optimizer)."""
+        sr = self.data == "sr"
+        values = asdict(self)
+        if values["batch_size"] is None:
+            values["batch_size"] = 16 if sr else 128
+        if values["optimizer"] is None:
+            values["optimizer"] = "adam" if sr else "sgd"
+        if values["lr"] is None:
+            if values["optimizer"] == "adam":
+                values["lr"] = 1e-4 if self.quantized else 5e-4
+            else:
+                values["lr"] = 0.01 if self.quantized else 0.05
+        if values["weight_decay"] is None:
+            values["weight_decay"] = 1e-4 if not sr and not self.quantized else 0.0
+        if self.method == "ptq":
+            values["epochs"] = 0
+        return TrainConfig(**values)
+
+    def qconfig(self) -> QConfig:
+        """The ``repq_fx.QConfig`` of a quantized method (first and last layer at 8 bits)."""
+        if not self.quantized:
+            raise ConfigError("method 'fp' has no QConfig")
+        w, a = self.bits
+        if self.method == "ptq":
+            return QConfig(weight_bits=w, act_bits=a, weight_quantizer="minmax", act_quantizer="minmax")
+        bn_mode = "estimate" if self.method == "repq-bnest" else "batch"
+        return QConfig(weight_bits=w, act_bits=a, bn_mode=bn_mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (what ``torch.load(weights_only=True)`` reads back).
+
+        >>> TrainConfig.from_dict(TrainConfig(model="m:N").to_dict()) == TrainConfig(model="m:N")
+        True
+        """
+        d = asdict(self)
+        d["bits"] = list(self.bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`~repq_fx.errors.CheckpointError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"the checkpoint's config has unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"4/8"``, ``"W4A8"`` or ``"4"`` (both) -> ``(weight_bits, act_bits)``.
+
+    >>> parse_bits("4/8"), parse_bits("W3A3"), parse_bits("8")
+    ((4, 8), (3, 3), (8, 8))
+    """
+    t = text.strip().upper()
+    try:
+        if t.startswith("W") and "A" in t:
+            w, a = t[1:].split("A")
+        elif "/" in t:
+            w, a = t.split("/")
+        else:
+            w = a = t
+        bits = (int(w), int(a))
+    except ValueError:
+        raise ConfigError(f"bits must look like W/A, e.g. 4/4, 8/4 or W4A8; got {text!r}") from None
+    for b in bits:
+        if not 2 <= b <= 8:
+            raise ConfigError(f"bits must be from 2 to 8; got {text!r}")
+    return bits
+
+
+# ---------------------------------------------------------------------------
+# Model.
+# ---------------------------------------------------------------------------
+
+def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = None) -> nn.Module:
+    """The module a run trains: the float model (with ``float_state`` loaded, if given), or its
+    quantized form for the config's method (see the module docstring). Not calibrated.
+
+    >>> build_model(TrainConfig(model="examples:RepVGGNet", method="lsq")).__class__.__name__
+    'GraphModule'
+    """
+    import repq_fx
+    from .models import resolve_model
+
+    model = resolve_model(config.model)
+    if float_state is not None:
+        _load_state(model, float_state, config.from_ckpt or "the float checkpoint")
+    if not config.quantized:
+        return model
+    if config.method in ("lsq", "ptq"):
+        model = repq_fx.merge(model.eval())
+    qmodel = repq_fx.prepare(model, config.qconfig())
+    return qmodel.train()
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        detail = "; ".join(lines)[:600]
+        raise CheckpointError(f"{source} does not fit this model ({detail}); was it written for another "
+                              "model or method?") from None
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """``in_channels`` of the first conv module (None if there is none).
+
+    >>> input_channels(nn.Sequential(nn.Conv2d(3, 4, 1)))
+    3
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------
+
+def make_loaders(config: TrainConfig, epoch: int = 0) -> tuple[Iterable, Iterable]:
+    """``(train, test)`` loaders of the run; training shuffling/augmentation are seeded by
+    ``(seed, epoch)``. Fashion-MNIST: normalised 1x28x28 images; SR: Y-channel patches."""
+    config = config.resolved()
+    seed = config.seed * 10_007 + epoch
+    if config.data == "fashion-mnist":
+        from .data.fashion_mnist import fashion_mnist_loader
+
+        train = fashion_mnist_loader("train", batch_size=config.batch_size, subset=config.subset, seed=seed)
+        test = fashion_mnist_loader("test", batch_size=500, subset=config.test_subset)
+        return train, test
+    from .data.sr import sr_loader
+
+    train = sr_loader("train", scale=config.scale, batch_size=config.batch_size, lr_patch=config.lr_patch,
+                      patches=config.subset or 4000, seed=seed)
+    test = sr_loader("test", scale=config.scale, patches=config.test_subset)
+    return train, test
+
+
+# ---------------------------------------------------------------------------
+# Optimisation.
+# ---------------------------------------------------------------------------
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9) or Adam; weight decay only on parameters of 2 or more dimensions
+    (conv and linear weights), not on BN, biases, PReLU slopes or quantizer steps.
+
+    >>> opt = make_optimizer(nn.Linear(3, 2), TrainConfig(model="m:N", weight_decay=1e-4))
+    >>> [g["weight_decay"] for g in opt.param_groups], opt.defaults["momentum"]
+    ([0.0001, 0.0], 0.9)
+    """
+    config = config.resolved()
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr(t) = lr0 * (1 + cos(pi * t / total_steps)) / 2``, stepped after every batch (0 at the end).
+
+    >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    >>> sched = cosine_schedule(opt, 4)
+    >>> lrs = []
+    >>> for _ in range(4): opt.step(); sched.step(); lrs.append(round(opt.param_groups[0]["lr"], 4))
+    >>> lrs
+    [0.8536, 0.5, 0.1464, 0.0]
+    """
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+
+
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterable:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the dev extra
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, unit="batch", dynamic_ncols=True)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    *, device: torch.device | str = "cpu", desc: str = "train", progress: bool = True,
+                    input_transform: Callable[[Tensor], Tensor] | None = None) -> float:
+    """One pass over ``loader`` in train mode; returns the mean loss. The scheduler steps per batch.
+    A non-finite loss raises :class:`~repq_fx.errors.RepQError` (lower the learning rate).
+
+    >>> model = nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> batches = [(torch.ones(4, 2), torch.zeros(4, 1))] * 3
+    >>> train_one_epoch(model, batches, opt, None, F.mse_loss, progress=False) >= 0
+    True
+    """
+    model.train()
+    total, count = 0.0, 0
+    bar = _progress(loader, desc, progress, total=_len(loader))
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        if input_transform is not None:
+            x = input_transform(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise RepQError(f"the training loss became {loss.item()} after {count} batches of {desc}; "
+                            "lower the learning rate (--lr)")
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item() * len(x)
+        count += len(x)
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+    return total / max(count, 1)
+
+
+def _len(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: Iterable, *, device: torch.device | str = "cpu",
+                        progress: bool = False, input_transform: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Top-1 accuracy in percent, in eval mode.
+
+    >>> model = nn.Linear(2, 2, bias=False); _ = model.weight.data.copy_(torch.eye(2))
+    >>> evaluate_classifier(model, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))])
+    50.0
+    """
+    model.eval()
+    correct, count = 0, 0
+    for x, y in _progress(loader, "eval", progress, total=_len(loader)):
+        x, y = x.to(device), y.to(device)
+        if input_transform is not None:
+            x = input_transform(x)
+        correct += (model(x).argmax(dim=1) == y).sum().item()
+        count += len(y)
+    return 100.0 * correct / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_sr(model: nn.Module, loader: Iterable, scale: int, *, device: torch.device | str = "cpu",
+                progress: bool = False) -> float:
+    """Mean PSNR (dB, Y channel, border of ``scale`` cropped; :func:`repq_fx.data.sr.psnr_y`) over
+    the test images, in eval mode.
+
+    >>> up = nn.Upsample(scale_factor=2, mode="nearest")
+    >>> hr = torch.zeros(1, 1, 8, 8); hr[..., ::2, :] = 0.5; hr[..., 1::2, :] = 0.5
+    >>> round(evaluate_sr(up, [(hr[..., ::2, ::2], hr)], scale=2), 1)
+    inf
+    """
+    from .data.sr import psnr_y
+
+    model.eval()
+    values = []
+    for lr, hr in _progress(loader, "eval", progress, total=_len(loader)):
+        values.append(psnr_y(model(lr.to(device)).cpu(), hr, scale))
+    return sum(values) / max(len(values), 1)
+
+
+def evaluate(model: nn.Module, config: TrainConfig, test_loader: Iterable, *, device: torch.device | str = "cpu",
+             progress: bool = False, input_transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    """``{"top1": %}`` for Fashion-MNIST or ``{"psnr": dB}`` for SR."""
+    if config.data == "sr":
+        return {"psnr": evaluate_sr(model, test_loader, config.scale, device=device, progress=progress)}
+    return {"top1": evaluate_classifier(model, test_loader, device=device, progress=progress,
+                                        input_transform=input_transform)}
+
+
+def _channel_adapter(config: TrainConfig) -> Callable[[Tensor], Tensor] | None:
+    """Grey Fashion-MNIST into a model whose first conv wants 3 channels (timm/torchvision): repeat it."""
+    from .models import resolve_model
+
+    if config.data != "fashion-mnist" or config.model.startswith("examples:"):
+        return None
+    if input_channels(resolve_model(config.model)) == 3:
+        return lambda x: x.expand(-1, 3, -1, -1)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` to ``path`` atomically: a temp file in the same folder, flushed and
+    fsynced, then ``os.replace``. A crash leaves either the old file or the new one, never half.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "c.pt")
+    >>> save_checkpoint(path, {"epoch": 1}); torch.load(path, weights_only=True)
+    {'epoch': 1}
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`run_training` with ``torch.load(weights_only=True)``
+    onto the CPU and check its layout. Raises :class:`~repq_fx.errors.CheckpointError` if the
+    file is missing, unreadable (truncated, not a torch file, holding arbitrary objects) or not
+    a repq-fx training checkpoint.
+
+    >>> load_checkpoint("/nonexistent.pt")
+    Traceback (most recent call last):
+    ...
+    repq_fx.errors.CheckpointError: no checkpoint at /nonexistent.pt
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip reader), EOFError, ...
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0])[:200]
+        raise CheckpointError(f"cannot read checkpoint {path}: it is damaged (truncated?) or not a checkpoint "
+                              f"written by `repq-fx train` ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a `repq-fx train` checkpoint (format {found!r}, expected "
+                              f"{CHECKPOINT_FORMAT!r})")
+    missing = {"model", "config", "epoch"} - set(ckpt)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
+    return ckpt
+
+
+def restore(path: str | os.PathLike[str], model_spec: str | None = None,
+            data: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as (float, RepQ-prepared, or merged and
+    quantized) and load its weights: ``(model, checkpoint)``, the model in eval mode.
+    ``model_spec``/``data``, if given, must be the checkpoint's
+    (:class:`~repq_fx.errors.CheckpointError` otherwise).
+    """
+    ckpt = load_checkpoint(path)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    for name, value in (("model", model_spec), ("data", data)):
+        if value is not None and getattr(saved, name) != value:
+            raise CheckpointError(f"checkpoint {path} was trained with {name} {getattr(saved, name)!r}, not {value!r}")
+    model = build_model(saved)
+    _load_state(model, ckpt["model"], str(path))
+    return model.eval(), ckpt
+
+
+def _check_resumable(path: Path, saved: TrainConfig, config: TrainConfig) -> None:
+    a, b = saved.resolved(), config.resolved()
+    diffs = [f"{name}: checkpoint {getattr(a, name)!r}, now {getattr(b, name)!r}"
+             for name in RESUME_FIELDS if getattr(a, name) != getattr(b, name)]
+    if diffs:
+        raise CheckpointError(f"cannot resume {path}: it is another run ({'; '.join(diffs)}); rerun the command "
+                              "that wrote it with --resume, or write to another --out")
+
+
+# ---------------------------------------------------------------------------
+# Whole runs.
+# ---------------------------------------------------------------------------
+
+def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = False,
+                 overwrite: bool = False, device: str = "cpu", progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or, for ``ptq``, calibrate) ``config`` and write the checkpoint ``out`` after every
+    epoch; returns the final metrics. ``resume`` continues from ``out`` if it exists (the config
+    must be the same run); an existing ``out`` without ``resume`` needs ``overwrite``.
+    """
+    out = Path(out)
+    config = config.resolved()
+    torch.manual_seed(config.seed)
+    ckpt = None
+    if resume and out.exists():
+        ckpt = load_checkpoint(out)
+        _check_resumable(out, TrainConfig.from_dict(ckpt["config"]), config)
+    elif out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists; pass --resume to continue that run, or --overwrite to replace it")
+    elif resume:
+        log(f"no checkpoint at {out} yet: starting from scratch")
+
+    train_loader, test_loader = make_loaders(config, epoch=0)
+    steps_per_epoch = _len(train_loader) or 1
+    if ckpt is not None:
+        model = build_model(config)
+        _load_state(model, ckpt["model"], str(out))
+    else:
+        float_state = None
+        if config.from_ckpt:
+            source = load_checkpoint(config.from_ckpt)
+            saved = TrainConfig.from_dict(source["config"])
+            if saved.method != "fp" or saved.model != config.model:
+                raise CheckpointError(f"--from {config.from_ckpt} must be a float (method fp) checkpoint of "
+                                      f"{config.model}; it is method {saved.method!r} of {saved.model!r}")
+            float_state = source["model"]
+        elif config.quantized:
+            log("note: quantizing a randomly initialised model; pass --from FP_CKPT to start from trained weights")
+        model = build_model(config, float_state)
+    model.to(device)
+    adapter = _channel_adapter(config)
+    if ckpt is None and config.quantized:
+        import repq_fx
+
+        batches = ((adapter(x) if adapter else x).to(device) for x, _ in islice(train_loader, config.calib_batches))
+        repq_fx.calibrate(model, batches)
+
+    optimizer = make_optimizer(model, config)
+    scheduler = cosine_schedule(optimizer, steps_per_epoch * config.epochs)
+    start_epoch, history = 0, []
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{out}: the optimizer state does not fit this run ({e})") from None
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("metrics", {}).get("history", []))
+        log(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
+
+    loss_fn = F.l1_loss if config.data == "sr" else F.cross_entropy
+    for epoch in range(start_epoch, config.epochs):
+        train_loader, _ = make_loaders(config, epoch=epoch)
+        start = time.perf_counter()
+        loss = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device=device,
+                               desc=f"epoch {epoch + 1}/{config.epochs}", progress=progress,
+                               input_transform=adapter)
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch + 1, "loss": loss, "seconds": seconds,
+                        **evaluate(model, config, test_loader, device=device, input_transform=adapter)})
+        _save_run(out, model, optimizer, scheduler, epoch + 1, config, history)
+        log(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4f}  {_metric_text(history[-1])}  "
+            f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f} s")
+    if not history:  # ptq or --epochs 0: the calibrated model as it is
+        history.append({"epoch": 0, **evaluate(model, config, test_loader, device=device, input_transform=adapter)})
+        _save_run(out, model, optimizer, scheduler, 0, config, history)
+        log(f"{config.method} {config.bits[0]}/{config.bits[1]} without training: {_metric_text(history[-1])}")
+    elif start_epoch >= config.epochs:
+        log(f"{out} has finished all {config.epochs} epochs: {_metric_text(history[-1])}")
+    log(f"saved {out}")
+    return dict(history[-1])
+
+
+def _save_run(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, config: TrainConfig,
+              history: list[dict[str, Any]]) -> None:
+    save_checkpoint(out, {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "config": config.to_dict(),
+        "metrics": {"history": history, **(history[-1] if history else {})},
+        "torch_version": str(torch.__version__),
+    })
+
+
+def _metric_text(metrics: dict[str, Any]) -> str:
+    if "psnr" in metrics:
+        return f"PSNR {metrics['psnr']:.2f} dB"
+    if "top1" in metrics:
+        return f"top-1 {metrics['top1']:.2f} %"
+    return ""
+
+
+def run_eval(path: str | os.PathLike[str], model_spec: str | None = None, data: str | None = None, *,
+             device: str = "cpu", progress: bool = True, test_subset: int | None = None) -> dict[str, float]:
+    """Evaluate the checkpoint ``path`` on the test set of its data (``test_subset``: the first
+    images only); ``model_spec``/``data``, if given, must match the checkpoint.
+    Returns ``{"top1": %}`` or ``{"psnr": dB}``."""
+    model, ckpt = restore(path, model_spec, data)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    saved.test_subset = test_subset
+    model.to(device)
+    _, test_loader = make_loaders(saved)
+    return evaluate(model, saved, test_loader, device=device, progress=progress,
+                    input_transform=_channel_adapter(saved))

@@ -1,0 +1,321 @@
+"""``repq-fx train`` / ``eval`` and ``repq_fx.train``: help, tiny runs, exact resume, checkpoints.
+
+Runs use a small synthetic Fashion-MNIST written as IDX files (class k: a bright bar at row
+2k + 4, over noise), found through ``$REPQ_FASHION_MNIST``, so they need no package; one
+test uses the real data and skips without it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from repq_fx import cli
+from repq_fx.data import fashion_mnist as fm
+from repq_fx.errors import CheckpointError, RepQError
+from repq_fx.train import (CHECKPOINT_FORMAT, TrainConfig, cosine_schedule, load_checkpoint, make_optimizer,
+                           parse_bits, restore, run_training, save_checkpoint)
+
+HAVE_FMNIST = (fm.DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file()
+
+
+def _synthetic(root: Path, n_train: int = 256, n_test: int = 100) -> None:
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for k in range(10):
+            images[labels == k, 2 * k + 4: 2 * k + 6, 4:24] = 255
+        fm.write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images.to(torch.uint8))
+        fm.write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.to(torch.uint8))
+
+
+@pytest.fixture()
+def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    _synthetic(root)
+    monkeypatch.setenv(fm.ENV_VAR, str(root))
+    return tmp_path
+
+
+def _small(method: str = "fp", **kwargs) -> TrainConfig:
+    """A small RepVGG (widths 8/16/32, one block per stage) on the synthetic data."""
+    values = dict(model="repq_fx.examples.blocks:RepVGGNet", method=method, epochs=2, batch_size=32,
+                  calib_batches=2, seed=3)
+    values.update(kwargs)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _small_repvgg(monkeypatch: pytest.MonkeyPatch) -> None:
+    from repq_fx.examples import blocks
+
+    class Small(blocks.RepVGGNet):
+        def __init__(self) -> None:
+            super().__init__(widths=(8, 16, 32), blocks_per_stage=2)
+
+    monkeypatch.setattr(blocks, "RepVGGNet", Small)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Help and arguments.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command, words", [
+    ("train", ["--method", "repq-bn", "repq-bnest", "lsq", "ptq", "--bits", "--resume", "--from", "make data",
+               "0.2860", "cosine", "fp.pt"]),
+    ("eval", ["--ckpt", "top-1", "PSNR"]),
+])
+def test_help_teaches(command: str, words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    missing = [w for w in words if w not in out]
+    assert not missing, f"`repq-fx {command} --help` does not mention {missing}"
+
+
+def test_top_level_help_lists_train_and_eval(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "train" in out and "eval" in out and "explain" in out and "demo" in out
+
+
+def test_parse_bits() -> None:
+    assert parse_bits("4/8") == (4, 8) and parse_bits("w3a3") == (3, 3) and parse_bits("6") == (6, 6)
+    for bad in ("4/9", "four", "4/4/4", "1/8"):
+        with pytest.raises(RepQError):
+            parse_bits(bad)
+
+
+def test_bad_bits_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "examples:RepVGGNet", "--bits", "4/9", "--out", "x.pt"])
+    assert exit_.value.code == 2 and "from 2 to 8" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Schedule and optimizer.
+# ---------------------------------------------------------------------------
+
+def test_cosine_schedule_per_step() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2, momentum=0.9)
+    sched = cosine_schedule(opt, 10)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    expected = [0.2 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(11)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_weight_decay_only_on_weights() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    opt = make_optimizer(model, TrainConfig(model="m:N", lr=0.1, weight_decay=5e-4))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(model[0].weight), id(model[2].weight)}
+    assert opt.param_groups[0]["weight_decay"] == 5e-4 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+def test_defaults_by_data_and_method() -> None:
+    fp = TrainConfig(model="m:N").resolved()
+    assert (fp.lr, fp.weight_decay, fp.batch_size, fp.optimizer) == (0.05, 1e-4, 128, "sgd")
+    q = TrainConfig(model="m:N", method="repq-bnest", bits=(4, 4)).resolved()
+    assert (q.lr, q.weight_decay) == (0.01, 0.0) and q.qconfig().bn_mode == "estimate"
+    assert TrainConfig(model="m:N", method="ptq").resolved().epochs == 0
+    assert TrainConfig(model="m:N", method="ptq").qconfig().weight_quantizer == "minmax"
+    sr = TrainConfig(model="m:N", data="sr").resolved()
+    assert (sr.optimizer, sr.batch_size) == ("adam", 16)
+
+
+# ---------------------------------------------------------------------------
+# Tiny runs through the CLI.
+# ---------------------------------------------------------------------------
+
+def test_train_then_eval_then_quantize(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fp, q = fake_fmnist / "fp.pt", fake_fmnist / "w4a4.pt"
+    spec = "repq_fx.examples.blocks:RepVGGNet"
+    assert cli.main(["train", spec, "--epochs", "1", "--subset", "200", "--batch-size", "32", "--out", str(fp),
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "top-1" in out and f"saved {fp}" in out
+    ckpt = torch.load(fp, weights_only=True)
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["epoch"] == 1
+    assert ckpt["config"]["subset"] == 200 and ckpt["config"]["method"] == "fp"
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "epoch", "config", "metrics"}
+    assert not [p for p in fake_fmnist.iterdir() if p.name.endswith(".tmp")]
+
+    assert cli.main(["eval", spec, "--ckpt", str(fp), "--no-progress"]) == 0
+    assert f"top-1 {ckpt['metrics']['top1']:.2f} %" in capsys.readouterr().out
+
+    assert cli.main(["train", spec, "--method", "repq-bn", "--bits", "4/4", "--from", str(fp), "--epochs", "1",
+                     "--subset", "200", "--batch-size", "32", "--calib-batches", "2", "--out", str(q),
+                     "--no-progress"]) == 0
+    model, qckpt = restore(q)
+    assert isinstance(model, torch.fx.GraphModule) and qckpt["config"]["bits"] == [4, 4]
+    assert cli.main(["eval", spec, "--ckpt", str(q), "--no-progress"]) == 0
+    assert f"top-1 {qckpt['metrics']['top1']:.2f} %" in capsys.readouterr().out
+
+
+def test_existing_output_needs_resume_or_overwrite(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = fake_fmnist / "run.pt"
+    out.write_bytes(b"old")
+    assert cli.main(["train", "examples:RepVGGNet", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"old"
+
+
+# ---------------------------------------------------------------------------
+# Resume.
+# ---------------------------------------------------------------------------
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after_first_epoch(line: str) -> None:
+    if line.startswith("epoch 1/"):
+        raise _Interrupt
+
+
+@pytest.mark.parametrize("method", ["fp", "repq-bn"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(fake_fmnist: Path, method: str) -> None:
+    config = _small(method, bits=(4, 4), subset=96, test_subset=20)
+    straight, resumed = fake_fmnist / "straight.pt", fake_fmnist / "resumed.pt"
+    if method != "fp":
+        run_training(_small(subset=96, test_subset=20, epochs=1), fake_fmnist / "fp.pt", log=_quiet, progress=False)
+        config.from_ckpt = str(fake_fmnist / "fp.pt")
+    run_training(config, straight, log=_quiet, progress=False)
+    with pytest.raises(_Interrupt):
+        run_training(config, resumed, log=_stop_after_first_epoch, progress=False)
+    assert load_checkpoint(resumed)["epoch"] == 1
+    lines: list[str] = []
+    run_training(config, resumed, resume=True, log=lines.append, progress=False)
+    assert any("resuming" in line and "after epoch 1/2" in line for line in lines)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+    assert a["metrics"]["history"] == [{**h, "seconds": a["metrics"]["history"][i]["seconds"]}
+                                       for i, h in enumerate(b["metrics"]["history"])]
+
+
+def test_resume_a_finished_run_and_a_different_run(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = fake_fmnist / "run.pt"
+    args = ["train", "repq_fx.examples.blocks:RepVGGNet", "--epochs", "1", "--subset", "64", "--batch-size", "32",
+            "--test-subset", "20", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    assert cli.main(args + ["--resume"]) == 0
+    assert "has finished all 1 epochs" in capsys.readouterr().out
+    assert cli.main(args + ["--resume", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "lr: checkpoint 0.05, now 0.1" in err
+
+
+# ---------------------------------------------------------------------------
+# Damaged and mismatched checkpoints.
+# ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def good_ckpt(fake_fmnist: Path) -> Path:
+    path = fake_fmnist / "good.pt"
+    run_training(_small(subset=64, test_subset=20, epochs=1), path, log=_quiet, progress=False)
+    return path
+
+
+def _damage(good: Path, bad: Path, how: str) -> None:
+    data = good.read_bytes()
+    if how == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        bad.write_bytes(os.urandom(1000))
+    elif how == "empty":
+        bad.write_bytes(b"")
+    elif how == "pickle":  # arbitrary objects are refused by weights_only=True
+        bad.write_bytes(pickle.dumps(nn.ReLU()))
+    elif how == "other-torch-file":
+        torch.save({"state_dict": {}}, bad)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "pickle", "other-torch-file"])
+def test_damaged_checkpoint_is_one_clear_line(good_ckpt: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = good_ckpt.with_name(f"{how}.pt")
+    _damage(good_ckpt, bad, how)
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+    assert cli.main(["eval", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "damaged" in err or "not a `repq-fx train` checkpoint" in err
+    assert cli.main(["train", "repq_fx.examples.blocks:RepVGGNet", "--out", str(bad), "--resume",
+                     "--no-progress"]) == 2
+
+
+def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["eval", "examples:RepVGGNet", "--ckpt", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model(good_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["eval", "examples:QARepVGGNet", "--ckpt", str(good_ckpt), "--no-progress"]) == 2
+    assert "was trained with model 'repq_fx.examples.blocks:RepVGGNet'" in capsys.readouterr().err
+    # A checkpoint whose weights do not fit the model its config names.
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    ckpt["model"] = {k: v for k, v in list(ckpt["model"].items())[:-1]}
+    ckpt["model"]["stages.0.0.rbr_dense.conv.weight"] = torch.zeros(3, 3)
+    save_checkpoint(good_ckpt, ckpt)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        restore(good_ckpt)
+
+
+def test_from_must_be_a_float_checkpoint(good_ckpt: Path, fake_fmnist: Path) -> None:
+    q = fake_fmnist / "q.pt"
+    run_training(_small("ptq", from_ckpt=str(good_ckpt), subset=64, test_subset=20), q, log=_quiet, progress=False)
+    assert load_checkpoint(q)["epoch"] == 0
+    with pytest.raises(CheckpointError, match="must be a float"):
+        run_training(_small("lsq", from_ckpt=str(q), subset=64), fake_fmnist / "x.pt", log=_quiet, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"epoch": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"epoch": 2, "bad": lambda: None})  # cannot be pickled: fails mid-write
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+# ---------------------------------------------------------------------------
+# Real data.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed; `make data`")
+def test_real_fashion_mnist_learns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fm.ENV_VAR, raising=False)
+    metrics = run_training(_small(subset=512, test_subset=1000, epochs=3, batch_size=32), tmp_path / "fp.pt",
+                           log=_quiet, progress=False)
+    assert metrics["top1"] > 30  # chance is 10 %; 45-52 % over seeds 0-4
+
+
+def test_sr_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("skimage")
+    out = tmp_path / "sr.pt"
+    assert cli.main(["train", "examples:ECBSR", "--epochs", "1", "--subset", "32", "--batch-size", "16",
+                     "--test-subset", "1", "--out", str(out), "--no-progress"]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt["config"]["data"] == "sr" and 10 < ckpt["metrics"]["psnr"] < 60
