@@ -44,3 +44,23 @@ class CorruptDataError(DataError, ValueError):
 
 class CheckpointError(RepQError):
     """A checkpoint is unreadable, or does not match the model or run it is loaded into."""
+
+
+class NotCalibratedError(RepQError):
+    """A prepared model has quantizers that never saw data (or are switched off) where it matters."""
+
+
+class ExportError(RepQError):
+    """A lowered graph holds an operation the ONNX exporter has no rule for."""
+
+
+class AlreadyPreparedError(RepQError):
+    """The model already carries fake quantizers (``repq_fx.prepare`` or ``torch.ao.quantization``)."""
+
+
+class InvalidModelError(RepQError, ValueError):
+    """The model cannot be used as it is (e.g. uninitialized lazy parameters); the message says what to do."""
+
+
+class NonFiniteError(InvalidModelError):
+    """NaN or Inf in a parameter or BN statistic (or a negative running variance); the message names it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.fx as fx
@@ -41,6 +42,7 @@ class Report:
     blocks: tuple[BlockReport, ...]
     left_out: tuple[tuple[str, str], ...] = field(default=())  # (node, reason) of linear ops not merged
     joins: int = 0  # sums/concats of tensors from different sources (residual adds): not blocks
+    warnings: tuple[str, ...] = field(default=())  # what merge/prepare would refuse (NaN/Inf values, ...)
 
     @property
     def merged(self) -> tuple[BlockReport, ...]:
@@ -62,6 +64,10 @@ class Report:
             lines.append("  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
         for node, reason in self.left_out:
             lines.append(f"  not merged: {node}: {reason}")
+        if not self.blocks and not self.left_out:
+            lines.append("  (no 2-d convolutions: nothing to merge)")
+        for warning in self.warnings:
+            lines.append(f"  warning: {warning}")
         if self.joins:
             lines.append(f"  ({self.joins} sums/concats join tensors of different sources, e.g. residual adds: "
                          "they stay as they are)")
@@ -72,12 +78,14 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis) -> Report:
-    """The report of one analysis of a canonical graph."""
+def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis, warnings: Sequence[str] = ()) -> Report:
+    """The report of one analysis of a canonical graph (``warnings``: what merge/prepare would refuse)."""
     blocks = tuple(_block_report(gm, b, analysis.linear) for b in analysis.blocks)
     in_blocks = {n for b in analysis.blocks for n in (b.region.entry, *b.region.nodes)}
-    left_out = tuple((n.name, r) for n, r in analysis.notes.items() if n not in in_blocks)
-    return Report(model_name, blocks, left_out, len(analysis.joins))
+    given = " ".join(b.reason for b in blocks)  # notes a block already shows as its reason
+    left_out = tuple((n.target if n.op == "call_module" else n.name, r) for n, r in analysis.notes.items()
+                     if n not in in_blocks and r not in given)
+    return Report(model_name, blocks, left_out, len(analysis.joins), tuple(warnings))
 
 
 def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp]) -> BlockReport:
