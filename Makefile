@@ -6,7 +6,11 @@ PY     := $(VENV)/bin/python
 TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+# Fashion-MNIST comes from Debian's package (no downloads); `make data` installs it when missing.
+FMNIST_DIR  := /usr/share/datasets/fashion-mnist
+FMNIST_PKG  := dataset-fashion-mnist
+
+.PHONY: setup test demo bench clean data
 
 setup: $(STAMP)
 
@@ -22,6 +26,22 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m repq_fx.cli demo
+
+data:
+	@if [ -n "$$REPQ_FASHION_MNIST" ] && ls "$$REPQ_FASHION_MNIST"/t10k-labels-idx1-ubyte* >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: using $$REPQ_FASHION_MNIST (REPQ_FASHION_MNIST)"; \
+	elif ls $(FMNIST_DIR)/train-images-idx3-ubyte* $(FMNIST_DIR)/train-labels-idx1-ubyte* \
+	        $(FMNIST_DIR)/t10k-images-idx3-ubyte* $(FMNIST_DIR)/t10k-labels-idx1-ubyte* >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: installed in $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: installing Debian's $(FMNIST_PKG)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FMNIST_PKG); \
+	else \
+		echo "Fashion-MNIST is missing from $(FMNIST_DIR). Install it with" >&2; \
+		echo "    sudo apt-get install $(FMNIST_PKG)        (Debian/Ubuntu; or run 'make data' as root)" >&2; \
+		echo "or set REPQ_FASHION_MNIST to a folder holding the four IDX files (gzipped or not)." >&2; \
+		exit 1; \
+	fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/merge_speed.py --threads 1
