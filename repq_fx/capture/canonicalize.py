@@ -33,8 +33,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-from .graph_utils import free_module_path
+from .graph_utils import fetch_attr, free_module_path
 from .norm import batch_norm, is_batch_norm
 
 Rewrite = Callable[[fx.GraphModule, fx.Node], "fx.Node | None"]
@@ -119,8 +120,36 @@ def _conv_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return _replace(gm, node, F.conv2d, (node.args[0], w, b, conv.stride, padding, conv.dilation, conv.groups))
 
 
-def conv_module_refusal(conv: nn.Conv2d) -> str:
-    """Why a ``Conv2d`` module stays opaque ("" if it becomes a canonical conv)."""
+def module_refusal(module: nn.Module) -> str:
+    """Why any module must stay an opaque ``call_module`` ("" if it may be rewritten).
+
+    A rewrite replaces the module call by functional ops on its parameters, which would drop its
+    hooks (the deprecated ``weight_norm`` is one) and read a parametrized weight outside
+    ``torch.nn.utils.parametrize`` (``spectral_norm`` runs a power iteration on every read in train mode).
+    """
+    kinds = [kind for kind, hooks in (("forward", module._forward_hooks), ("forward pre", module._forward_pre_hooks),
+                                      ("backward", module._backward_hooks),
+                                      ("backward pre", module._backward_pre_hooks)) if hooks]
+    if kinds:
+        return (f"{type(module).__name__} has hooks ({', '.join(kinds)}); merging would drop them, so it is "
+                "left as it is (remove the hooks to merge it)")
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        return (f"{type(module).__name__} is parametrized ({names}: torch.nn.utils.parametrize, e.g. weight_norm, "
+                "spectral_norm); left as it is (torch.nn.utils.parametrize.remove_parametrizations(module, "
+                "name) first merges it)")
+    return ""
+
+
+def conv_module_refusal(conv: nn.Module) -> str:
+    """Why a conv module stays opaque ("" if it becomes a canonical conv)."""
+    refusal = module_refusal(conv)
+    if refusal:
+        return refusal
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return f"{type(conv).__name__}: a transposed convolution is not merged (only Conv2d); left as it is"
+    if isinstance(conv, nn.modules.conv._ConvNd) and not isinstance(conv, nn.Conv2d):
+        return (f"{type(conv).__name__}: only 2-d convolutions are merged and quantized; left as it is, in float")
     if type(conv).forward is not nn.Conv2d.forward:
         return f"{type(conv).__name__} overrides Conv2d.forward; register a rule or make it traceable"
     if conv.padding_mode != "zeros":
@@ -166,7 +195,13 @@ def _conv_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     # torch.conv2d(...) / keyword args -> F.conv2d(x, w, b, stride, padding, dilation, groups)
     a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
     if isinstance(a["padding"], str):
-        return None  # string padding on a computed weight: shape unknown here
+        w = a["weight"]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return _normalized(gm, node, F.conv2d, tuple(a[k] for k in _CONV_ARGS))  # shape unknown here
+        padding = _conv_padding(a["padding"], fetch_attr(gm, w.target).shape, a["dilation"])
+        if padding is None:  # 'same' with an even kernel: asymmetric
+            return _normalized(gm, node, F.conv2d, tuple(a[k] for k in _CONV_ARGS))
+        a["padding"] = padding
     return _normalized(gm, node, F.conv2d, tuple(a[k] for k in _CONV_ARGS))
 
 
@@ -325,6 +360,8 @@ def _method_arith(gm: fx.GraphModule, node: fx.Node, op: Any) -> fx.Node | None:
 def _rewrite_for(gm: fx.GraphModule, node: fx.Node) -> Rewrite | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if module_refusal(module):
+            return None  # hooks or parametrizations: only the module call itself keeps them
         if is_batch_norm(module):
             return _norm_module
         for cls in type(module).__mro__:

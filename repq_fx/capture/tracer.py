@@ -64,11 +64,11 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.G
 
     Raises :class:`CaptureError` with FX's reason and what to do when tracing fails.
     """
+    _check_root_hooks(model)
+    model = _copy(model)
     if isinstance(model, fx.GraphModule):
-        model = copy.deepcopy(model)
-        root, graph = model, model.graph
-        return fx.GraphModule(root, graph, root.__class__.__name__)
-    model = copy.deepcopy(model).train()  # train mode: `self.training` branches keep their train path
+        return fx.GraphModule(model, model.graph, model.__class__.__name__)
+    model = model.train()  # train mode: `self.training` branches keep their train path
     tracer = LeafTracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -83,3 +83,32 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.G
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     return gm
+
+
+def _check_root_hooks(model: nn.Module) -> None:
+    """FX traces ``model.forward``, not ``model(...)``: hooks on the model itself would silently vanish."""
+    kinds = [kind for kind, hooks in (("forward", model._forward_hooks), ("forward pre", model._forward_pre_hooks),
+                                      ("backward", model._backward_hooks),
+                                      ("backward pre", model._backward_pre_hooks)) if hooks]
+    if kinds:
+        raise CaptureError(
+            f"{type(model).__name__} has a {' and a '.join(kinds)} hook on the model itself; torch.fx traces "
+            "forward() without it, so the result would silently differ.\n"
+            "What to do: remove the hook before merge/prepare and register it on the result, or wrap the "
+            "model in another nn.Module (hooks on submodules are traced or kept).")
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy (repq_fx never modifies its input), or a CaptureError saying why there is none."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        todo = "make copy.deepcopy(model) work."
+        if any(type(h).__name__ == "WeightNorm" for m in model.modules() for h in m._forward_pre_hooks.values()):
+            todo = ("torch.nn.utils.weight_norm (deprecated) leaves a computed weight that cannot be copied: use "
+                    "torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm first "
+                    "(or run one forward pass under torch.no_grad()).")
+        raise CaptureError(
+            f"could not copy {type(model).__name__} (repq_fx works on a deep copy and never modifies the model): "
+            f"{type(e).__name__}: {e}\nWhat to do: {todo}") from e
+

@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
 from ..algebra.compose import composite_shape
-from ..capture.canonicalize import conv_module_refusal
+from ..capture.canonicalize import conv_module_refusal, module_refusal
 from ..capture.graph_utils import fetch_attr
-from ..capture.norm import batch_norm
+from ..capture.norm import batch_norm, is_batch_norm
 from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
 from .regions import Region, partition
 
@@ -227,8 +229,8 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
             verdict = linear_op(n, tensors)
             if verdict:
                 linear[n] = verdict
-            elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Conv2d):
-                notes[n] = f"left out: {conv_module_refusal(gm.get_submodule(n.target)) or verdict.reason}"
+            elif why := unmerged_reason(gm, n, verdict.reason):
+                notes[n] = f"left out: {why}"
     forced: set[fx.Node] = set()
     cache: dict[tuple, AffineConv | Failure] = {}
     while True:
@@ -255,6 +257,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
         if failure is None:
             break
         _split(*failure, linear, forced, notes)
+    _note_stochastic_neighbours(gm, [r for r, result in results.items() if result is not None], notes)
     blocks = []
     for region, result in results.items():
         if result is None:
@@ -270,6 +273,59 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
                 reason, conv = conv.reason, None
         blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason))
     return Analysis(blocks, linear, regions, notes, joins)
+
+
+_CONV_ND_FUNCTIONS = (F.conv1d, F.conv3d)
+_CONV_TRANSPOSE_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+def unmerged_reason(gm: fx.GraphModule, node: fx.Node, verdict: str) -> str:
+    """Why a conv-like, BN or pad node that is not a linear op stays out of every block ("" for other ops).
+
+    ``verdict`` is the linear-op rules' own reason.
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return conv_module_refusal(module) or verdict
+        if is_batch_norm(module):
+            return module_refusal(module) or verdict
+        return ""
+    if node.op != "call_function":
+        return ""
+    if node.target in _CONV_ND_FUNCTIONS:
+        return f"{node.target.__name__}: only 2-d convolutions are merged and quantized; left as it is, in float"
+    if node.target in _CONV_TRANSPOSE_FUNCTIONS:
+        return f"{node.target.__name__}: a transposed convolution is not merged (only conv2d); left as it is"
+    if node.target in (F.conv2d, F.pad):
+        return verdict
+    return ""
+
+
+def stochastic_rate(module: nn.Module) -> float:
+    """The drop rate of a dropout / DropPath / StochasticDepth module (0 for anything else)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return float(module.p)
+    if type(module).__name__ in ("DropPath", "StochasticDepth"):
+        return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0)
+    return 0.0
+
+
+def _note_stochastic_neighbours(gm: fx.GraphModule, regions: list[Region], notes: dict[fx.Node, str]) -> None:
+    """Say why a block ends at (or starts after) a random op: it is kept outside blocks.
+
+    Only random ops next to a block are noted (a dropout in a classifier head explains nothing).
+    """
+    ends = {r.exit for r in regions}
+    starts = {r.entry for r in regions}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node in notes:
+            continue
+        rate = stochastic_rate(gm.get_submodule(node.target))
+        if rate and (node in starts or any(i in ends for i in node.all_input_nodes)):
+            name = type(gm.get_submodule(node.target)).__name__
+            notes[node] = (f"{name}(p={rate:g}) is random in train mode: kept outside blocks, so the branches "
+                           "on either side of it are merged separately")
 
 
 def _split(region: Region, f: Failure, linear: dict, forced: set, notes: dict) -> None:

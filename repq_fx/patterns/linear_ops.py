@@ -119,9 +119,13 @@ def _nodes_in(a: Any) -> list[fx.Node]:
 @register_op(F.conv2d)
 def _conv(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # conv2d(x, W, b) -> AffineConv(W, b)
+    if len(node.args) != 7 or node.kwargs:
+        return NoMatch(f"{node.name}: conv2d call not in canonical form")
     x, w, b, stride, padding, dilation, groups = node.args
+    if isinstance(padding, str):
+        return NoMatch(f"{node.name}: padding={padding!r} on a kernel of unknown shape; pass a number")
     bad = _params_only(node, [w, b, stride, padding, dilation, groups], tensors)
-    if bad:
+    if bad is not None:  # NoMatch is falsy
         return bad
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
@@ -248,7 +252,7 @@ def _neg(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 def _per_channel_rule(node: fx.Node, x: Any, p: Any, tensors: set[fx.Node], *, kind: str,
                       scale: float = 1.0, shift_sign: float = 1.0) -> LinearOp | NoMatch:
     bad = _params_only(node, [p], tensors)
-    if bad:
+    if bad is not None:  # NoMatch is falsy
         return bad
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
