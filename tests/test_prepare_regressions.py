@@ -20,3 +20,18 @@ def test_identity_branch_after_a_rewritten_block_without_example_inputs():
     with torch.no_grad():
         expected, actual = model(x), qmodel.eval()(x)
     assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 1e-9
+
+
+def test_learned_step_pushed_below_zero_is_clamped_positive():
+    """SGD at lr 0.01 drove a first-layer LSQ weight step (about 3e-4) negative, which flips the grid
+    and made lower() refuse the model; the quantizer now clamps it to float32 eps as torch.ao does."""
+    from repq_fx.quant.fake_quant import WeightFakeQuant
+
+    q = WeightFakeQuant(bits=8, channels=2, learned=True)
+    w = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
+    q(w)
+    with torch.no_grad():
+        q.scale[0] = -0.001
+    y = q(w)
+    assert float(q.scale[0]) == torch.finfo(torch.float32).eps
+    assert torch.isfinite(y).all() and bool((y[0] * w[0] >= 0).all())  # no sign flip

@@ -59,6 +59,9 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``qmodel`` with one integer module per quantized conv/linear, in eval mode."""
     _check_lowerable(qmodel)
     gm = copy.deepcopy(qmodel).eval()
+    for q in fake_quantizers(gm):
+        if q.learned:  # what the next forward would do to a step an optimizer pushed below zero
+            q._keep_step_positive()
     folder = _WeightFolder(gm)
     lowered = 0
     for node in list(gm.graph.nodes):
@@ -101,7 +104,7 @@ def _check_lowerable(qmodel: nn.Module) -> None:
         raise NotCalibratedError(f"{len(off)} fake quantizers are disabled (first: {off[0]!r}), so the model was "
                                  "not trained on the grid lower() deploys; call repq_fx.enable_fake_quant(qmodel)")
     for n, m in quantizers:
-        bad = ~torch.isfinite(m.scale) | (m.scale <= 0)
+        bad = ~torch.isfinite(m.scale) | ((m.scale <= 0) & (not m.learned))
         if bool(bad.any()):
             raise RepQError(f"quantizer {n!r} has a step size that is not a positive finite number "
                             f"({m.scale[bad][:3].tolist()}); training diverged or the state_dict is corrupt")

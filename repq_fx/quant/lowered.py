@@ -62,11 +62,11 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("weight_scale", weight_scale.detach().to(torch.float32).reshape(-1).clone())
         self.register_buffer("bias", None if bias is None else bias.to(torch.int32).clone())
         self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32).reshape(1).clone())
-        self.accumulate_in = self.accumulator_dtype()
+        self._prepare_arithmetic()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self.accumulate_in = self.accumulator_dtype()  # new weights: decide float32/float64 again
+        self._prepare_arithmetic()  # new weights: decide float32/float64 again
 
     @property
     def out_channels(self) -> int:
@@ -77,23 +77,32 @@ class _IntegerLayer(nn.Module):
         return self.input_scale * self.weight_scale
 
     def accumulator_dtype(self, input_levels: int = 255) -> torch.dtype:
-        """float32 when every accumulator value is an integer below 2**24 in magnitude, else float64."""
-        fan_in = self.weight[0].numel()
-        worst = fan_in * input_levels * int(self.weight.abs().max().item() if self.weight.numel() else 0)
-        if self.bias is not None and self.bias.numel():
-            worst += int(self.bias.abs().max().item())
-        return torch.float32 if worst < _FLOAT32_EXACT else torch.float64
+        """float32 when every accumulator value is an integer below 2**24 in magnitude, else float64.
 
-    def _integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        dtype = self.accumulate_in
-        x_int = torch.round(x.to(dtype) / self.input_scale.to(dtype))
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return x_int, self.weight.to(dtype), bias
+        The worst case of output channel ``o`` is ``sum |w_o| * max|x_q - z_x| + |b_o|``.
+        """
+        if not self.weight.numel():
+            return torch.float32
+        row_l1 = self.weight.to(torch.int64).abs().flatten(1).sum(1)
+        worst = row_l1 * input_levels
+        if self.bias is not None and self.bias.numel():
+            worst = worst + self.bias.to(torch.int64).abs()
+        return torch.float32 if int(worst.max()) < _FLOAT32_EXACT else torch.float64
+
+    def _prepare_arithmetic(self) -> None:
+        self.accumulate_in = self.accumulator_dtype()
+        dtype = self.accumulate_in  # weights and bias as exact floats, converted once
+        self.register_buffer("_weight_acc", self.weight.to(dtype), persistent=False)
+        self.register_buffer("_bias_acc", None if self.bias is None else self.bias.to(dtype), persistent=False)
+        self.register_buffer("_output_scale", self.output_scale().to(dtype), persistent=False)
+
+    def _integers(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x.to(self.accumulate_in) / self.input_scale.to(self.accumulate_in))
 
     def _rescale(self, acc: torch.Tensor, out_dtype: torch.dtype, channel_dim: int) -> torch.Tensor:
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
-        return (acc * self.output_scale().to(acc.dtype).reshape(shape)).to(out_dtype)
+        return (acc * self._output_scale.reshape(shape)).to(out_dtype)
 
 
 class QuantizedConv2d(_IntegerLayer):
@@ -111,8 +120,8 @@ class QuantizedConv2d(_IntegerLayer):
         self.dilation, self.groups = _pair(dilation), int(groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_int, w, b = self._integers(x)
-        acc = F.conv2d(x_int, w, b, self.stride, self.padding, self.dilation, self.groups)
+        acc = F.conv2d(self._integers(x), self._weight_acc, self._bias_acc, self.stride, self.padding,
+                       self.dilation, self.groups)
         return self._rescale(acc, x.dtype, 1)
 
     def extra_repr(self) -> str:
@@ -126,8 +135,7 @@ class QuantizedLinear(_IntegerLayer):
     """One int8 linear, the same arithmetic as :class:`QuantizedConv2d`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_int, w, b = self._integers(x)
-        return self._rescale(F.linear(x_int, w, b), x.dtype, -1)
+        return self._rescale(F.linear(self._integers(x), self._weight_acc, self._bias_acc), x.dtype, -1)
 
     def extra_repr(self) -> str:
         o, i = self.weight.shape
