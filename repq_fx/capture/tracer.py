@@ -52,6 +52,10 @@ class LeafTracer(fx.Tracer):
         timm_modules, timm_functions = _timm_leaf_types()
         super().__init__(autowrap_functions=timm_functions)
         self._leaf_types = tuple(_LEAF_TYPES) + timm_modules
+        # Buffers read as attributes become get_attr nodes. Without this, FX evaluates an expression of
+        # buffers alone at trace time and bakes its value into the graph as a constant: DBB's pad value
+        # `sqrt(bn.running_var + eps)` froze, so the model no longer followed its running statistics.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaf_types) or type(m).__name__ in _STOCHASTIC_DEPTH:
