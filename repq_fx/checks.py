@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import UninitializedTensorMixin
 
-from .errors import AlreadyPreparedError, InvalidModelError, NonFiniteError
+from .errors import AlreadyPreparedError, CaptureError, InvalidModelError, NonFiniteError
 from .quant.fake_quant import fake_quantizers
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -51,6 +51,15 @@ def check_model(model: nn.Module, entry: str) -> None:
             f"{name} contains torch.ao.quantization fake quantizers/observers ({', '.join(ao[:3])}"
             f"{', ...' if len(ao) > 3 else ''}): it is already prepared for another quantization flow.\n"
             f"What to do: pass the float model (before torch.ao.quantization.prepare_qat / prepare) to {entry}().")
+    stale = [n or "<root>" for n, m in model.named_modules() for h in m._forward_pre_hooks.values()
+             if type(h).__name__ == "WeightNorm" and isinstance(getattr(m, h.name, None), torch.Tensor)
+             and getattr(m, h.name).grad_fn is not None]
+    if stale:
+        raise CaptureError(
+            f"{name} uses torch.nn.utils.weight_norm (deprecated) on {', '.join(stale[:3])}: its weight is a "
+            "computed tensor that cannot be deep-copied (repq_fx works on a copy and never modifies the model).\n"
+            "What to do: use torch.nn.utils.parametrizations.weight_norm, or torch.nn.utils.remove_weight_norm "
+            "first (or run one forward pass under torch.no_grad(), which leaves a copyable weight).")
     lazy = [n for n, t in _named_tensors(model) if isinstance(t, UninitializedTensorMixin)]
     if lazy:
         raise InvalidModelError(
