@@ -1,6 +1,8 @@
 """Regression tests for prepare() bugs found while building later passes."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -35,3 +37,26 @@ def test_learned_step_pushed_below_zero_is_clamped_positive():
     y = q(w)
     assert float(q.scale[0]) == torch.finfo(torch.float32).eps
     assert torch.isfinite(y).all() and bool((y[0] * w[0] >= 0).all())  # no sign flip
+
+
+def test_bn_after_a_fixed_kernel_branch_in_train_mode():
+    """AvgPool2d -> BN inside a block: RepQ-BN's branch statistics got the fixed avg-pool kernel
+    as a tensor literal in the graph, which FX's generated code cannot spell (NameError:
+    'float32'); found by the whole-network property test."""
+    torch.manual_seed(0)
+
+    class PoolBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn_conv = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.pool, self.bn_pool = nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn_conv(self.conv(x)) + self.bn_pool(self.pool(x))
+
+    model = PoolBranch().double().train()
+    qmodel = repq_fx.prepare(copy.deepcopy(model))
+    repq_fx.disable_fake_quant(qmodel)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    expected, actual = model(x), qmodel.train()(x)
+    assert ((actual - expected).abs().max() / expected.abs().max()).item() <= 1e-9
