@@ -43,6 +43,7 @@ class Report:
     left_out: tuple[tuple[str, str], ...] = field(default=())  # (node, reason) of linear ops not merged
     joins: int = 0  # sums/concats of tensors from different sources (residual adds): not blocks
     warnings: tuple[str, ...] = field(default=())  # what merge/prepare would refuse (NaN/Inf values, ...)
+    lone_bns: int = 0  # BatchNorms in linear regions without a conv: nothing to fold them into
 
     @property
     def merged(self) -> tuple[BlockReport, ...]:
@@ -71,6 +72,9 @@ class Report:
         if self.joins:
             lines.append(f"  ({self.joins} sums/concats join tensors of different sources, e.g. residual adds: "
                          "they stay as they are)")
+        if self.lone_bns:
+            lines.append(f"  ({self.lone_bns} BatchNorms sit between non-linear ops with no conv to fold them into, "
+                         "e.g. after an activation or a residual add: they stay BatchNorms)")
         return "\n".join(lines)
 
 
@@ -85,7 +89,9 @@ def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis, warnin
     given = " ".join(b.reason for b in blocks)  # notes a block already shows as its reason
     left_out = tuple((n.target if n.op == "call_module" else n.name, r) for n, r in analysis.notes.items()
                      if n not in in_blocks and r not in given)
-    return Report(model_name, blocks, left_out, len(analysis.joins), tuple(warnings))
+    in_block_regions = {b.region for b in analysis.blocks}
+    lone_bns = sum(n.target is batch_norm for r in analysis.regions if r not in in_block_regions for n in r.nodes)
+    return Report(model_name, blocks, left_out, len(analysis.joins), tuple(warnings), lone_bns=lone_bns)
 
 
 def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp]) -> BlockReport:
