@@ -12,17 +12,43 @@ expansion): the same stride, the same output size for every input size
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from .affine import AffineConv, NoMatch, lattice_gcd
 from .compose import _same
-from .kernels import add_zero_taps, expand_groups, redilate
+from .kernels import add_zero_taps, embed_add, expand_groups, redilate
 
 
 def align(branches: Sequence[AffineConv]) -> list[AffineConv] | NoMatch:
     """The same maps on one frame (stride, padding, dilation, kernel size, groups), or why not."""
+    plan = _plan(branches)
+    if isinstance(plan, NoMatch):
+        return plan
+    out = []
+    for b, (factors, taps) in zip(branches, plan.placements):
+        w = redilate(b.weight, factors)
+        w = add_zero_taps(w, taps)
+        w = expand_groups(w, b.groups, plan.groups)
+        out.append(AffineConv(w, b.bias, b.stride, plan.padding, plan.dilation, plan.groups, plan.pad_value))
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The common frame of parallel branches and where each branch's kernel sits in it."""
+
+    pad_value: Any | None
+    groups: int
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+    kernel_size: tuple[int, int]
+    placements: list[tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]]  # (re-dilation, zero taps)
+
+
+def _plan(branches: Sequence[AffineConv]) -> _Plan | NoMatch:
     first = branches[0]
     for b in branches[1:]:
         if b.stride != first.stride:
@@ -41,7 +67,7 @@ def align(branches: Sequence[AffineConv]) -> list[AffineConv] | NoMatch:
         if isinstance(frame, NoMatch):
             return frame
         frames.append(frame)
-    out = []
+    placements = []
     for b in branches:
         factors, taps = [], []
         for dim, (lattice, lo, k, _) in enumerate(frames):
@@ -49,13 +75,11 @@ def align(branches: Sequence[AffineConv]) -> list[AffineConv] | NoMatch:
             factors.append(db // lattice if kb > 1 else 1)
             before = (b.offset(dim) - lo) // lattice
             taps.append((before, k - before - factors[-1] * (kb - 1) - 1))
-        w = redilate(b.weight, tuple(factors))
-        w = add_zero_taps(w, tuple(taps))
-        w = expand_groups(w, b.groups, groups)
-        padding = tuple((-lo, extent + lattice * (k - 1) + lo) for lattice, lo, k, extent in frames)
-        dilation = tuple(f[0] for f in frames)
-        out.append(AffineConv(w, b.bias, b.stride, padding, dilation, groups, pad_value))
-    return out
+        placements.append((tuple(factors), tuple(taps)))
+    padding = tuple((-lo, extent + lattice * (k - 1) + lo) for lattice, lo, k, extent in frames)
+    dilation = tuple(f[0] for f in frames)
+    kernel_size = tuple(f[2] for f in frames)
+    return _Plan(pad_value, groups, padding, dilation, kernel_size, placements)  # type: ignore[arg-type]
 
 
 def _frame(branches: Sequence[AffineConv], dim: int) -> tuple[int, int, int, int] | NoMatch:
@@ -93,19 +117,39 @@ def _common_pad_value(branches: Sequence[AffineConv]) -> Any | None | NoMatch:
 
 
 def add(branches: Sequence[AffineConv], alphas: Sequence[float] | None = None) -> AffineConv | NoMatch:
-    """R3: ``sum_b alpha_b * branch_b(x)`` as one map (``alpha`` +1 or -1; scales are ops of their own)."""
-    aligned = align(branches)
-    if isinstance(aligned, NoMatch):
-        return aligned
-    alphas = alphas or [1.0] * len(aligned)
-    weight, bias = None, None
-    for alpha, b in zip(alphas, aligned):
-        w = b.weight if alpha == 1 else -b.weight if alpha == -1 else b.weight * alpha
-        weight = w if weight is None else weight + w
+    """R3: ``sum_b alpha_b * branch_b(x)`` as one map (``alpha`` +1 or -1; scales are ops of their own).
+
+    The sum is built on the branch whose kernel already fills the common frame (the 3x3 of a
+    RepVGG block): the other kernels are added into their taps and groups in place of a copy
+    (``embed_add``), instead of each being zero-padded and group-expanded to the full frame.
+    """
+    plan = _plan(branches)
+    if isinstance(plan, NoMatch):
+        return plan
+    alphas = list(alphas or [1.0] * len(branches))
+    weights = [_scaled(b.weight, alpha) for b, alpha in zip(branches, alphas)]
+    full = [i for i, (b, (factors, taps)) in enumerate(zip(branches, plan.placements))
+            if b.groups == plan.groups and factors == (1, 1) and taps == ((0, 0), (0, 0))]
+    base = full[0] if full else 0
+    others = [i for i in range(len(branches)) if i != base]
+    weight = weights[base]
+    if base not in full:
+        factors, taps = plan.placements[base]
+        weight = expand_groups(add_zero_taps(redilate(weight, factors), taps), branches[base].groups, plan.groups)
+    if others:
+        kernels = tuple(redilate(weights[i], plan.placements[i][0]) for i in others)
+        offsets = tuple((plan.placements[i][1][0][0], plan.placements[i][1][1][0]) for i in others)
+        weight = embed_add(weight, kernels, offsets, tuple(branches[i].groups for i in others), plan.groups)
+    bias = None
+    for b, alpha in zip(branches, alphas):
         if b.bias is not None:
-            bb = b.bias if alpha == 1 else -b.bias if alpha == -1 else b.bias * alpha
+            bb = _scaled(b.bias, alpha)
             bias = bb if bias is None else bias + bb
-    return aligned[0].with_(weight=weight, bias=bias)
+    return AffineConv(weight, bias, branches[0].stride, plan.padding, plan.dilation, plan.groups, plan.pad_value)
+
+
+def _scaled(t: Any, alpha: float) -> Any:
+    return t if alpha == 1 else -t if alpha == -1 else t * alpha
 
 
 def concat(branches: Sequence[AffineConv]) -> AffineConv | NoMatch:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
 
 def identity_kernel(channels: int, groups: int, dtype: torch.dtype, device: Any = None) -> torch.Tensor:
@@ -87,6 +88,39 @@ def expand_groups(weight: Any, groups: int, target_groups: int) -> Any:
     onehot = F.one_hot(source_group % ratio, ratio).to(dtype=weight.dtype, device=weight.device)
     expanded = weight.reshape(out_ch, 1, in_per_group, kh, kw) * onehot.reshape(out_ch, ratio, 1, 1, 1)
     return expanded.reshape(out_ch, ratio * in_per_group, kh, kw)
+
+
+def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> Any:
+    """``frame + sum_k add_zero_taps(expand_groups(kernels[k], groups[k], frame_groups), taps_k)`` (R3 with R4, R5).
+
+    ``offsets[k]`` is ``(top, left)``: the tap of ``frame`` where ``kernels[k]``'s tap (0, 0) goes.
+    The kernels are added into a copy of ``frame`` where they land instead of being padded and
+    group-expanded to ``frame``'s size first: a 1x1 kernel touches the centre taps only, an
+    identity or depthwise kernel the diagonal only. The values are those of the padded sum
+    (the skipped terms are exact zeros). Symbolic values record it as one call (see ``passes.emit``).
+
+    >>> frame = torch.zeros(2, 2, 3, 3)
+    >>> out = embed_add(frame, (torch.ones(2, 2, 1, 1), torch.full((2, 1, 1, 1), 5.0)), ((1, 1), (1, 1)), (1, 2), 1)
+    >>> out[:, :, 1, 1]
+    tensor([[6., 1.],
+            [1., 6.]])
+    """
+    if has_torch_function((frame, *kernels)):
+        return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups)
+    out = frame.clone()
+    for kernel, (top, left), g in zip(kernels, offsets, groups):
+        o, per_group, kh, kw = kernel.shape
+        region = out[:, :, top:top + kh, left:left + kw]
+        if g == frame_groups:
+            region.add_(kernel)
+            continue
+        if g % frame_groups:
+            raise AssertionError(f"frame groups {frame_groups} must divide groups {g}")
+        ratio = g // frame_groups  # kernel groups inside one frame group
+        rows = torch.arange(o, device=kernel.device)
+        columns = (rows // (o // g)) % ratio
+        region.unflatten(1, (ratio, per_group)).index_put_((rows, columns), kernel, accumulate=True)
+    return out
 
 
 def per_input_channel(vector: Any, out_channels: int, groups: int) -> Any:

@@ -26,11 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..algebra import AffineConv, NoMatch, ops, to_conv
+from ..algebra.kernels import embed_add
 from ..config import QConfig
 from ..errors import ConfigError
 from ..capture.graph_utils import fetch_attr, free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, find_blocks
-from ..quant.bn_stats import branch_statistics, input_moments
+from ..quant.bn_stats import block_statistics, branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from .emit import Emitter, Sym, node_of
 
@@ -106,6 +107,8 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
                 quantized.append((node, path))
     _insert_weight_quantizers_for_linears(gm, quantized, config)
     _insert_act_quantizers(gm, quantized, config)
+    _share_block_statistics(gm)
+    _fuse_embed_adds(gm)
     gm.graph.eliminate_dead_code()
     _snapshot_running_stats(gm)
     gm.delete_all_unused_submodules()
@@ -147,6 +150,58 @@ def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric:
     region.exit.replace_all_uses_with(conv)
     replaced[region.exit] = conv
     return conv
+
+
+def _share_block_statistics(gm: fx.GraphModule) -> None:
+    """The BNs that read one block input get their train-mode statistics from one ``block_statistics``.
+
+    Each ``branch_statistics`` node stays (eval mode and ``lower`` read the running statistics
+    through it) and receives its BN's ``BranchStatistics`` as its last argument. A BN joins a
+    group when everything it reads is computed before the group's first BN, so the shared node
+    can run first: the BNs of parallel branches do, a BN behind another BN of the same block
+    (a 1x1 -> BN -> kxk -> BN chain) does not and starts a group of its own.
+    """
+    graph = gm.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    by_input: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target is branch_statistics and len(node.args) == 11
+                and node.args[9] in ("batch", "estimate")):
+            by_input.setdefault(node.args[0], []).append(node)
+    for x, members in by_input.items():
+        group: list[fx.Node] = []
+        for node in members + [None]:
+            reads = [] if node is None else [a for a in node.args[1:9] if isinstance(a, fx.Node)]
+            if node is not None and group and node.args[9] == group[0].args[9] and all(
+                    position[a] < position[group[0]] for a in reads):
+                group.append(node)
+                continue
+            if len(group) > 1:
+                with graph.inserting_before(group[0]):
+                    shared = graph.call_function(
+                        block_statistics, (x, tuple(tuple(m.args[1:8]) for m in group),
+                                           tuple(m.args[8] for m in group), group[0].args[9]))
+                    for i, member in enumerate(group):
+                        member.update_arg(10, graph.call_function(operator.getitem, (shared, i)))
+            group = [node] if node is not None else []
+
+
+def _fuse_embed_adds(gm: fx.GraphModule) -> None:
+    """``embed_add(embed_add(w, k1), k2)`` -> ``embed_add(w, k1 + k2)`` when the inner sum has no other use.
+
+    A block's sum of branches is a chain of binary adds (RepVGG: ``kxk + 1x1``, then ``+ identity``);
+    one call copies the frame kernel once instead of once per add.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not embed_add:
+            continue
+        inner = node.args[0]
+        if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is embed_add
+                and len(inner.users) == 1 and inner.args[4] == node.args[4]):
+            continue
+        node.args = (inner.args[0], inner.args[1] + node.args[1], inner.args[2] + node.args[2],
+                     inner.args[3] + node.args[3], node.args[4])
+        gm.graph.erase_node(inner)
 
 
 def _snapshot_running_stats(gm: fx.GraphModule) -> None:
