@@ -102,14 +102,26 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 0; got {self.epochs}")
         if self.optimizer not in (None, "sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam'; got {self.optimizer!r}")
+        task = _example_task(self.model)
+        if task is not None and (task == "sr") != (self.data == "sr"):
+            raise ConfigError(f"{self.model} is a {'super-resolution' if task == 'sr' else 'classification'} "
+                              f"network; it cannot train on --data {self.data}")
 
     @property
     def quantized(self) -> bool:
-        """True for every method but ``fp``."""
+        """True for every method but ``fp``.
+
+        >>> TrainConfig(model="m:N", method="lsq").quantized
+        True
+        """
         return self.method in QUANTIZED
 
     def resolved(self) -> "TrainConfig":
-        """A copy with every default filled in (batch size, lr, weight decay, optimizer)."""
+        """A copy with every default filled in (batch size, lr, weight decay, optimizer; ptq: 0 epochs).
+
+        >>> TrainConfig(model="m:N", data="sr", method="repq-bn").resolved().lr
+        0.0001
+        """
         sr = self.data == "sr"
         values = asdict(self)
         if values["batch_size"] is None:
@@ -128,7 +140,11 @@ class TrainConfig:
         return TrainConfig(**values)
 
     def qconfig(self) -> QConfig:
-        """The ``repq_fx.QConfig`` of a quantized method (first and last layer at 8 bits)."""
+        """The ``repq_fx.QConfig`` of a quantized method (first and last layer at 8 bits).
+
+        >>> TrainConfig(model="m:N", method="ptq", bits=(4, 8)).qconfig().act_quantizer
+        'minmax'
+        """
         if not self.quantized:
             raise ConfigError("method 'fp' has no QConfig")
         w, a = self.bits
@@ -149,12 +165,26 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`~repq_fx.errors.CheckpointError`."""
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`~repq_fx.errors.CheckpointError`.
+
+        >>> TrainConfig.from_dict({"model": "m:N", "bits": [4, 4]}).bits
+        (4, 4)
+        """
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"the checkpoint's config has unknown fields {sorted(unknown)}")
         return cls(**data)
+
+
+def _example_task(spec: str) -> str | None:
+    """``"classification"``/``"sr"`` for a registered example network, else None."""
+    prefix, _, name = spec.partition(":")
+    if prefix != "examples":
+        return None
+    from .examples.networks import NETWORKS
+
+    return NETWORKS[name].task if name in NETWORKS else None
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -233,7 +263,12 @@ def input_channels(model: nn.Module) -> int | None:
 
 def make_loaders(config: TrainConfig, epoch: int = 0) -> tuple[Iterable, Iterable]:
     """``(train, test)`` loaders of the run; training shuffling/augmentation are seeded by
-    ``(seed, epoch)``. Fashion-MNIST: normalised 1x28x28 images; SR: Y-channel patches."""
+    ``(seed, epoch)``. Fashion-MNIST: normalised 1x28x28 images; SR: Y-channel patches.
+
+    >>> train, test = make_loaders(TrainConfig(model="examples:RepVGGNet", subset=256))   # doctest: +SKIP
+    >>> len(train), len(test)                                                            # doctest: +SKIP
+    (2, 20)
+    """
     config = config.resolved()
     seed = config.seed * 10_007 + epoch
     if config.data == "fashion-mnist":
@@ -381,7 +416,11 @@ def evaluate_sr(model: nn.Module, loader: Iterable, scale: int, *, device: torch
 
 def evaluate(model: nn.Module, config: TrainConfig, test_loader: Iterable, *, device: torch.device | str = "cpu",
              progress: bool = False, input_transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-    """``{"top1": %}`` for Fashion-MNIST or ``{"psnr": dB}`` for SR."""
+    """``{"top1": %}`` for Fashion-MNIST or ``{"psnr": dB}`` for SR.
+
+    >>> evaluate(nn.Flatten(), TrainConfig(model="m:N"), [(torch.eye(3), torch.arange(3))])
+    {'top1': 100.0}
+    """
     if config.data == "sr":
         return {"psnr": evaluate_sr(model, test_loader, config.scale, device=device, progress=progress)}
     return {"top1": evaluate_classifier(model, test_loader, device=device, progress=progress,
@@ -466,6 +505,10 @@ def restore(path: str | os.PathLike[str], model_spec: str | None = None,
     quantized) and load its weights: ``(model, checkpoint)``, the model in eval mode.
     ``model_spec``/``data``, if given, must be the checkpoint's
     (:class:`~repq_fx.errors.CheckpointError` otherwise).
+
+    >>> model, ckpt = restore("w4a4.pt")      # doctest: +SKIP
+    >>> ckpt["config"]["method"], type(model).__name__                             # doctest: +SKIP
+    ('repq-bn', 'GraphModule')
     """
     ckpt = load_checkpoint(path)
     saved = TrainConfig.from_dict(ckpt["config"])
@@ -496,6 +539,11 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
     """Train (or, for ``ptq``, calibrate) ``config`` and write the checkpoint ``out`` after every
     epoch; returns the final metrics. ``resume`` continues from ``out`` if it exists (the config
     must be the same run); an existing ``out`` without ``resume`` needs ``overwrite``.
+
+    >>> run_training(TrainConfig(model="examples:RepVGGNet", epochs=1, subset=512), "fp.pt")   # doctest: +SKIP
+    epoch 1/1  loss 1.6012  top-1 45.20 %  lr 0.00e+00  3.1 s
+    saved fp.pt
+    {'epoch': 1, 'loss': 1.6012, 'seconds': 3.1, 'top1': 45.2}
     """
     out = Path(out)
     config = config.resolved()
@@ -596,7 +644,11 @@ def run_eval(path: str | os.PathLike[str], model_spec: str | None = None, data: 
              device: str = "cpu", progress: bool = True, test_subset: int | None = None) -> dict[str, float]:
     """Evaluate the checkpoint ``path`` on the test set of its data (``test_subset``: the first
     images only); ``model_spec``/``data``, if given, must match the checkpoint.
-    Returns ``{"top1": %}`` or ``{"psnr": dB}``."""
+    Returns ``{"top1": %}`` or ``{"psnr": dB}``.
+
+    >>> run_eval("fp.pt", "examples:RepVGGNet")   # doctest: +SKIP
+    {'top1': 92.5}
+    """
     model, ckpt = restore(path, model_spec, data)
     saved = TrainConfig.from_dict(ckpt["config"])
     saved.test_subset = test_subset

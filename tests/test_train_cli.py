@@ -319,3 +319,18 @@ def test_sr_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert "PSNR" in capsys.readouterr().out
     ckpt = load_checkpoint(out)
     assert ckpt["config"]["data"] == "sr" and 10 < ckpt["metrics"]["psnr"] < 60
+
+
+def test_missing_dataset_is_one_line_with_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(fm.ENV_VAR, str(tmp_path / "nowhere"))
+    assert cli.main(["train", "examples:RepVGGNet", "--out", str(tmp_path / "x.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_example_network_and_data_must_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["train", "examples:ECBSR", "--data", "fashion-mnist", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "super-resolution network" in capsys.readouterr().err
+    assert cli.main(["train", "examples:RepVGGNet", "--data", "sr", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "classification network" in capsys.readouterr().err

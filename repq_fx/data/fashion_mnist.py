@@ -168,14 +168,16 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] | None
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}; got {split!r}")
-    return _load_cached(split, find_root(root).resolve())
+    root = find_root(root).resolve()
+    image_path = _idx_file(root, f"{SPLITS[split]}-images-idx3-ubyte")
+    label_path = _idx_file(root, f"{SPLITS[split]}-labels-idx1-ubyte")
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (image_path, label_path))
+    return _load_cached(image_path, label_path, stamp)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(split: str, root: Path) -> tuple[Tensor, Tensor]:
-    prefix = SPLITS[split]
-    image_path = _idx_file(root, f"{prefix}-images-idx3-ubyte")
-    label_path = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
+def _load_cached(image_path: Path, label_path: Path, stamp: tuple) -> tuple[Tensor, Tensor]:
+    """Read and check one split; ``stamp`` (mtimes and sizes) makes a rewritten file a new cache entry."""
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
         raise CorruptDataError(f"{image_path}: expected uint8 images of N x 28 x 28, got {images.dtype} "
@@ -243,8 +245,9 @@ class FashionMNIST(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int | Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
-        single = isinstance(index, int)
-        idx = torch.as_tensor([index] if single else index, dtype=torch.long)
+        idx = torch.as_tensor(index, dtype=torch.long)
+        single = idx.dim() == 0
+        idx = idx.reshape(-1)
         x = self.images[idx].unsqueeze(1).float().div_(255.0)
         if self.augment:
             x = random_crop_flip(x, 2, self.generator)
@@ -260,7 +263,8 @@ def fashion_mnist_loader(split: str = "train", *, batch_size: int = 128, augment
     """A ``DataLoader`` of ``(images [B, 1, 28, 28], labels [B])`` batches.
 
     ``augment`` and ``shuffle`` default to True for ``"train"`` and False for ``"test"``;
-    shuffling and augmentation are reproducible from ``seed``. Batches are gathered and
+    shuffling and augmentation are reproducible from ``seed``. ``dataset`` replaces the one
+    built from ``split``/``root``/``subset`` (its own augmentation seed is kept). Batches are gathered and
     augmented as whole tensors in the main process (no workers: nothing to gain on 2 cores).
 
     >>> ds = FashionMNIST(images=torch.zeros(10, 28, 28, dtype=torch.uint8), labels=torch.zeros(10))

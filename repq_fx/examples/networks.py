@@ -70,17 +70,29 @@ class ConvBuilder:
 
     def conv_bn(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                 padding: int = 0) -> nn.Module:
-        """``BN(conv(x))``."""
+        """``BN(conv(x))``.
+
+        >>> type(ConvBuilder().conv_bn(4, 8, 3, padding=1)).__name__
+        'Sequential'
+        """
         return conv_bn(in_channels, out_channels, kernel_size, stride, padding)
 
     def conv_bn_relu(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                      padding: int = 0) -> nn.Module:
-        """``ReLU(BN(conv(x)))``."""
+        """``ReLU(BN(conv(x)))``.
+
+        >>> len(ConvBuilder().conv_bn_relu(4, 8, 3, padding=1))
+        2
+        """
         return nn.Sequential(self.conv_bn(in_channels, out_channels, kernel_size, stride, padding), nn.ReLU())
 
     def plain_conv_bn(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                       padding: int = 0) -> nn.Module:
-        """``BN(conv(x))`` never re-parametrized (projection shortcuts)."""
+        """``BN(conv(x))`` never re-parametrized (projection shortcuts).
+
+        >>> ACNetBuilder().plain_conv_bn(4, 8, 1).conv.kernel_size
+        (1, 1)
+        """
         return conv_bn(in_channels, out_channels, kernel_size, stride, padding)
 
 
