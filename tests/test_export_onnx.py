@@ -79,7 +79,7 @@ def test_onnx_runtime_matches_lowered_and_runs_int8(name, tmp_path):
     assert (steps <= 1.001).mean() >= 0.999, f"max {steps.max():.1f} steps"
     ops = _ops(optimized)
     assert ops["QLinearConv"] == _layers(lowered, QuantizedConv2d)
-    assert ops["Conv"] == 0  # no conv left in float
+    assert ops["Conv"] == ops["FusedConv"] == 0  # no conv left in float
     assert ops["QGemm"] == _layers(lowered, QuantizedLinear)
 
 
@@ -105,13 +105,18 @@ def test_four_bit_grid_is_clipped_inside_the_uint8_container(tmp_path):
     _, qmodel = prepared(RepVGGNet, (8, 1, 28, 28), config)
     lowered = repq_fx.lower(qmodel)
     path = str(tmp_path / "m.onnx")
-    ops = collections.Counter(n.op_type for n in repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), path).graph.node)
-    assert ops["Clip"] >= 1
+    model = repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), path)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert clips and all(producers[n.input[0]] == "QuantizeLinear" for n in clips)  # clamps the integers
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         expected = lowered(x).numpy()
-    steps = np.abs(_run_ort(path, x) - expected) / output_step(lowered)
+    optimized = str(tmp_path / "optimized.onnx")
+    steps = np.abs(_run_ort(path, x, optimized) - expected) / output_step(lowered)
     assert (steps <= 1.001).mean() >= 0.999
+    ops = _ops(optimized)  # the 4-bit grid costs no fusion: every conv still runs as QLinearConv
+    assert ops["QLinearConv"] == _layers(lowered, QuantizedConv2d) and ops["Conv"] == ops["FusedConv"] == 0
 
 
 def test_an_op_without_a_rule_names_the_node_and_the_op(tmp_path):

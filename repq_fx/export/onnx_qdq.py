@@ -7,7 +7,8 @@ naming the node and its op. The quantized layers come out in the standard QDQ fo
 that ONNX Runtime fuses into integer kernels:
 
 - ``QuantizeDequantize`` -> ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8 or int8,
-  per tensor; a ``Clip`` first when the grid is narrower than the 8-bit container);
+  per tensor; with an integer ``Clip`` between them when the grid is narrower than the 8-bit
+  container, e.g. 4-bit activations, which keeps the ``QuantizeLinear`` fusable);
 - ``QuantizedConv2d`` -> ``DequantizeLinear`` of the int8 weight (per channel, axis 0) and of
   the int32 bias (scale ``s_x * s_w``) -> ``Conv``; ``QuantizedLinear`` likewise -> ``Gemm``.
 
@@ -204,13 +205,12 @@ def _qdq(b: _Builder, node: fx.Node, args: list) -> str:
     dtype = np.int8 if signed else np.uint8
     scale = b.const(f"{node.name}_scale", np.array(m.scale.item(), dtype=np.float32))
     zero = b.const(f"{node.name}_zero_point", np.array(int(m.zero_point), dtype=dtype))
-    x = args[0]
-    if (m.quant_min, m.quant_max) != container:  # a grid narrower than the 8-bit container
-        z, s = int(m.zero_point), m.scale.item()
-        lo = b.const(f"{node.name}_clip_min", np.array((m.quant_min - z) * s, dtype=np.float32))
-        hi = b.const(f"{node.name}_clip_max", np.array((m.quant_max - z) * s, dtype=np.float32))
-        x = b.add("Clip", [x, lo, hi], f"{node.name}_clip")
-    q = b.add("QuantizeLinear", [x, scale, zero], f"{node.name}_q")
+    q = b.add("QuantizeLinear", [args[0], scale, zero], f"{node.name}_q")
+    if (m.quant_min, m.quant_max) != container:  # a grid narrower than the 8-bit container:
+        # clamp the integers (Clip on uint8/int8), so the Q before it still fuses into the int8 kernel
+        lo = b.const(f"{node.name}_qmin", np.array(m.quant_min, dtype=dtype))
+        hi = b.const(f"{node.name}_qmax", np.array(m.quant_max, dtype=dtype))
+        q = b.add("Clip", [q, lo, hi], f"{node.name}_clip")
     return b.add("DequantizeLinear", [q, scale, zero], f"{node.name}_dq")
 
 

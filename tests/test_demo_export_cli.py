@@ -1,0 +1,92 @@
+"""``repq-fx export`` and ``repq-fx demo`` on the small synthetic Fashion-MNIST of test_train_cli.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from repq_fx import cli
+from repq_fx.data import fashion_mnist as fm
+from repq_fx.demo import DemoConfig, run_demo
+from repq_fx.train import TrainConfig, run_training
+from test_train_cli import _synthetic
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture()
+def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    _synthetic(root)
+    monkeypatch.setenv(fm.ENV_VAR, str(root))
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _small_repvgg(monkeypatch: pytest.MonkeyPatch) -> None:
+    from repq_fx.examples import blocks
+
+    class Small(blocks.RepVGGNet):
+        def __init__(self) -> None:
+            super().__init__(widths=(8, 16, 32), blocks_per_stage=2)
+
+    monkeypatch.setattr(blocks, "RepVGGNet", Small)
+
+
+def _train(tmp: Path, method: str, **kw) -> Path:
+    out = tmp / f"{method}.pt"
+    config = TrainConfig(model="repq_fx.examples.blocks:RepVGGNet", method=method, epochs=1, batch_size=32,
+                         calib_batches=2, seed=1, **kw)
+    run_training(config, out, progress=False, log=lambda _: None)
+    return out
+
+
+def test_export_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    out = capsys.readouterr().out
+    for word in ("--ckpt", "--check", "QLinearConv", "int32", "repq-fx export examples:RepVGGNet"):
+        assert word in out
+
+
+def test_export_a_trained_repq_checkpoint(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fp = _train(fake_fmnist, "fp")
+    q = _train(fake_fmnist, "repq-bn", from_ckpt=str(fp), bits=(4, 4))
+    out = fake_fmnist / "q.onnx"
+    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
+                     "--check"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "7 int8 layers" in text and "6 QLinearConv" in text and "100.00 %" in text
+
+
+def test_export_refuses_a_float_checkpoint(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fp = _train(fake_fmnist, "fp")
+    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(fp), "--out",
+                     str(fake_fmnist / "x.onnx")]) == 2
+    assert "float (fp) checkpoint" in capsys.readouterr().err
+    assert not (fake_fmnist / "x.onnx").exists()
+
+
+def test_export_without_checkpoint_calibrates_on_random_data(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--input-size", "1x28x28", "--out", str(out),
+                     "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "random" in text and "6 QLinearConv" in text and "0 float Conv" in text
+
+
+def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("repq_fx.demo.MODEL", "repq_fx.examples.blocks:RepVGGNet")
+    lines: list[str] = []
+    figures = run_demo(DemoConfig(fp_epochs=1, qat_epochs=1, workdir=str(fake_fmnist / "demo"), latency_runs=5),
+                       log=lines.append, progress=False)
+    text = "\n".join(lines)
+    assert "6 QLinearConv" in text and "0 float Conv" in text
+    assert figures["argmax_agreement"] >= 99.0
+    assert abs(figures["ort_int8_top1"] - figures["lowered_top1"]) <= 1.0
+    assert figures["ort_int8_ms"] > 0 and figures["ort_float_ms"] > 0
+    # a second run reuses the finished checkpoints
+    again = run_demo(DemoConfig(fp_epochs=1, qat_epochs=1, workdir=str(fake_fmnist / "demo"), latency_runs=5),
+                     log=lines.append, progress=False)
+    assert again["qat_top1"] == figures["qat_top1"]
