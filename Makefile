@@ -22,9 +22,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 test: $(STAMP)
+	@$(MAKE) --no-print-directory data || echo "continuing without Fashion-MNIST: the tests that read it are skipped"
 	$(PY) -m pytest -q -n 2 --doctest-modules tests repq_fx
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(PY) -m repq_fx.cli demo
 
 data:
