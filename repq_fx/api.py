@@ -9,12 +9,13 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 
-from .capture import capture
+from .capture import capture as _capture
 from .checks import check_graph, check_model, graph_warnings
 from .config import QConfig
 from .errors import ConfigError, NotPreparedError, RepQError
@@ -26,8 +27,12 @@ from .patterns.blocks import find_blocks
 from .report import Report, build_report
 
 
-def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -> Report:
+def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None, capture: str = "auto") -> Report:
     """What ``merge`` would merge, with each block's branches, and why anything is left alone.
+
+    ``capture`` picks the front end: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, for
+    models tracing cannot follow: slice assignment, ``int()`` on shapes, ``x.get_device()``) or
+    ``"auto"`` (FX, falling back to export); ``report.front_end`` says which one was used.
 
     >>> import torch.nn as nn
     >>> print(explain(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))))  # doctest: +NORMALIZE_WHITESPACE
@@ -36,18 +41,22 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None)
     <root>  conv3x3 -> bn   1      -> 3x3
     """
     check_model(model, "explain")
-    gm = capture(model, example_inputs)
+    gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
-    return build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis))
+    report = build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis))
+    return dataclasses.replace(report, front_end=gm.meta.get("repq_front_end", "fx"),
+                               capture_note=gm.meta.get("repq_capture_note", ""))
 
 
-def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
+          capture: str = "auto") -> fx.GraphModule:
     """The float deploy model: every mergeable block as one conv (BN folded with running statistics).
 
     The result equals ``model.eval()``; ``model`` itself is not modified. It is returned in eval mode.
+    ``capture``: ``"auto"`` | ``"fx"`` | ``"export"`` (see :func:`explain`); export captures in eval mode.
     """
     check_model(model, "merge")
-    gm = capture(model, example_inputs)
+    gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
     check_graph(gm, analysis, "merge")
     merged = merge_blocks(gm, analysis)
@@ -55,13 +64,15 @@ def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -
 
 
 def prepare(model: torch.nn.Module, config: QConfig | None = None,
-            example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
+            example_inputs: Sequence[Any] | None = None, capture: str = "auto") -> fx.GraphModule:
     """The RepQ QAT model: each block is ``conv2d(Q_a(x), Q_w(M(theta)), b(theta))``.
 
     ``M(theta)`` is the block's merged weight as FX nodes on the block's own parameters, so
     training updates the original branch parameters while the quantizer sees the deploy
     kernel. Parameter and buffer names are those of ``model``; the result follows
-    ``.train()``/``.eval()`` at run time. ``model`` itself is not modified.
+    ``.train()``/``.eval()`` at run time. ``model`` itself is not modified. ``capture``: ``"auto"`` |
+    ``"fx"`` | ``"export"`` (see :func:`explain`); export captures in train mode and refuses models whose
+    forward depends on ``self.training`` beyond BatchNorm and dropout (``repq_fx.capture.export_frontend``).
 
     >>> import torch, torch.nn as nn
     >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
@@ -72,7 +83,7 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
     if not isinstance(config, QConfig):
         raise ConfigError(f"config must be a repq_fx.QConfig; got {type(config).__name__}")
     check_model(model, "prepare")
-    gm = capture(model, example_inputs)
+    gm = _capture(model, example_inputs, front_end=capture, mode="train")
     analysis = find_blocks(gm)
     check_graph(gm, analysis, "prepare")
     qmodel = prepare_graph(gm, config, analysis)

@@ -44,6 +44,8 @@ class Report:
     joins: int = 0  # sums/concats of tensors from different sources (residual adds): not blocks
     warnings: tuple[str, ...] = field(default=())  # what merge/prepare would refuse (NaN/Inf values, ...)
     lone_bns: int = 0  # BatchNorms in linear regions without a conv: nothing to fold them into
+    front_end: str = "fx"  # the capture front end that produced the graph: "fx" or "export"
+    capture_note: str = ""  # why the export front end was used (FX's reason), if it was a fallback
 
     @property
     def merged(self) -> tuple[BlockReport, ...]:
@@ -75,6 +77,9 @@ class Report:
         if self.lone_bns:
             lines.append(f"  ({self.lone_bns} BatchNorms sit between non-linear ops with no conv to fold them into, "
                          "e.g. after an activation or a residual add: they stay BatchNorms)")
+        if self.front_end != "fx":
+            lines.append(f"  (captured with torch.{self.front_end}"
+                         + (f"; {self.capture_note}" if self.capture_note else "") + ")")
         return "\n".join(lines)
 
 
