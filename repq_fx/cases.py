@@ -330,6 +330,8 @@ CASES: tuple[Case, ...] = (
     _case("sync-bn", "SyncBatchNorm", lambda: nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.SyncBatchNorm(C)),
           "handled", "as BatchNorm on one process; with several processes prepare warns that BN statistics "
                      "inside blocks are per process"),
+    _case("root-forward-hook", "a forward hook on the model itself", _with_root_hook, "handled",
+          "torch.fx would drop it, so the model is captured with torch.export, which keeps it (explain says so)"),
     _case("functional-same-padding", "F.conv2d(x, w, padding='same')", FunctionalSamePadding, "handled",
           "'same' is resolved from the kernel size (odd kernels)"),
     # -- kept as is ---------------------------------------------------------------------------
@@ -381,9 +383,6 @@ CASES: tuple[Case, ...] = (
           lambda: _weight_norm_hook(evaluated=False), "refused",
           "CaptureError: such a model cannot be deep-copied; use parametrizations.weight_norm",
           reason="torch.nn.utils.weight_norm", error=CaptureError),
-    _case("root-forward-hook", "a forward hook on the model itself", _with_root_hook, "refused",
-          "CaptureError: torch.fx would silently drop it; wrap the model or re-register the hook on the result",
-          reason="forward hook", error=CaptureError),
     _case("already-prepared", "an already prepared model (output of prepare)", _already_prepared, "refused",
           "AlreadyPreparedError: pass the float model (lower() deploys a prepared one)",
           reason="already prepared", error=AlreadyPreparedError, randomize=False, row=_PREPARED),

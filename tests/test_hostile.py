@@ -409,9 +409,12 @@ def test_hook_on_a_conv_is_not_dropped() -> None:
 
 def test_hook_on_the_model_is_not_dropped() -> None:
     # Regression: torch.fx traces the root's forward(), not its __call__, so the model's own
-    # forward hooks vanished from the merged/prepared model (off by a factor 2).
+    # forward hooks vanished from the merged/prepared model (off by a factor 2). The FX front end
+    # now refuses such a model; capture="auto" then falls back to torch.export, which keeps the hook.
+    model = K.build(_case("root-forward-hook"))
     with pytest.raises(repq_fx.CaptureError, match="forward hook"):
-        repq_fx.merge(K.build(_case("root-forward-hook")))
+        repq_fx.capture.trace(model)
+    assert "torch.export" in str(repq_fx.explain(model))
 
 
 def test_weight_norm_hook_parameters_train() -> None:
