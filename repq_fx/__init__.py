@@ -8,13 +8,15 @@
 from .api import calibrate, disable_fake_quant, enable_fake_quant, explain, export_onnx, lower, merge, prepare
 from .config import QConfig
 from .capture import register_leaf_module
-from .errors import (CaptureError, ConfigError, ExportError, NotCalibratedError, NotMergeableError, NotPreparedError,
+from .errors import (AlreadyPreparedError, CaptureError, CheckpointError, ConfigError, DataError, ExportError,
+                     InvalidModelError, NonFiniteError, NotCalibratedError, NotMergeableError, NotPreparedError,
                      RepQError, UnsupportedOpError)
 from .patterns.linear_ops import register_op
 from .report import BlockReport, Report
 
 __all__ = [
     "explain", "merge", "prepare", "calibrate", "lower", "export_onnx", "enable_fake_quant", "disable_fake_quant", "QConfig", "register_leaf_module", "register_op", "Report", "BlockReport",
-    "RepQError", "CaptureError", "ExportError", "NotCalibratedError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
+    "RepQError", "CaptureError", "ExportError", "NotCalibratedError", "AlreadyPreparedError", "InvalidModelError",
+    "NonFiniteError", "CheckpointError", "DataError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
 ]
 __version__ = "0.1.0"

@@ -247,3 +247,11 @@ def test_lower_refuses_what_it_cannot_deploy():
         step[0] = float("nan")
     with pytest.raises(repq_fx.RepQError, match=name.rpartition(".")[0]):
         repq_fx.lower(qmodel)
+
+
+def test_lower_names_a_parameter_that_training_turned_to_nan():
+    _, qmodel = prepared(RepVGGNet, (16, 1, 28, 28))
+    with torch.no_grad():
+        qmodel.get_parameter("stages.1.0.rbr_dense.conv.weight")[0, 0, 0, 0] = float("nan")
+    with pytest.raises(repq_fx.NonFiniteError, match=r"stages\.1\.0\.rbr_dense\.conv\.weight"):
+        repq_fx.lower(qmodel)

@@ -91,6 +91,8 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
 
 
 def _check_lowerable(qmodel: nn.Module) -> None:
+    from ..checks import check_finite
+
     quantizers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (ActFakeQuant, WeightFakeQuant))]
     if not isinstance(qmodel, fx.GraphModule) or not quantizers:
         raise NotPreparedError(f"lower() needs a model returned by repq_fx.prepare; {type(qmodel).__name__} "
@@ -103,6 +105,7 @@ def _check_lowerable(qmodel: nn.Module) -> None:
     if off:
         raise NotCalibratedError(f"{len(off)} fake quantizers are disabled (first: {off[0]!r}), so the model was "
                                  "not trained on the grid lower() deploys; call repq_fx.enable_fake_quant(qmodel)")
+    check_finite(qmodel, "lower")  # a diverged run: NaN/Inf parameters or BN statistics, named
     for n, m in quantizers:
         bad = ~torch.isfinite(m.scale) | ((m.scale <= 0) & (not m.learned))
         if bool(bad.any()):
