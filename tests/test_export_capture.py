@@ -356,6 +356,27 @@ class IntShapeRepVGG(DeviceBranchRepVGG):
         return self.act(y.reshape(n, c, h, w))
 
 
+class OnlineMergeSeq(SeqBiasPad):
+    """ECBSR's habit: train with the branches (here the mask branch plus an identity), evaluate with
+    the merged kernel built in ``forward`` by slice assignment into zeros tensors (the depthwise mask
+    made dense channel by channel, the identity tap by tap, on the device ``get_device()`` names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x) + x
+        tmp = self.scale * self.mask
+        device = tmp.get_device()
+        device = None if device < 0 else device
+        dense = torch.zeros(self.cout, self.cout, 3, 3, dtype=tmp.dtype, device=device)
+        ident = torch.zeros(self.cout, self.cout, 3, 3, dtype=tmp.dtype, device=device)
+        for i in range(self.cout):
+            dense[i, i, :, :] = tmp[i, 0, :, :]
+            ident[i, i, 1, 1] = 1.0
+        weight = torch.einsum("edhw,dc->echw", dense, self.k0[:, :, 0, 0]) + ident
+        bias = torch.einsum("edhw,d->e", dense, self.b0) + self.bias
+        return F.conv2d(x, weight, bias, padding=1)
+
+
 class Net(nn.Module):
     """A stem, two DBB-style blocks (the second strided) and a head: blocks inside a network."""
 
@@ -667,6 +688,22 @@ def test_captured_graph_follows_train_and_eval(make: Callable[[], nn.Module], ch
         for k, v in gm.state_dict().items():
             if k in state:
                 assert torch.allclose(v, state[k], rtol=1e-12, atol=1e-12), k
+
+
+def test_train_and_eval_forwards_that_differ() -> None:
+    # merge captures the eval forward (the kernel is built online by slice assignment: a parameter
+    # expression, one conv); prepare captures the train forward (slice-assigned bias padding) and
+    # checks it against the eval forward before accepting it.
+    block = _calibrated(OnlineMergeSeq("sobelx", 8, 8), 8)
+    x = _input(8, seed=14)
+    merged = repq_fx.merge(block)
+    with torch.no_grad():
+        assert _rel_err(merged(x), block.eval()(x)) <= REL_TOL
+    qmodel = repq_fx.prepare(block)
+    repq_fx.disable_fake_quant(qmodel)
+    with torch.no_grad():
+        assert _rel_err(qmodel.eval()(x), block.eval()(x)) <= REL_TOL
+        assert _rel_err(qmodel.train()(x), copy.deepcopy(block).train()(x)) <= REL_TOL
 
 
 # ---------------------------------------------------------------------------

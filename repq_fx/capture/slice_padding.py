@@ -269,7 +269,7 @@ class _Interpreter:
 
     def _per_channel_in(self, src: fx.Node, shape: tuple[int, ...], channel: int | None) -> Const | None:
         """Same, for ``shape`` whose dim ``channel`` is the channel dim (None: no channel dim left)."""
-        if not isinstance(src, fx.Node):
+        if not isinstance(src, fx.Node) or (channel is not None and not 0 <= channel < len(shape)):
             return None
         channels = shape[channel] if channel is not None else 1
         rank = len(shape)
