@@ -203,12 +203,11 @@ def test_checkpoint_of_uninitialized_quantizers(float_model: nn.Module) -> None:
     _assert_same_quantizers(fresh, qmodel)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "whole-module pickling of a prepared GraphModule fails on load: FX re-traces the generated code, which "
-    "traces into repq_fx.quant.bn_stats functions (TraceError: Proxy object cannot be iterated; they need "
-    "torch.fx.wrap), and the emitter records tensor methods reached through Sym.__torch_function__ as "
-    "call_function targets (torch.Tensor.mul), which FX's codegen writes as an invalid import (SyntaxError)"))
 def test_whole_prepared_module_pickles(float_model: nn.Module) -> None:
+    # Regression: FX re-traces a pickled GraphModule's code on load; it traced into our BN-statistics
+    # functions (LeafTracer now keeps repq_fx's own graph functions as calls), and tensor methods
+    # reached through Sym.__torch_function__ were recorded as `torch.Tensor.mul` function targets,
+    # which FX writes as an invalid import (now recorded as method calls).
     # Python-level quantizer settings (bit widths of first/last layers, min-max vs LSQ) are rebuilt by
     # prepare() for a state_dict checkpoint; a whole-module pickle should keep them too.
     qmodel = repq_fx.prepare(float_model, repq_fx.QConfig(weight_bits=4, act_bits=4, first_last_bits=8))

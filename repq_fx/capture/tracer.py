@@ -12,6 +12,8 @@ follow ``.train()`` / ``.eval()`` at run time.
 """
 from __future__ import annotations
 
+import inspect
+
 import copy
 from typing import Any
 
@@ -45,6 +47,9 @@ def _timm_leaf_types() -> tuple[tuple[type, ...], tuple[Any, ...]]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
+_OWN_GRAPH_FUNCTION_MODULES = ("repq_fx.quant.", "repq_fx.capture.", "repq_fx.algebra.", "repq_fx.passes.")
+
+
 class LeafTracer(fx.Tracer):
     """``fx.Tracer`` whose leaves are torch.nn modules, norm layers and registered/timm no-trace modules."""
 
@@ -56,6 +61,15 @@ class LeafTracer(fx.Tracer):
         # buffers alone at trace time and bakes its value into the graph as a constant: DBB's pad value
         # `sqrt(bn.running_var + eps)` froze, so the model no longer followed its running statistics.
         self.proxy_buffer_attributes = True
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        # Our own graph functions (BN statistics, mode-following batch_norm, kernel helpers) stay calls
+        # when a GraphModule we produced is traced again, as torch.load of a pickled GraphModule does.
+        fn = type(root).forward if isinstance(root, nn.Module) else root
+        for value in getattr(fn, "__globals__", {}).values():
+            if inspect.isfunction(value) and value.__module__.startswith(_OWN_GRAPH_FUNCTION_MODULES):
+                self._autowrap_function_ids.add(id(value))
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaf_types) or type(m).__name__ in _STOCHASTIC_DEPTH:

@@ -134,7 +134,13 @@ class Emitter:
 
     def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         value = func(*tree_map(_value, args), **tree_map(_value, kwargs))
-        node = self.graph.call_function(func, tree_map(self._to_node, args), tree_map(self._to_node, kwargs))
+        name = getattr(func, "__name__", "")
+        if args and getattr(torch.Tensor, name, None) is func:
+            # a tensor method reached through __torch_function__ (e.g. real_tensor * sym): recorded as a
+            # method call, since `torch.Tensor.mul` as a function target has no importable name
+            node = self.graph.call_method(name, tree_map(self._to_node, tuple(args)), tree_map(self._to_node, kwargs))
+        else:
+            node = self.graph.call_function(func, tree_map(self._to_node, args), tree_map(self._to_node, kwargs))
         return self._wrap_result(node, value)
 
     def call_method(self, name: str, self_arg: Sym, args: tuple, kwargs: dict) -> Any:
