@@ -65,8 +65,8 @@ class SymValues:
         if before is None:
             geometry = (None, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 1, None)
         else:
-            geometry = (node_of(before.weight), node_of(before.bias), before.stride, before.padding,
-                        before.dilation, before.groups, node_of(before.pad_value))
+            geometry = (self._node(before.weight), self._node(before.bias), before.stride, before.padding,
+                        before.dilation, before.groups, self._node(before.pad_value))
         moments = None
         if self.mode == "estimate":  # the block input's moments, computed once per block
             if self.entry not in self._moments:
@@ -79,6 +79,11 @@ class SymValues:
         weight = self._attr(f"{path}.weight") if module.weight is not None else None
         bias = self._attr(f"{path}.bias") if module.bias is not None else None
         return ops.batch_norm(mean, var, weight, bias, module.eps)
+
+    def _node(self, value: Any) -> Any:
+        """A Sym's node; a plain tensor (a fixed kernel: avg-pool, identity) as a constant buffer."""
+        value = node_of(value)
+        return self.emitter.constant(value) if isinstance(value, torch.Tensor) else value
 
     def _attr(self, target: str) -> Sym:
         value = fetch_attr(self.gm, target).detach().to(self.dtype)
@@ -94,10 +99,13 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     numeric = NumericValues(gm, dtype=dtype)
     quantized: list[tuple[fx.Node, str]] = []  # (conv/linear node, module path for its quantizers)
     replaced: dict[fx.Node, fx.Node] = {}
+    # entry widths before any rewrite: a rewritten block's exit loses the users they are read from
+    widths = {block.region.exit: entry_channels(gm, block.region, analysis.linear, numeric)
+              for block in analysis.blocks if block.merged}
     for block in analysis.blocks:
         if not block.merged or _skipped(block.name, config):
             continue
-        conv = _emit_block(gm, block, analysis, emitter, numeric, config, replaced)
+        conv = _emit_block(gm, block, analysis, emitter, numeric, config, replaced, widths[block.region.exit])
         if conv is not None:
             quantized.append((conv, block.name))
     for node in list(gm.graph.nodes):
@@ -118,13 +126,12 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
 
 
 def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric: NumericValues,
-                config: QConfig, replaced: dict) -> fx.Node | None:
+                config: QConfig, replaced: dict, channels: int | None) -> fx.Node | None:
     region = block.region
     entry = replaced.get(region.entry, region.entry)
     values = SymValues(gm, emitter, numeric, config.bn_mode)
     values.entry = entry
     with gm.graph.inserting_before(region.exit):
-        channels = entry_channels(gm, region, analysis.linear, numeric)
         merged = evaluate(region, analysis.linear, values, channels)
         params = to_conv(merged) if isinstance(merged, AffineConv) else merged
         if not hasattr(params, "weight"):

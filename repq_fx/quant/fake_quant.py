@@ -130,6 +130,12 @@ class _FakeQuant(nn.Module):
     def enable(self, on: bool = True) -> None:
         self.enabled.fill_(int(on))
 
+    def _keep_step_positive(self) -> None:
+        """A learned step that an optimizer step pushed to or below zero is clamped to float32 eps
+        (as torch.ao's learnable fake quant does): a negative step would flip the grid."""
+        with torch.no_grad():
+            self.scale.clamp_(min=torch.finfo(torch.float32).eps)
+
     def reset(self) -> None:
         """Forget the step: it is set again from the next data (or weights) seen."""
         self.initialized.fill_(0)
@@ -164,6 +170,7 @@ class WeightFakeQuant(_FakeQuant):
         if not bool(self.enabled):
             return w
         if self.learned:
+            self._keep_step_positive()
             grad_factor = 1.0 / math.sqrt(w[0].numel() * self.quant_max) if w.numel() else 1.0
             y = lsq_fake_quantize(w.float(), self.scale.float(), self.zero_point.float(), self.quant_min,
                                   self.quant_max, grad_factor)
@@ -227,6 +234,7 @@ class ActFakeQuant(_FakeQuant):
         if not bool(self.enabled):
             return x
         if self.learned:
+            self._keep_step_positive()
             grad_factor = 1.0 / math.sqrt(x.numel() * self.quant_max) if x.numel() else 1.0
             y = lsq_fake_quantize(x.float(), self.scale.float(), self.zero_point.float(), self.quant_min,
                                   self.quant_max, grad_factor)
