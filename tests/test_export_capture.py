@@ -560,7 +560,7 @@ def test_ecb_kernel_equals_reference(with_idt: bool) -> None:
         assert _rel_err(conv.weight, weight) <= REL_TOL
         assert _rel_err(conv.bias, bias) <= REL_TOL
     assert conv.padding == (1, 1)
-    assert "prelu" in merged.code and "act.weight" in dict(merged.named_parameters())  # stays after the conv
+    assert any(type(m) is nn.PReLU for m in merged.modules())  # aten.prelu on its weight: the module again
 
 
 def test_network_of_blocks() -> None:
@@ -740,6 +740,25 @@ def test_prepare_through_export(make: Callable[[], nn.Module], channels: int, tr
     repq_fx.enable_fake_quant(qmodel)
     repq_fx.calibrate(qmodel, [_input(channels, seed=13)])
     assert qmodel(x).shape == expected.shape
+
+
+def test_export_captured_network_deploys_to_onnx(tmp_path) -> None:
+    # The canonical forms (PReLU module, x.mean, F.* activations) are what lower/export_onnx know.
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = _calibrated(Net(), 3).float()
+    x = torch.randn(2, 3, 16, 16)
+    qmodel = repq_fx.prepare(model, example_inputs=(x,))
+    repq_fx.calibrate(qmodel, [torch.randn(2, 3, 16, 16) for _ in range(2)])
+    deploy = repq_fx.lower(qmodel)
+    path = str(tmp_path / "net.onnx")
+    repq_fx.export_onnx(deploy, (x,), path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = deploy(x)
+    assert got.shape == tuple(expected.shape)
+    assert float((torch.from_numpy(got) - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,9 @@ slice assignment of a per-channel border            ``F.pad(x - v, pads) + v`` (
 ``avg_pool2d``                                      ``F.avg_pool2d`` (all seven arguments)
 ``slice`` on H / W                                  ``x[:, :, a:b]`` (a crop)
 ``relu`` / ``linear``                               ``F.relu`` / ``F.linear``
+``prelu`` of an ``nn.PReLU``'s weight               that ``PReLU`` module
+``hardswish``, ``silu``, ``gelu``, ``hardtanh`` ... ``F.hardswish``, ... (``_FUNCTIONAL``)
+``mean.dim`` / ``view(x, [N, -1])``                 ``x.mean(dims, keepdim)`` / ``torch.flatten(x, 1)``
 ``dropout`` / ``native_dropout`` (train, p > 0)     an ``nn.Dropout`` module (follows train/eval)
 ``clone`` of a tensor                               (removed)
 asserts, ``_assert_tensor_metadata``, ...           (removed)
@@ -592,6 +595,97 @@ def _dropout_module(ctx: _Context, node: fx.Node, x: fx.Node, p: float, packet: 
     val = node.meta.get("val")
     new.meta["val"] = val[0] if isinstance(val, (tuple, list)) else val
     return new
+
+
+_FUNCTIONAL = {  # ATen packet -> (torch function, schema arguments passed positionally)
+    "hardswish": (F.hardswish, ("self",)), "hardsigmoid": (F.hardsigmoid, ("self",)),
+    "sigmoid": (torch.sigmoid, ("self",)), "tanh": (torch.tanh, ("self",)), "silu": (F.silu, ("self",)),
+    "hardtanh": (F.hardtanh, ("self", "min_val", "max_val")),
+    "leaky_relu": (F.leaky_relu, ("self", "negative_slope")),
+    "adaptive_avg_pool2d": (F.adaptive_avg_pool2d, ("self", "output_size")),
+    "_adaptive_avg_pool2d": (F.adaptive_avg_pool2d, ("self", "output_size")),
+    "pixel_shuffle": (F.pixel_shuffle, ("self", "upscale_factor")),
+    "pixel_unshuffle": (F.pixel_unshuffle, ("self", "downscale_factor")),
+    "clamp": (torch.clamp, ("self", "min", "max")),
+}
+
+
+def _functional(ctx: _Context, node: fx.Node, a: dict) -> Any:
+    # hardswish(x) -> F.hardswish(x), ... (the forms the FX front end records)
+    target, names = _FUNCTIONAL[_packet(node.target)]
+    if not _is_tensor(node) or node.target._overloadname != "default":
+        return None
+    return _call(ctx, node, target, tuple(_tuple(a[n]) for n in names))
+
+
+for _p in _FUNCTIONAL:
+    _rewrite(_p)(_functional)
+
+
+@_rewrite("gelu")
+def _gelu(ctx: _Context, node: fx.Node, a: dict) -> Any:
+    new = _call(ctx, node, F.gelu, (a["self"],))
+    if a.get("approximate", "none") != "none":
+        new.kwargs = {"approximate": a["approximate"]}
+    return new
+
+
+@_rewrite("prelu", "_prelu_kernel")
+def _prelu(ctx: _Context, node: fx.Node, a: dict) -> Any:
+    # prelu(x, <PReLU module>.weight) -> the PReLU module; otherwise F.prelu(x, w)
+    w = a["weight"]
+    if isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith(".weight"):
+        owner = w.target.rpartition(".")[0]
+        try:
+            module = ctx.root.get_submodule(owner)
+        except AttributeError:
+            module = None
+        if type(module) is nn.PReLU:
+            with ctx.graph.inserting_before(node):
+                new = ctx.graph.call_module(owner, (a["self"],))
+            new.meta = dict(node.meta)
+            return new
+    return _call(ctx, node, F.prelu, (a["self"], w))
+
+
+@_rewrite("mean")
+def _mean(ctx: _Context, node: fx.Node, a: dict) -> Any:
+    # mean.dim(x, dims, keepdim) -> x.mean(dims, keepdim)
+    if node.target._overloadname != "dim" or a.get("dtype") is not None or not _is_tensor(node):
+        return None
+    with ctx.graph.inserting_before(node):
+        new = ctx.graph.call_method("mean", (a["self"], _tuple(a["dim"]), bool(a["keepdim"])))
+    new.meta = dict(node.meta)
+    return new
+
+
+@_rewrite("view", "_unsafe_view", "reshape")
+def _flatten(ctx: _Context, node: fx.Node, a: dict) -> Any:
+    # view(x, [N, C*H*W]) with N = x.shape[0] -> torch.flatten(x, 1) (what x.flatten(1) became)
+    x, val = a["self"], node.meta.get("val")
+    xval = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not (isinstance(val, torch.Tensor) and isinstance(xval, torch.Tensor)) or val.dim() != 2 or xval.dim() < 2:
+        return None
+    if not _same_size(val.shape[0], xval.shape[0]) or not all(is_concrete(s) for s in xval.shape[1:]):
+        return None
+    rest = 1
+    for s in xval.shape[1:]:
+        rest *= int(s)
+    if not is_concrete(val.shape[1]) or int(val.shape[1]) != rest:
+        return None
+    return _call(ctx, node, torch.flatten, (x, 1))
+
+
+def is_concrete(s: Any) -> bool:
+    return isinstance(s, int) or (isinstance(s, torch.SymInt) and s.node.expr.is_number)
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    if is_concrete(a) and is_concrete(b):
+        return int(a) == int(b)
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return False
 
 
 def _call(ctx: _Context, node: fx.Node, target: Any, args: tuple) -> fx.Node:
