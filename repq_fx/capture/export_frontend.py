@@ -23,9 +23,18 @@ baked in. ``merge`` and ``explain`` therefore capture in eval mode (the function
 ``prepare`` captures in train mode, with BatchNorm and dropout mapped to modules that follow
 ``.train()``/``.eval()`` at run time. If the train-mode capture then differs from the model in
 eval mode (some other branch on ``self.training``), or holds a random op (a hand-written
-DropPath), ``prepare`` refuses: it cannot make such a graph follow the mode. DBB-style padding
-values computed from running statistics are kept as expressions on the buffers, read after the
-BatchNorm has updated them, exactly as the model reads them, in both modes.
+DropPath), ``prepare`` refuses: it cannot make such a graph follow the mode. A model that trains
+with branches and evaluates with a kernel it merges in ``forward`` (ECBSR) is fine: ``merge``
+captures the eval forward, ``prepare`` the train forward, checked against the eval forward.
+
+DBB-style padding values computed from running statistics are kept as expressions on the
+buffers, read after the BatchNorm has updated them, exactly as the model reads them, so the
+capture equals the model in both modes and ``merge`` is exact. What ``prepare`` makes of it:
+in eval mode the prepared model equals the model (running statistics everywhere); in train
+mode the model itself is not one conv (its BN normalizes with batch statistics, its border
+with running statistics), and the prepared model trains the one conv that is deployed (batch
+statistics folded into the merged weight, the border padded consistently), so the two differ
+at the border pixels in train mode. The FX front end behaves the same way.
 
 Sizes. Where export had to fix an input size (the model calls ``int()`` on it, or the example
 has size 1 in a dim other than the batch), the captured graph is only valid for that size, and
