@@ -20,10 +20,10 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import CaptureError, ConfigError
+from . import export_frontend as _export_frontend
 from .canonicalize import canonicalize
 from .norm import batch_norm, is_batch_norm
 from .tracer import LeafTracer, register_leaf_module, trace
-from . import export_frontend as _export_frontend
 
 
 FRONT_ENDS = ("auto", "fx", "export")

@@ -388,7 +388,7 @@ def _check_mutable_ops(ctx: _Context) -> None:
 
 def _rewrite_slice_paddings(ctx: _Context) -> None:
     found = find_slice_paddings(ctx.graph, ctx.sizes)
-    for terminal, p in found.items():
+    for p in found.values():
         _emit_padding(ctx, p)
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 from typing import Any, Sequence
 
 import torch
