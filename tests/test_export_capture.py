@@ -761,6 +761,27 @@ def test_export_captured_network_deploys_to_onnx(tmp_path) -> None:
     assert float((torch.from_numpy(got) - expected).abs().max()) <= 0.05 * float(expected.abs().max())
 
 
+def test_export_captured_models_pickle(tmp_path) -> None:
+    # torch.load re-traces a GraphModule's code: repq_fx's own functions (batch_norm, size arithmetic,
+    # the size guard) must stay calls, and export's own tracer must not be needed.
+    model = _calibrated(IntShapeRepVGG(8), 8)
+    x = _input(8, batch=3)
+    for entry in (repq_fx.merge, repq_fx.prepare):
+        out = entry(model, example_inputs=(x,)).eval()
+        torch.save(out, tmp_path / "m.pt")
+        back = torch.load(tmp_path / "m.pt", weights_only=False)
+        with torch.no_grad():
+            assert torch.equal(back(x), out(x))
+            with pytest.raises(repq_fx.RepQError):
+                back(_input(8, batch=3, spatial=(9, 9)))
+    block = _calibrated(DBBStyle(8, 16, 3, pad_layer=ZerosSelectBNPad), 8)
+    qmodel = repq_fx.prepare(block)
+    torch.save(qmodel, tmp_path / "q.pt")
+    back = torch.load(tmp_path / "q.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), qmodel.eval()(x))
+
+
 # ---------------------------------------------------------------------------
 # 5. What cannot be mapped.
 # ---------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_unflatten
 from ..errors import CaptureError, UnsupportedOpError
 from .norm import batch_norm, is_batch_norm
 from .slice_padding import SlicePadding, Sizes, bind, find_slice_paddings
+from .tracer import LeafTracer
 
 aten = torch.ops.aten
 _INT_MAX = 2 ** 63 - 1
@@ -159,6 +160,9 @@ def canonicalize_exported(ep: Any, root: nn.Module, *, mode: str, sizes: list[Si
     _rename_size_arithmetic(ctx)
     _follow_parameter_device(ctx)
     _check_mutable_ops(ctx)
+    # torch.load re-traces a pickled GraphModule with its graph's tracer: the FX front end's, which
+    # keeps repq_fx's own graph functions as calls (export's make_fx tracer cannot be rebuilt)
+    ctx.graph._tracer_cls, ctx.graph._tracer_extras = LeafTracer, {}
     gm = fx.GraphModule(root, ctx.graph, name)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
