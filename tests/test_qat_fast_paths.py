@@ -4,9 +4,9 @@
   ops: forward bit for bit (ties included), input gradient bit for bit, step gradient to rounding.
 - ``channel_moments`` against ``torch.var_mean`` (values and gradients).
 - ``block_statistics`` (one wide conv per geometry, 1x1 and identity statistics from the input
-  covariance, stacked estimates) against ``branch_statistics`` per BN: same statistics, same
-  running-statistics updates, same gradients, on mixed geometries (groups, channel
-  multipliers, strides, biases, dilation, padding that is not symmetric).
+  covariance, stacked estimates, BN folds stacked per width) against ``branch_statistics`` and
+  ``bn_fold`` per BN: same statistics, folds, running-statistics updates and gradients, on
+  mixed geometries (groups, channel multipliers, strides, biases, dilation, one-sided padding).
 - ``embed_add`` against zero-padding and group-expanding each kernel and summing.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from repq_fx.algebra.kernels import add_zero_taps, embed_add, expand_groups
-from repq_fx.quant.bn_stats import block_statistics, branch_statistics, channel_moments
+from repq_fx.quant.bn_stats import block_statistics, bn_fold, branch_statistics, channel_moments
 from repq_fx.quant.fake_quant import lsq_fake_quantize
 
 
@@ -134,17 +134,27 @@ def test_block_statistics_equal_branch_statistics(mode: str, momentum: float | N
     shared = block_statistics(x, branches, bns, mode)
     got = [branch_statistics(x, *b, bn, mode, s) for b, bn, s in zip(branches, bns, shared)]
     ref = [branch_statistics(x, *b, bn, mode) for b, bn in zip(branches, ref_bns)]
-    for (mean, var), (ref_mean, ref_var) in zip(got, ref):
-        assert _rel(mean, ref_mean) <= 1e-10 and _rel(var, ref_var) <= 1e-10
+    for stats, (ref_mean, ref_var) in zip(got, ref):
+        assert _rel(stats[0], ref_mean) <= 1e-10 and _rel(stats[1], ref_var) <= 1e-10
+    # the BN folds computed together (stacked per width) equal bn_fold of each BN on its own
+    folds = [bn_fold(stats, bn.weight, bn.bias, bn.eps) for stats, bn in zip(got, bns)]
+    ref_folds = [bn_fold(stats, bn.weight, bn.bias, bn.eps) for stats, bn in zip(ref, ref_bns)]
+    assert sum(s.scale is not None for s in shared) >= 4
+    for (scale, shift), (ref_scale, ref_shift) in zip(folds, ref_folds):
+        assert _rel(scale, ref_scale) <= 1e-10 and _rel(shift, ref_shift) <= 1e-10
     for bn, ref_bn in zip(bns, ref_bns):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.allclose(getattr(bn, name).double(), getattr(ref_bn, name).double(), rtol=1e-10, atol=0)
     coeffs = [torch.randn(m.shape[0], generator=g, dtype=torch.float64) for m, _ in ref]
     inputs = [x] + [t for b in branches for t in (b[0], b[1]) if t is not None]
-    loss = sum((m * c).sum() + (v * c.flip(0)).sum() for (m, v), c in zip(got, coeffs))
-    ref_loss = sum((m * c).sum() + (v * c.flip(0)).sum() for (m, v), c in zip(ref, coeffs))
-    grads = torch.autograd.grad(loss, inputs)
-    ref_grads = torch.autograd.grad(ref_loss, inputs)
+    bn_params = [p for bn in bns for p in (bn.weight, bn.bias)]
+    ref_bn_params = [p for bn in ref_bns for p in (bn.weight, bn.bias)]
+    loss = sum((s[0] * c).sum() + (s[1] * c.flip(0)).sum() + (f[0] * c).sum() + (f[1] * c).sum()
+               for s, f, c in zip(got, folds, coeffs))
+    ref_loss = sum((s[0] * c).sum() + (s[1] * c.flip(0)).sum() + (f[0] * c).sum() + (f[1] * c).sum()
+                   for s, f, c in zip(ref, ref_folds, coeffs))
+    grads = torch.autograd.grad(loss, inputs + bn_params)
+    ref_grads = torch.autograd.grad(ref_loss, inputs + ref_bn_params)
     for a, b in zip(grads, ref_grads):
         assert _rel(a, b) <= 1e-10
 

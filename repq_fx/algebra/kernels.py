@@ -90,7 +90,8 @@ def expand_groups(weight: Any, groups: int, target_groups: int) -> Any:
     return expanded.reshape(out_ch, ratio * in_per_group, kh, kw)
 
 
-def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> Any:
+def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int,
+              inplace: bool = False) -> Any:
     """``frame + sum_k add_zero_taps(expand_groups(kernels[k], groups[k], frame_groups), taps_k)`` (R3 with R4, R5).
 
     ``offsets[k]`` is ``(top, left)``: the tap of ``frame`` where ``kernels[k]``'s tap (0, 0) goes.
@@ -98,6 +99,8 @@ def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_g
     group-expanded to ``frame``'s size first: a 1x1 kernel touches the centre taps only, an
     identity or depthwise kernel the diagonal only. The values are those of the padded sum
     (the skipped terms are exact zeros). Symbolic values record it as one call (see ``passes.emit``).
+    ``inplace`` adds into ``frame`` itself (for a temporary that nothing else reads and whose
+    producer did not save it for backward: ``prepare`` decides).
 
     >>> frame = torch.zeros(2, 2, 3, 3)
     >>> out = embed_add(frame, (torch.ones(2, 2, 1, 1), torch.full((2, 1, 1, 1), 5.0)), ((1, 1), (1, 1)), (1, 2), 1)
@@ -106,8 +109,9 @@ def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_g
             [1., 6.]])
     """
     if has_torch_function((frame, *kernels)):
-        return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups)
-    out = frame.clone()
+        return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups,
+                                     inplace=inplace)
+    out = frame if inplace else frame.clone()
     for kernel, (top, left), g in zip(kernels, offsets, groups):
         o, per_group, kh, kw = kernel.shape
         region = out[:, :, top:top + kh, left:left + kw]

@@ -31,7 +31,7 @@ from ..config import QConfig
 from ..errors import ConfigError
 from ..capture.graph_utils import fetch_attr, free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, find_blocks
-from ..quant.bn_stats import block_statistics, branch_statistics, input_moments
+from ..quant.bn_stats import block_statistics, bn_fold, branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from .emit import Emitter, Sym, node_of
 
@@ -73,12 +73,13 @@ class SymValues:
                 self._moments[self.entry] = graph.call_function(input_moments, (self.entry, module_ref))
             moments = self._moments[self.entry]
         stats = graph.call_function(branch_statistics, (self.entry, *geometry, module_ref, self.mode, moments))
-        mean = self.emitter.wrap(graph.call_function(operator.getitem, (stats, 0)), module.running_mean.to(self.dtype))
-        var = self.emitter.wrap(graph.call_function(operator.getitem, (stats, 1)), module.running_var.to(self.dtype))
+        stats = self.emitter.wrap(stats, (module.running_mean.to(self.dtype), module.running_var.to(self.dtype)))
         path = module_ref.target
         weight = self._attr(f"{path}.weight") if module.weight is not None else None
         bias = self._attr(f"{path}.bias") if module.bias is not None else None
-        return ops.batch_norm(mean, var, weight, bias, module.eps)
+        # R1 as one call: block_statistics may have folded it already, stacked with the block's other BNs
+        scale, shift = self.emitter.call(bn_fold, (stats, weight, bias, module.eps), {})
+        return ops.diagonal(scale, shift)
 
     def _node(self, value: Any) -> Any:
         """A Sym's node; a plain tensor (a fixed kernel: avg-pool, identity) as a constant buffer."""
@@ -193,11 +194,16 @@ def _share_block_statistics(gm: fx.GraphModule) -> None:
             group = [node] if node is not None else []
 
 
+# ops whose autograd keeps their inputs, not their output: a later in-place add into the output is safe
+_OUTPUT_NOT_SAVED = (operator.mul, operator.add, operator.sub, operator.neg, torch.mul, torch.add, torch.sub)
+
+
 def _fuse_embed_adds(gm: fx.GraphModule) -> None:
     """``embed_add(embed_add(w, k1), k2)`` -> ``embed_add(w, k1 + k2)`` when the inner sum has no other use.
 
     A block's sum of branches is a chain of binary adds (RepVGG: ``kxk + 1x1``, then ``+ identity``);
-    one call copies the frame kernel once instead of once per add.
+    one call copies the frame kernel once instead of once per add, and none when the frame is a
+    temporary of this sum (the 3x3 kernel scaled by its BN).
     """
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not embed_add:
@@ -209,6 +215,12 @@ def _fuse_embed_adds(gm: fx.GraphModule) -> None:
         node.args = (inner.args[0], inner.args[1] + node.args[1], inner.args[2] + node.args[2],
                      inner.args[3] + node.args[3], node.args[4])
         gm.graph.erase_node(inner)
+    for node in gm.graph.nodes:  # add into the frame kernel itself where it is a temporary of this sum only
+        if node.op == "call_function" and node.target is embed_add:
+            frame = node.args[0]
+            if (isinstance(frame, fx.Node) and len(frame.users) == 1 and frame.op == "call_function"
+                    and frame.target in _OUTPUT_NOT_SAVED):
+                node.kwargs = {**node.kwargs, "inplace": True}
 
 
 def _snapshot_running_stats(gm: fx.GraphModule) -> None:

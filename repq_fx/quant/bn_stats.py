@@ -43,10 +43,35 @@ Branch = tuple[Any, Any, tuple[int, int], Pads, tuple[int, int], int, Any]
 
 
 class BranchStatistics(NamedTuple):
-    """Statistics ``block_statistics`` computed for one BN (running statistics already updated)."""
+    """Statistics ``block_statistics`` computed for one BN (running statistics already updated),
+    with the BN's folded ``scale`` and ``shift`` (see ``bn_fold``) when they were computed together
+    with other BNs of the block."""
 
     mean: torch.Tensor
     var: torch.Tensor
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+def bn_fold(stats: Sequence[torch.Tensor], weight: torch.Tensor | None, bias: torch.Tensor | None,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """R1: a BN with statistics ``stats = (mean, var)`` as ``y = scale * x + shift``.
+
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale`` (``weight``/``bias`` ``None``:
+    ``affine=False``), as ``algebra.ops.batch_norm`` computes them; taken from ``stats`` when
+    ``block_statistics`` already folded this BN together with the others of its block.
+
+    >>> scale, shift = bn_fold((torch.tensor([1.0]), torch.tensor([3.0])), torch.tensor([2.0]), None, 1.0)
+    >>> scale.item(), shift.item()
+    (1.0, -1.0)
+    """
+    if isinstance(stats, BranchStatistics) and stats.scale is not None:
+        return stats.scale, stats.shift
+    mean, var = stats[0], stats[1]
+    inv_std = torch.rsqrt(var + eps)
+    scale = inv_std if weight is None else weight * inv_std
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
 
 
 def branch_statistics(
@@ -71,7 +96,7 @@ def branch_statistics(
     if not bn.training or mode == "running":
         return bn.running_mean, bn.running_var
     if isinstance(moments, BranchStatistics):
-        return moments.mean, moments.var
+        return moments
     if mode == "batch":
         y = x if weight is None else apply(AffineConv(weight, bias, stride, padding, dilation, groups, pad_value), x)
         mean, var = channel_moments(y)
@@ -155,10 +180,37 @@ def block_statistics(x: torch.Tensor, branches: Sequence[Branch], bns: Sequence[
         stats = _estimated_statistics(x, [branches[i] for i in live])
     else:
         raise AssertionError(f"unknown bn_mode {mode!r}")
-    _update_running([bns[i] for i in live], [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats])
-    for i, (mean, var, _) in zip(live, stats):
-        out[i] = BranchStatistics(mean, var)
+    live_bns = [bns[i] for i in live]
+    _update_running(live_bns, [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats])
+    folds = _fold_together(live_bns, [s[0] for s in stats], [s[1] for s in stats])
+    for i, (mean, var, _), (scale, shift) in zip(live, stats, folds):
+        out[i] = BranchStatistics(mean, var, scale, shift)
     return tuple(out)
+
+
+def _fold_together(bns: Sequence[nn.Module], means: Sequence[torch.Tensor],
+                   variances: Sequence[torch.Tensor]) -> list[tuple[Any, Any]]:
+    """``bn_fold`` of BNs of one width as one stacked computation (``(None, None)`` for a BN left alone).
+
+    A MobileOne block has six BNs of one width: their folds (and the backward of the folds) run
+    as one set of ops instead of six.
+    """
+    out: list[tuple[Any, Any]] = [(None, None)] * len(bns)
+    groups: dict[tuple, list[int]] = {}
+    for i, (bn, mean) in enumerate(zip(bns, means)):
+        key = (tuple(mean.shape), mean.dtype, float(bn.eps), bn.weight is None, bn.bias is None,
+               None if bn.weight is None else bn.weight.dtype)
+        groups.setdefault(key, []).append(i)
+    for (_, _, eps, no_weight, no_bias, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        mean = torch.stack([means[i] for i in members])
+        inv_std = torch.rsqrt(torch.stack([variances[i] for i in members]) + eps)
+        scale = inv_std if no_weight else torch.stack([bns[i].weight for i in members]) * inv_std
+        shift = -mean * scale if no_bias else torch.stack([bns[i].bias for i in members]) - mean * scale
+        for i, sc, sh in zip(members, scale.unbind(0), shift.unbind(0)):
+            out[i] = (sc, sh)
+    return out
 
 
 # ----------------------------------------------------------------- batch statistics of many branches
@@ -264,7 +316,7 @@ def _wide_conv_statistics(x: torch.Tensor, weights: Sequence[torch.Tensor], bias
     else:
         means = mean.reshape(groups, n, o // groups).transpose(0, 1).reshape(n, o)
         variances = var.reshape(groups, n, o // groups).transpose(0, 1).reshape(n, o)
-    return [(means[b], variances[b], count) for b in range(n)]
+    return [(m, v, count) for m, v in zip(means.unbind(0), variances.unbind(0))]
 
 
 # ----------------------------------------------------------------- estimated statistics
@@ -283,10 +335,10 @@ def _estimated_statistics(x: torch.Tensor, branches: Sequence[Branch]) -> list[t
         weights = [branches[i][0] for i in members]
         stacked = weights[0][None] if len(weights) == 1 else torch.stack(weights)
         means, variances = _estimate_moments(stacked, mean_x, var_x, groups)
-        for b, i in enumerate(members):
+        for i, mean, var in zip(members, means.unbind(0), variances.unbind(0)):
             weight, bias, stride, padding, dilation, groups, _ = branches[i]
-            mean = means[b] if bias is None else means[b] + bias
-            out[i] = (mean, variances[b], _count(x, weight, stride, padding, dilation))
+            mean = mean if bias is None else mean + bias
+            out[i] = (mean, var, _count(x, weight, stride, padding, dilation))
     return out
 
 
@@ -362,16 +414,33 @@ def _estimate(x, mean_x, var_x, weight, bias, stride, padding, dilation, groups)
 
 def _update_running(bns: Sequence[nn.Module], means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
                     counts: Sequence[int]) -> None:
-    """``nn.BatchNorm2d``'s running-statistics update for each BN (momentum or cumulative average)."""
+    """``nn.BatchNorm2d``'s running-statistics update for each BN (momentum or cumulative average).
+
+    BNs with the same factor and dtype are updated together with ``torch._foreach_*`` ops (a
+    MobileOne block has six BNs; one op each instead of six).
+    """
     with torch.no_grad():
-        for bn, mean, var, count in zip(bns, means, variances, counts):
-            if not bn.track_running_stats or bn.running_mean is None:
-                continue
-            bn.num_batches_tracked.add_(1)
+        tracked = [(bn, m, v, c) for bn, m, v, c in zip(bns, means, variances, counts)
+                   if bn.track_running_stats and bn.running_mean is not None]
+        if not tracked:
+            return
+        torch._foreach_add_([bn.num_batches_tracked for bn, *_ in tracked], 1)
+        groups: dict[tuple, list[tuple]] = {}
+        for bn, mean, var, count in tracked:
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            unbiased = var * (count / max(count - 1, 1))
-            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-            bn.running_var.mul_(1 - factor).add_(unbiased.detach().to(bn.running_var.dtype), alpha=factor)
+            same = mean.dtype == bn.running_mean.dtype == var.dtype == bn.running_var.dtype
+            key = (factor, bn.running_mean.dtype, bn.running_mean.device) if same else (factor, id(bn))
+            groups.setdefault(key, []).append((bn, mean.detach(), var.detach(), count))
+        for (factor, *_), members in groups.items():
+            running_means = [bn.running_mean for bn, *_ in members]
+            running_vars = [bn.running_var for bn, *_ in members]
+            batch_means = [m.to(bn.running_mean.dtype) for bn, m, _, _ in members]
+            unbiased = torch._foreach_mul([v.to(bn.running_var.dtype) for bn, _, v, _ in members],
+                                          [c / max(c - 1, 1) for *_, c in members])
+            torch._foreach_mul_(running_means, 1 - factor)
+            torch._foreach_add_(running_means, batch_means, alpha=factor)
+            torch._foreach_mul_(running_vars, 1 - factor)
+            torch._foreach_add_(running_vars, unbiased, alpha=factor)
 
 
 def describe_mode(mode: str) -> str:
@@ -384,4 +453,4 @@ def describe_mode(mode: str) -> str:
             "running": "running statistics"}[mode]
 
 
-__all__ = ["branch_statistics", "block_statistics", "BranchStatistics", "input_moments", "describe_mode"]
+__all__ = ["branch_statistics", "block_statistics", "bn_fold", "BranchStatistics", "input_moments", "describe_mode"]

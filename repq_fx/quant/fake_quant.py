@@ -48,6 +48,7 @@ class _LearnedFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, grad_factor):  # type: ignore[override]
         s, zp, inv = _grid(x, scale, zero_point, quant_min, quant_max)
+        ctx.grid = (s, zp, inv)
         y = x * inv  # x * (1.0f / scale), as the fused kernels compute it
         y.round_()  # nearbyint: half to even
         if zp is not None:
@@ -56,46 +57,52 @@ class _LearnedFakeQuant(torch.autograd.Function):
         if zp is not None:
             y.sub_(zp)
         y.mul_(s)
-        ctx.save_for_backward(x, scale, zero_point)
+        ctx.save_for_backward(x)
+        ctx.scale_shape = scale.shape
         ctx.quant_range, ctx.grad_factor = (quant_min, quant_max), grad_factor
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, scale, zero_point = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         quant_min, quant_max = ctx.quant_range
-        s, zp, inv = _grid(x, scale, zero_point, quant_min, quant_max)
+        _, zp, inv = ctx.grid
         v = x * inv
-        inside = torch.round(v)
+        q = torch.round(v)
         if zp is not None:
-            inside.add_(zp)
-        clipped = inside.clamp(quant_min, quant_max)
-        inside.sub_(clipped).abs_().clamp_(max=1).neg_().add_(1)  # 1 where round(x/s) + z is in range, else 0
+            q.add_(zp)
+        step = q.clamp(quant_min, quant_max)
+        inside = torch.eq(q, step, out=q)  # 1.0 where round(x/s) + z is in range, else 0.0
         dscale = None
         if ctx.needs_input_grad[1]:
-            step = clipped if zp is None else clipped.sub_(zp)
+            if zp is not None:
+                step.sub_(zp)
             step.sub_(v.mul_(inside))  # (q - z) - x/s inside the range, quant_min/max - z where clipped
-            step.mul_(dy)
-            dscale = step.sum(dim=tuple(range(1, x.dim()))) if scale.numel() > 1 else step.sum().reshape(1)
-            dscale = dscale.mul_(ctx.grad_factor).reshape(scale.shape)
+            if ctx.scale_shape.numel() > 1:
+                dscale = step.mul_(dy).sum(dim=tuple(range(1, x.dim())))
+            else:
+                dscale = torch.dot(step.reshape(-1), dy.reshape(-1)).reshape(1)
+            dscale = dscale.mul_(ctx.grad_factor).reshape(ctx.scale_shape)
         dx = inside.mul_(dy) if ctx.needs_input_grad[0] else None
         return dx, dscale, None, None, None, None
 
 
 def _grid(x, scale, zero_point, quant_min, quant_max):
-    """Step, rounded zero point (``None`` when all zero) and ``1 / step``, shaped to broadcast over ``x``."""
+    """Step, rounded zero point (``None`` when all zero, or ``zero_point`` is ``None``) and ``1 / step``,
+    shaped to broadcast over ``x``."""
     shape = (-1,) + (1,) * (x.dim() - 1) if scale.numel() > 1 else (1,) * x.dim()
     s = scale.detach().reshape(shape)
     zp = None
-    if bool(zero_point.any()):
+    if zero_point is not None and bool(zero_point.any()):
         zp = zero_point.round().clamp(quant_min, quant_max).reshape(shape)
     return s, zp, torch.reciprocal(s)
 
 
-def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, quant_min: int,
                       quant_max: int, grad_factor: float) -> torch.Tensor:
     """``torch._fake_quantize_learnable_per_channel_affine`` (axis 0; ``scale`` ``[C]``) or
-    ``..._per_tensor_affine`` (``scale`` ``[1]``), float32, computed with vectorized ops on the CPU.
+    ``..._per_tensor_affine`` (``scale`` ``[1]``), float32, computed with vectorized ops on the CPU;
+    ``zero_point`` ``None`` means zeros (symmetric weights).
 
     >>> x = torch.tensor([[0.3, -1.25, 9.0], [0.05, 0.1, -0.2]])
     >>> s, z = torch.tensor([0.5, 0.1]), torch.zeros(2)
@@ -104,6 +111,8 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     True
     """
     if x.device.type != "cpu" or x.dtype != torch.float32:
+        if zero_point is None:
+            zero_point = torch.zeros_like(scale)
         if scale.numel() > 1:
             return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, 0, quant_min, quant_max,
                                                                      grad_factor)
@@ -172,7 +181,7 @@ class WeightFakeQuant(_FakeQuant):
         if self.learned:
             self._keep_step_positive()
             grad_factor = 1.0 / math.sqrt(w[0].numel() * self.quant_max) if w.numel() else 1.0
-            y = lsq_fake_quantize(w.float(), self.scale.float(), self.zero_point.float(), self.quant_min,
+            y = lsq_fake_quantize(w.float(), self.scale.float(), None, self.quant_min,  # symmetric
                                   self.quant_max, grad_factor)
             return y.to(w.dtype)
         zp = self.zero_point.to(torch.int32)
