@@ -1,4 +1,4 @@
-"""``repq-fx export`` and ``repq-fx demo`` on the small synthetic Fashion-MNIST of test_train_cli.py."""
+"""``repq-fx export`` and ``repq-fx demo`` on the small synthetic Fashion-MNIST of conftest.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,32 +6,13 @@ from pathlib import Path
 import pytest
 
 from repq_fx import cli
-from repq_fx.data import fashion_mnist as fm
 from repq_fx.demo import DemoConfig, run_demo
 from repq_fx.train import TrainConfig, run_training
-from test_train_cli import _synthetic
 
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture()
-def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    _synthetic(root)
-    monkeypatch.setenv(fm.ENV_VAR, str(root))
-    return tmp_path
-
-
-@pytest.fixture(autouse=True)
-def _small_repvgg(monkeypatch: pytest.MonkeyPatch) -> None:
-    from repq_fx.examples import blocks
-
-    class Small(blocks.RepVGGNet):
-        def __init__(self) -> None:
-            super().__init__(widths=(8, 16, 32), blocks_per_stage=2)
-
-    monkeypatch.setattr(blocks, "RepVGGNet", Small)
+pytestmark = pytest.mark.usefixtures("small_repvgg")
 
 
 def _train(tmp: Path, method: str, **kw) -> Path:

@@ -24,26 +24,6 @@ from repq_fx.train import (CHECKPOINT_FORMAT, TrainConfig, cosine_schedule, load
 HAVE_FMNIST = (fm.DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file()
 
 
-def _synthetic(root: Path, n_train: int = 256, n_test: int = 100) -> None:
-    g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.arange(n) % 10
-        images = torch.randint(0, 60, (n, 28, 28), generator=g)
-        for k in range(10):
-            images[labels == k, 2 * k + 4: 2 * k + 6, 4:24] = 255
-        fm.write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images.to(torch.uint8))
-        fm.write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.to(torch.uint8))
-
-
-@pytest.fixture()
-def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    _synthetic(root)
-    monkeypatch.setenv(fm.ENV_VAR, str(root))
-    return tmp_path
-
-
 def _small(method: str = "fp", **kwargs) -> TrainConfig:
     """A small RepVGG (widths 8/16/32, one block per stage) on the synthetic data."""
     values = dict(model="repq_fx.examples.blocks:RepVGGNet", method=method, epochs=2, batch_size=32,
@@ -52,15 +32,7 @@ def _small(method: str = "fp", **kwargs) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@pytest.fixture(autouse=True)
-def _small_repvgg(monkeypatch: pytest.MonkeyPatch) -> None:
-    from repq_fx.examples import blocks
-
-    class Small(blocks.RepVGGNet):
-        def __init__(self) -> None:
-            super().__init__(widths=(8, 16, 32), blocks_per_stage=2)
-
-    monkeypatch.setattr(blocks, "RepVGGNet", Small)
+pytestmark = pytest.mark.usefixtures("small_repvgg")
 
 
 def _quiet(_: str) -> None:
