@@ -10,10 +10,13 @@ True
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+
+if TYPE_CHECKING:
+    import onnx
 
 from .capture import capture as _capture
 from .checks import check_graph, check_model, graph_warnings

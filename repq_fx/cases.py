@@ -16,7 +16,6 @@ Each :class:`Case` is a small model and the outcome ``tests/test_hostile.py`` ch
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable
 

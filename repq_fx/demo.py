@@ -29,7 +29,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import RepQError
 
 MODEL = "examples:RepVGGNet"
 

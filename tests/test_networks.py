@@ -11,7 +11,6 @@ weights (DBB's identity-based 1x1, OREPA's prior scale) take part:
 """
 from __future__ import annotations
 
-import copy
 import inspect
 
 import pytest

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .blocks import (ACBlock, DiverseBranchBlock, ECB, OREPABlock, QARepVGGBlock, RepVGGBlock, RepVGGNet,
+from .blocks import (ACBlock, DiverseBranchBlock, ECB, OREPABlock, QARepVGGBlock, RepVGGNet,
                      conv_bn)
 
 __all__ = [
