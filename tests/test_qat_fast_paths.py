@@ -194,3 +194,27 @@ def test_embed_add_equals_padded_sum(frame_groups: int) -> None:
     ref_grads = torch.autograd.grad(ref, params, dy)
     for a, b in zip(grads, ref_grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("groups, per_group, kernel", [(1, 6, (3, 3)), (1, 6, (1, 1)), (6, 1, (3, 3)), (2, 3, (3, 1))])
+def test_estimate_moments_match_formula(groups: int, per_group: int, kernel: tuple[int, int]) -> None:
+    """The estimate (``_TapMoments``) against the formula written out with autograd:
+    ``mean_o = sum W[o,i,u,v] E[x_i]``, ``var_o = sum W[o,i,u,v]^2 Var[x_i]``; values and gradients."""
+    from repq_fx.algebra.kernels import per_input_channel
+    from repq_fx.quant.bn_stats import _estimate_moments
+
+    g = torch.Generator().manual_seed(11)
+    n, out = 3, 12
+    weights = torch.randn(n, out, per_group, *kernel, generator=g, dtype=torch.float64).requires_grad_()
+    mean_x = torch.randn(groups * per_group, generator=g, dtype=torch.float64).requires_grad_()
+    var_x = torch.rand(groups * per_group, generator=g, dtype=torch.float64).add(0.1).requires_grad_()
+    mean, var = _estimate_moments(weights, mean_x, var_x, groups)
+    m_l, v_l = per_input_channel(mean_x, out, groups), per_input_channel(var_x, out, groups)
+    ref_mean = (weights.sum(dim=(3, 4)) * m_l).sum(dim=2)
+    ref_var = (weights.square().sum(dim=(3, 4)) * v_l).sum(dim=2)
+    assert _rel(mean, ref_mean) <= 1e-12 and _rel(var, ref_var) <= 1e-12
+    a, b = torch.randn(n, out, generator=g, dtype=torch.float64), torch.randn(n, out, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((mean * a).sum() + (var * b).sum(), (weights, mean_x, var_x))
+    ref_grads = torch.autograd.grad((ref_mean * a).sum() + (ref_var * b).sum(), (weights, mean_x, var_x))
+    for got, ref in zip(grads, ref_grads):
+        assert _rel(got, ref) <= 1e-12

@@ -234,6 +234,7 @@ def _batch_statistics(x: torch.Tensor, branches: Sequence[Branch]) -> list[tuple
             mean, var = channel_moments(y)
             out[i] = (mean, var, y.numel() // y.shape[1])
     for stride, members in pointwise.items():
+        members = _covariance_or_conv(x, stride, branches, members, wide)
         for i, stats in zip(members, _pointwise_statistics(x, stride, [branches[i] for i in members], channels)):
             out[i] = stats
     for (shape, stride, padding, dilation, groups, _), members in wide.items():
@@ -242,6 +243,67 @@ def _batch_statistics(x: torch.Tensor, branches: Sequence[Branch]) -> list[tuple
         for i, stats in zip(members, _wide_conv_statistics(x, weights, biases, stride, padding, dilation, groups)):
             out[i] = stats
     return out
+
+
+def _covariance_or_conv(x: torch.Tensor, stride: tuple[int, int], branches: Sequence[Branch], members: list[int],
+                        wide: dict[tuple, list[int]]) -> list[int]:
+    """The 1x1 branches of ``members`` whose statistics are cheaper from a convolution go to ``wide``.
+
+    From the covariance, multiply-adds are ``C^2 (M + sum O)`` (``M`` pixels, ``C`` channels per
+    group) against ``M C sum O`` for the convolutions: the covariance wins on large images, the
+    convs when there are fewer pixels than channels (the last stages at 64x64). Identity and
+    depthwise branches only need the channel moments and always stay.
+    """
+    dense = [i for i in members if branches[i][0] is not None and branches[i][0].shape[1] > 1]
+    if not dense:
+        return members
+    pixels = x.shape[0] * len(range(0, x.shape[2], stride[0])) * len(range(0, x.shape[3], stride[1]))
+    per_group = max(branches[i][0].shape[1] for i in dense)
+    outputs = sum(branches[i][0].shape[0] for i in dense)
+    if per_group * (pixels + outputs) < pixels * outputs:
+        return members
+    for i in dense:
+        weight, bias, stride_, padding, dilation, groups, _ = branches[i]
+        key = (tuple(weight.shape), tuple(stride_), padding, tuple(dilation), groups, bias is not None)
+        wide.setdefault(key, []).append(i)
+    return [i for i in members if i not in dense]
+
+
+class _Covariance(torch.autograd.Function):
+    """Row means and covariance ``(X - mu)(X - mu)^T / M`` of ``X`` ``[C, M]``; backward is one product,
+    ``dX = ((dCov + dCov^T) (X - mu) + dmu) / M`` (the centred rows sum to zero)."""
+
+    @staticmethod
+    def forward(ctx, flat):  # type: ignore[override]
+        count = flat.shape[1]
+        mean = flat.mean(dim=1)
+        centred = flat - mean[:, None]
+        cov = torch.mm(centred, centred.t()).div_(count)
+        ctx.save_for_backward(centred)
+        return mean, cov
+
+    @staticmethod
+    def backward(ctx, dmean, dcov):  # type: ignore[override]
+        (centred,) = ctx.saved_tensors
+        count = centred.shape[1]
+        return torch.addmm(dmean[:, None], dcov + dcov.t(), centred).div_(count)
+
+
+class _RowQuadratic(torch.autograd.Function):
+    """``w_o^T S w_o`` for every row of ``w`` ``[O, C]`` and a symmetric ``S`` ``[C, C]``."""
+
+    @staticmethod
+    def forward(ctx, w, sym):  # type: ignore[override]
+        product = torch.mm(w, sym)
+        ctx.save_for_backward(w, product)
+        return (product * w).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, dvar):  # type: ignore[override]
+        w, product = ctx.saved_tensors
+        dw = product * (2 * dvar)[:, None] if ctx.needs_input_grad[0] else None
+        dsym = torch.mm((w * dvar[:, None]).t(), w) if ctx.needs_input_grad[1] else None
+        return dw, dsym
 
 
 def _pointwise_statistics(x: torch.Tensor, stride: tuple[int, int], branches: Sequence[Branch],
@@ -258,10 +320,7 @@ def _pointwise_statistics(x: torch.Tensor, stride: tuple[int, int], branches: Se
     count = xs.numel() // channels
     dense = any(w is not None and w.shape[1] > 1 for w, *_ in branches)
     if dense:
-        flat = xs.transpose(0, 1).reshape(channels, -1)
-        mean_x = flat.mean(dim=1)
-        centred = flat - mean_x[:, None]
-        cov = torch.mm(centred, centred.t()) / count
+        mean_x, cov = _Covariance.apply(xs.transpose(0, 1).reshape(channels, -1))
         var_x = torch.diagonal(cov)
     else:
         mean_x, var_x = channel_moments(xs)
@@ -277,7 +336,7 @@ def _pointwise_statistics(x: torch.Tensor, stride: tuple[int, int], branches: Se
             var = w[:, 0].square() * per_input_channel(var_x, o, groups)[:, 0]
         elif groups == 1:
             mean = torch.mv(w, mean_x)
-            var = (torch.mm(w, cov) * w).sum(dim=1)
+            var = _RowQuadratic.apply(w, cov)
         else:
             blocks = cov.reshape(groups, per_group, groups, per_group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
             wg = w.reshape(groups, o // groups, per_group)
@@ -342,55 +401,60 @@ def _estimated_statistics(x: torch.Tensor, branches: Sequence[Branch]) -> list[t
     return out
 
 
-class _DenseEstimate(torch.autograd.Function):
-    """``(W @ m, W^2 @ v)`` for a ``[R, K]`` matrix ``W``, with a backward that builds
-    ``dW = dmean m^T + 2 W (dvar v^T)`` in one buffer (autograd's would allocate four)."""
+class _TapMoments(torch.autograd.Function):
+    """``mean[r] = sum_{j,t} w[r,j,t] M[r,j]`` and ``var[r] = sum_{j,t} w[r,j,t]^2 V[r,j]`` for kernels
+    ``w`` ``[R, J, T]`` (rows, input channels a row reads, taps) and input moments ``M``, ``V``
+    (``[R, J]``, or ``[J]`` shared by all rows).
+
+    The taps are summed first (``S1 = sum_t w``, ``S2 = sum_t w^2``, ``[R, J]``); backward builds
+    ``dw = dmean M + 2 w (dvar V)`` in a single pass over ``w`` (``addcmul``), where autograd
+    would make several weight-sized temporaries.
+    """
 
     @staticmethod
     def forward(ctx, w, m, v):  # type: ignore[override]
-        ctx.save_for_backward(w, m, v)
-        return torch.mv(w, m), torch.mv(w.square(), v)
+        rows, cols, taps = w.shape
+        if taps == 1:
+            s1 = w.reshape(rows, cols)
+            s2 = s1.square()
+        else:
+            flat = w.reshape(rows * cols, taps)
+            s1 = torch.mv(flat, w.new_ones(taps)).reshape(rows, cols)
+            s2 = torch.linalg.vecdot(flat, flat).reshape(rows, cols)
+        if m.dim() == 1:
+            mean, var = torch.mv(s1, m), torch.mv(s2, v)
+        else:
+            mean, var = (s1 * m).sum(dim=1), (s2 * v).sum(dim=1)
+        ctx.save_for_backward(w, m, v, s1, s2)
+        return mean, var
 
     @staticmethod
     def backward(ctx, dmean, dvar):  # type: ignore[override]
-        w, m, v = ctx.saved_tensors
+        w, m, v, s1, s2 = ctx.saved_tensors
         dw = dm = dv = None
-        if dmean is None:
-            dmean = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        if dvar is None:
-            dvar = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        if ctx.needs_input_grad[0]:
+            rows = w.shape[0]
+            a = (2 * dvar)[:, None] * (v if v.dim() == 2 else v.expand(rows, -1))
+            b = dmean[:, None] * (m if m.dim() == 2 else m.expand(rows, -1))
+            dw = torch.addcmul(b.unsqueeze(2), w, a.unsqueeze(2))
         if ctx.needs_input_grad[1]:
-            dm = torch.mv(w.t(), dmean)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            buf = w.square() if ctx.needs_input_grad[2] else torch.empty_like(w)
-            if ctx.needs_input_grad[2]:
-                dv = torch.mv(buf.t(), dvar)
-            if ctx.needs_input_grad[0]:
-                torch.mul(w, v, out=buf)
-                buf.mul_((2 * dvar)[:, None]).addr_(dmean, m)
-                dw = buf
+            dm = torch.mv(s1.t(), dmean) if m.dim() == 1 else dmean[:, None] * s1
+        if ctx.needs_input_grad[2]:
+            dv = torch.mv(s2.t(), dvar) if v.dim() == 1 else dvar[:, None] * s2
         return dw, dm, dv
 
 
 def _estimate_moments(weights: torch.Tensor, mean_x: torch.Tensor, var_x: torch.Tensor,
                       groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum_{i,u,v} W[o,i,u,v] E[x_i]`` and ``sum W^2 Var[x_i]`` for stacked kernels ``[B, O, I/g, kh, kw]``.
-
-    Dense kernels: one matrix-vector product each over ``[B*O, I*kh*kw]`` (the channel moments
-    repeated per tap); grouped ones: a product and a sum per channel group layout.
-    """
+    """``sum_{i,u,v} W[o,i,u,v] E[x_i]`` and ``sum W^2 Var[x_i]`` for stacked kernels ``[B, O, I/g, kh, kw]``
+    (see ``_TapMoments``; grouped kernels read the channel moments in ``per_input_channel`` layout)."""
     n, o, per_group, kh, kw = weights.shape
-    taps = kh * kw
-    if groups == 1:
-        flat = weights.reshape(n * o, per_group * taps)
-        if taps > 1:
-            mean_x, var_x = mean_x.repeat_interleave(taps), var_x.repeat_interleave(taps)
-        mean, var = _DenseEstimate.apply(flat, mean_x, var_x)
-        return mean.reshape(n, o), var.reshape(n, o)
-    flat = weights.reshape(n, o, per_group, taps)
-    mean = (flat.sum(dim=3) * per_input_channel(mean_x, o, groups)).sum(dim=2)
-    var = (flat.square().sum(dim=3) * per_input_channel(var_x, o, groups)).sum(dim=2)
-    return mean, var
+    flat = weights.reshape(n * o, per_group, kh * kw)
+    if groups > 1:
+        mean_x = per_input_channel(mean_x, o, groups).repeat(n, 1)
+        var_x = per_input_channel(var_x, o, groups).repeat(n, 1)
+    mean, var = _TapMoments.apply(flat, mean_x, var_x)
+    return mean.reshape(n, o), var.reshape(n, o)
 
 
 def _count(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> int:
