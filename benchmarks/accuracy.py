@@ -34,10 +34,17 @@ seeds where there are several) and writes a matplotlib plot.
     .venv/bin/python benchmarks/accuracy.py --preset full             # the whole grid of issue 6
     .venv/bin/python benchmarks/accuracy.py --preset session --report-only
     .venv/bin/python benchmarks/accuracy.py --nets RepVGGNet --methods ptq repq-bn --bits W4A4 --seeds 0 1 2
+
+Several processes may share one results file: each claims a job before running it (a claim file
+under ``ckpt/claims`` naming its pid; a dead process's claim is taken over) and the float
+checkpoint is trained under a file lock, so on a loaded 2-core machine two workers of one thread
+each (``--threads 1``, started twice) get more done than one worker of two threads.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import datetime as _dt
 import json
 import math
@@ -131,10 +138,10 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(nets=("RepVGGNet", "ACResNet18", "ECBSR"), methods=METHODS, bits=BITS, seeds=(0, 1, 2),
                    multi_seed_bits=LOW_BITS, fp_epochs={"*": 10, "ECBSR": 20}, qat_epochs=2,
                    note="the whole grid of issue 6 (days of 2-core CPU time)"),
-    # What fits one 2-core session (about 90 minutes on a loaded machine).
+    # What fits one session on a shared, loaded 2-core machine (about 90 minutes, two 1-thread workers).
     "session": Preset(nets=("RepVGGNet",), methods=METHODS, bits=("W8A8", "W4A4", "W4A8", "W3A8"), seeds=(0, 1, 2),
-                      multi_seed_bits=("W4A4",), fp_epochs={"*": 10}, qat_epochs=1,
-                      note="small RepVGG, 10 float epochs, 1 QAT epoch, 3 seeds at W4A4"),
+                      multi_seed_bits=("W4A4",), fp_epochs={"*": 5}, qat_epochs=1,
+                      note="small RepVGG, 5 float epochs, 1 QAT epoch, 3 seeds at W4A4"),
     # ECBSR at W8A8: float against RepQ (the PSNR goal).
     "sr": Preset(nets=("ECBSR",), methods=("fp", "ptq", "lsq", "repq-bn", "repq-bnest"), bits=("W8A8",),
                  seeds=(0,), multi_seed_bits=(), fp_epochs={"*": 20}, qat_epochs=1),
@@ -206,7 +213,10 @@ def fp_checkpoint(model: str, spec: NetSpec, net: str, budget: Budget, ckpt_dir:
     path = ckpt_dir / f"{name}-fp-e{epochs}{'-sub%d' % budget.subset if budget.subset else ''}.pt"
     cfg = TrainConfig(model=model, data=spec.data, method="fp", epochs=epochs, seed=0, subset=budget.subset,
                       test_subset=budget.test_subset)
-    metrics = run_training(cfg, path, resume=True, progress=False, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:  # parallel workers: one trains, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        metrics = run_training(cfg, path, resume=True, progress=False, log=log)
     return path, metrics
 
 
@@ -443,7 +453,7 @@ def plot(records: Sequence[dict[str, Any]], nets: Sequence[str], methods: Sequen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(nets), figsize=(max(7, 1.6 * len(bits)) * len(nets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(nets), figsize=(max(7, 1.6 * len(bits)) * len(nets) + 2.5, 4.5), squeeze=False)
     qmethods = [m for m in methods if m != "fp"]
     for ax, net in zip(axes[0], nets):
         rows = [r for r in records if r["net"] == net]
@@ -459,7 +469,8 @@ def plot(records: Sequence[dict[str, Any]], nets: Sequence[str], methods: Sequen
                     ys.append(mean)
                     es.append(std or 0.0)
             if xs:
-                ax.bar(xs, ys, width, yerr=es, capsize=2, label=METHOD_LABELS.get(m, m))
+                bars = ax.bar(xs, ys, width, yerr=es, capsize=2, label=METHOD_LABELS.get(m, m))
+                ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
         fp = [r["value"] for r in rows if r["method"] == "fp"]
         if fp:
             ax.axhline(sum(fp) / len(fp), color="black", linestyle="--", linewidth=1, label="float")
@@ -467,12 +478,12 @@ def plot(records: Sequence[dict[str, Any]], nets: Sequence[str], methods: Sequen
         ax.set_ylabel("PSNR on Y (dB)" if metric == "psnr" else "top-1 accuracy (%)")
         ax.set_title(f"{net} ({rows[0]['fp_epochs']} float epochs, {rows[0]['qat_epochs']} QAT epoch(s))")
         if metric == "top1":
-            ax.set_ylim(0, 100)
+            ax.set_ylim(0, 105)
         else:
             vals = [r["value"] for r in rows]
             ax.set_ylim(min(vals) - 1.0, max(vals) + 0.5)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -497,6 +508,13 @@ def run_benchmark(jobs: Sequence[Job], budget: Budget, out: Path, *, nets: dict[
         if stop_at is not None and _dt.datetime.now() >= stop_at:
             log(f"stop time {stop_at:%H:%M} reached: {len(todo) - i} jobs left for a later run")
             break
+        claim = _claim(job, budget, ckpt_dir)
+        if claim is None:
+            log(f"[{i + 1}/{len(todo)}] {job.net} {job.method} {job.bits} seed {job.seed}: another worker runs it")
+            continue
+        if job.key(budget) in {record_key(r) for r in load_results(out) if r.get("value") is not None}:
+            claim.unlink(missing_ok=True)  # finished by another worker meanwhile
+            continue
         log(f"[{i + 1}/{len(todo)}] {job.net} {job.method} {job.bits} seed {job.seed}")
         try:
             rec = run_job(job, budget, nets=nets, ckpt_dir=ckpt_dir, log=log)
@@ -506,10 +524,38 @@ def run_benchmark(jobs: Sequence[Job], budget: Budget, out: Path, *, nets: dict[
                    "fp_epochs": budget.fp(job.net), "qat_epochs": budget.qat_epochs, "subset": budget.subset,
                    "test_subset": budget.test_subset, "value": None, "error": f"{type(e).__name__}: {e}"[:500]}
         append_result(out, rec)
+        claim.unlink(missing_ok=True)
         new.append(rec)
         if rec.get("value") is not None:
             log(f"  -> {rec['metric']} {rec['value']:.2f} (float {rec['fp_value']:.2f})  {rec['seconds']:.0f} s")
     return new
+
+
+def _claim(job: Job, budget: Budget, ckpt_dir: Path) -> Path | None:
+    """Claim ``job`` for this process (several workers may share one results file); None if a
+    live process holds it. A claim of a process that is gone is taken over."""
+    folder = ckpt_dir / "claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha1(repr(job.key(budget)).encode()).hexdigest()[:16] + ".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                if pid != os.getpid():
+                    return None
+            except PermissionError:  # alive, another user's
+                return None
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                pass
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
 
 
 def _parse_stop(text: str | None) -> _dt.datetime | None:
@@ -559,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = _select(load_results(args.out), budget, nets)
     wanted = {(j.net, j.method, j.bits, j.seed) for j in jobs}
     records = [r for r in records if (r["net"], r["method"], r["bits"], r["seed"]) in wanted]
+    bits = tuple(b for b in BITS if b in bits) + tuple(b for b in bits if b not in BITS)  # table order
     print()
     print(markdown_table(records, nets, methods, bits))
     ok = {record_key(r) for r in records}
