@@ -208,7 +208,7 @@ def test_estimate_moments_match_formula(groups: int, per_group: int, kernel: tup
     weights = torch.randn(n, out, per_group, *kernel, generator=g, dtype=torch.float64).requires_grad_()
     mean_x = torch.randn(groups * per_group, generator=g, dtype=torch.float64).requires_grad_()
     var_x = torch.rand(groups * per_group, generator=g, dtype=torch.float64).add(0.1).requires_grad_()
-    mean, var = _estimate_moments(weights, mean_x, var_x, groups)
+    mean, var = _estimate_moments(list(weights.unbind(0)), mean_x, var_x, groups)
     m_l, v_l = per_input_channel(mean_x, out, groups), per_input_channel(var_x, out, groups)
     ref_mean = (weights.sum(dim=(3, 4)) * m_l).sum(dim=2)
     ref_var = (weights.square().sum(dim=(3, 4)) * v_l).sum(dim=2)

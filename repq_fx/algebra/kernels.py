@@ -111,20 +111,56 @@ def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_g
     if has_torch_function((frame, *kernels)):
         return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups,
                                      inplace=inplace)
-    out = frame if inplace else frame.clone()
+    return _EmbedAdd.apply(frame, tuple(offsets), tuple(groups), frame_groups, inplace, *kernels)
+
+
+def _embed(out: torch.Tensor, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> None:
     for kernel, (top, left), g in zip(kernels, offsets, groups):
-        o, per_group, kh, kw = kernel.shape
-        region = out[:, :, top:top + kh, left:left + kw]
+        region = out[:, :, top:top + kernel.shape[2], left:left + kernel.shape[3]]
         if g == frame_groups:
             region.add_(kernel)
-            continue
-        if g % frame_groups:
-            raise AssertionError(f"frame groups {frame_groups} must divide groups {g}")
-        ratio = g // frame_groups  # kernel groups inside one frame group
-        rows = torch.arange(o, device=kernel.device)
-        columns = (rows // (o // g)) % ratio
-        region.unflatten(1, (ratio, per_group)).index_put_((rows, columns), kernel, accumulate=True)
-    return out
+        else:
+            rows, columns, ratio = _group_columns(kernel.shape[0], g, frame_groups, kernel.device)
+            region.unflatten(1, (ratio, kernel.shape[1])).index_put_((rows, columns), kernel, accumulate=True)
+
+
+def _group_columns(out_channels: int, groups: int, frame_groups: int, device: Any) -> tuple:
+    """Where output ``o`` of a kernel with ``groups`` finds its input columns in a ``frame_groups`` kernel."""
+    if groups % frame_groups:
+        raise AssertionError(f"frame groups {frame_groups} must divide groups {groups}")
+    ratio = groups // frame_groups  # kernel groups inside one frame group
+    rows = torch.arange(out_channels, device=device)
+    return rows, (rows // (out_channels // groups)) % ratio, ratio
+
+
+class _EmbedAdd(torch.autograd.Function):
+    """``embed_add`` with the obvious backward: the frame's gradient is the output's (no copy; autograd's
+    in-place bookkeeping would copy it), each kernel's is the output gradient where it landed."""
+
+    @staticmethod
+    def forward(ctx, frame, offsets, groups, frame_groups, inplace, *kernels):  # type: ignore[override]
+        out = frame if inplace else frame.clone()
+        _embed(out, kernels, offsets, groups, frame_groups)
+        if inplace:
+            ctx.mark_dirty(frame)
+        ctx.layout = (offsets, groups, frame_groups, [k.shape for k in kernels])
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        offsets, groups, frame_groups, shapes = ctx.layout
+        grads = []
+        for i, (shape, (top, left), g) in enumerate(zip(shapes, offsets, groups)):
+            if not ctx.needs_input_grad[5 + i]:
+                grads.append(None)
+                continue
+            region = dout[:, :, top:top + shape[2], left:left + shape[3]]
+            if g == frame_groups:
+                grads.append(region.clone())
+            else:
+                rows, columns, ratio = _group_columns(shape[0], g, frame_groups, dout.device)
+                grads.append(region.unflatten(1, (ratio, shape[1]))[rows, columns])
+        return (dout if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
 
 
 def per_input_channel(vector: Any, out_channels: int, groups: int) -> Any:

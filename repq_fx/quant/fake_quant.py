@@ -40,9 +40,10 @@ class _LearnedFakeQuant(torch.autograd.Function):
     ``quant_min - z`` or ``quant_max - z`` where it is clipped (the input gradient is 0 there);
     summed per channel and times ``grad_factor``. (At an exact tie ``x / s = k + 1/2`` with a
     non-zero zero point PyTorch's backward kernel rounds ``z + x / s`` while its forward rounds
-    ``x / s``; here both use the forward's rounding.) Like the fused op it keeps only ``x`` for
-    backward, which recomputes the rounding; no boolean tensors (``where`` and masks run
-    several times slower than float arithmetic on the CPU).
+    ``x / s``; here both use the forward's rounding.) Backward recomputes the rounding from ``x``
+    and uses the output ``Q(x)`` (kept alive by the conv that reads it anyway): two weight-sized
+    temporaries, eight passes; no boolean tensors (``where`` and masks run several times slower
+    than float arithmetic on the CPU).
     """
 
     @staticmethod
@@ -57,32 +58,31 @@ class _LearnedFakeQuant(torch.autograd.Function):
         if zp is not None:
             y.sub_(zp)
         y.mul_(s)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, y)
         ctx.scale_shape = scale.shape
         ctx.quant_range, ctx.grad_factor = (quant_min, quant_max), grad_factor
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+        x, y = ctx.saved_tensors
         quant_min, quant_max = ctx.quant_range
         _, zp, inv = ctx.grid
-        v = x * inv
-        q = torch.round(v)
+        q = x * inv
+        q.round_()
         if zp is not None:
             q.add_(zp)
-        step = q.clamp(quant_min, quant_max)
-        inside = torch.eq(q, step, out=q)  # 1.0 where round(x/s) + z is in range, else 0.0
+        clipped = q.clamp(quant_min, quant_max)
+        inside = torch.eq(q, clipped, out=q)  # 1.0 where round(x/s) + z is in range, else 0.0
         dscale = None
         if ctx.needs_input_grad[1]:
-            if zp is not None:
-                step.sub_(zp)
-            step.sub_(v.mul_(inside))  # (q - z) - x/s inside the range, quant_min/max - z where clipped
+            # s * (step gradient): Q(x) - x inside the range, Q(x) = (quant_min/max - z) s where clipped
+            scaled = torch.addcmul(y, x, inside, value=-1, out=clipped)
             if ctx.scale_shape.numel() > 1:
-                dscale = step.mul_(dy).sum(dim=tuple(range(1, x.dim())))
+                dscale = scaled.mul_(dy).sum(dim=tuple(range(1, x.dim())))
             else:
-                dscale = torch.dot(step.reshape(-1), dy.reshape(-1)).reshape(1)
-            dscale = dscale.mul_(ctx.grad_factor).reshape(ctx.scale_shape)
+                dscale = torch.dot(scaled.reshape(-1), dy.reshape(-1)).reshape(1)
+            dscale = dscale.mul_(inv.reshape(-1)).mul_(ctx.grad_factor).reshape(ctx.scale_shape)
         dx = inside.mul_(dy) if ctx.needs_input_grad[0] else None
         return dx, dscale, None, None, None, None
 
