@@ -255,7 +255,25 @@ def run_job(job: Job, budget: Budget, *, nets: dict[str, NetSpec] | None = None,
     rec["seconds"] = round(time.perf_counter() - start, 1)
     rec["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     rec["torch"] = torch.__version__
+    rec["git"] = _GIT
     return rec
+
+
+def _git_version() -> str | None:
+    """HEAD of the checkout this process imported, with "+dirty" if repq_fx had uncommitted edits."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "repq_fx"], cwd=HERE.parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+_GIT = _git_version()
 
 
 # ---------------------------------------------------------------------------
