@@ -10,7 +10,9 @@ Variants, all built from the same timm model (``pretrained=False``):
 
 Time: every variant lives in the same process; after ``--warmup`` steps each, the variants run
 round robin (the order rotates every round) for ``--rounds`` rounds of ``--steps`` steps, and each
-step is timed alone. The table gives the median step and its ratio to ``float``.
+step is timed alone. The table gives the median step and its ratio to ``float``. ``--clock cpu``
+(with ``--threads 1``) times each step by the CPU time of the thread that runs it instead of the
+wall clock: on a box shared with other jobs it does not count the time the step waits for a core.
 
 Memory: each variant is measured again in a fresh subprocess (``--memory-child``) with glibc's
 mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor buffer is its own
@@ -146,13 +148,14 @@ def time_variants(model_name: str, variants: tuple[str, ...], args) -> dict[str,
         for _ in range(args.warmup):
             steps[v]()
     times: dict[str, list[float]] = {v: [] for v in variants}
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     for r in range(args.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             for _ in range(args.steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 steps[v]()
-                times[v].append(time.perf_counter() - t0)
+                times[v].append(clock() - t0)
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{v} {1e3 * statistics.median(times[v]):.0f} ms" for v in variants), file=sys.stderr)
     return times
@@ -243,7 +246,7 @@ def measure_memory(model_name: str, variant: str, args) -> dict:
 
 def table(results: dict, args) -> str:
     head = (f"CPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
-            f"{args.size}x{args.size}, float32; median of {args.rounds} rounds x {args.steps} steps "
+            f"{args.size}x{args.size}, float32, {args.clock} clock; median of {args.rounds} rounds x {args.steps} steps "
             f"({args.warmup} warm-up steps excluded)")
     columns = ("| model | variant | median step (ms) | IQR (ms) | min (ms) | ratio to float (median) | "
                "ratio to float (min) | step peak (MiB) | train peak (MiB) | state (MiB) |")
@@ -286,7 +289,7 @@ def goals(results: dict) -> str:
 
 def categorize(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Each node of a prepared graph: weight synthesis, BN statistics, fake quant, conv, or other data op."""
-    from repq_fx.quant.bn_stats import branch_statistics
+    from repq_fx.quant.bn_stats import block_statistics, branch_statistics, input_moments
     from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant
 
     data: set[fx.Node] = set()
@@ -298,8 +301,8 @@ def categorize(gm: fx.GraphModule) -> dict[fx.Node, str]:
             cats[n] = "other"
         elif n.op == "get_attr":
             cats[n] = "weight synthesis"
-        elif n.target is branch_statistics:
-            cats[n] = "BN statistics (branch convs)"
+        elif n.target in (block_statistics, branch_statistics, input_moments):
+            cats[n] = "BN statistics"  # what follows from them (BN folds, kernel sums) is weight synthesis
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), WeightFakeQuant):
             cats[n] = "weight fake quant"
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActFakeQuant):
@@ -382,11 +385,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: time.perf_counter; cpu: CPU time of the stepping thread (needs --threads 1)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps measured in each memory subprocess")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="where RepQ-BN spends its time (see the docstring)")
     p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
 
     if args.memory_child:

@@ -79,6 +79,10 @@ class SymValues:
         bias = self._attr(f"{path}.bias") if module.bias is not None else None
         # R1 as one call: block_statistics may have folded it already, stacked with the block's other BNs
         scale, shift = self.emitter.call(bn_fold, (stats, weight, bias, module.eps), {})
+        base = path.replace(".", "_")
+        for sym, what in ((scale, "scale"), (shift, "shift")):
+            sym.node._rename(f"{base}_{what}")
+        scale.node.args[0]._rename(f"{base}_fold")
         return ops.diagonal(scale, shift)
 
     def _node(self, value: Any) -> Any:
@@ -185,12 +189,18 @@ def _share_block_statistics(gm: fx.GraphModule) -> None:
                 group.append(node)
                 continue
             if len(group) > 1:
+                paths = [m.args[8].target.split(".") if m.args[8].op == "get_attr" else [] for m in group]
+                common = [p[0] for p in zip(*paths) if all(q == p[0] for q in p)]
                 with graph.inserting_before(group[0]):
                     shared = graph.call_function(
                         block_statistics, (x, tuple(tuple(m.args[1:8]) for m in group),
                                            tuple(m.args[8] for m in group), group[0].args[9]))
+                    shared._rename("_".join(common + ["statistics"]))
                     for i, member in enumerate(group):
-                        member.update_arg(10, graph.call_function(operator.getitem, (shared, i)))
+                        item = graph.call_function(operator.getitem, (shared, i))
+                        if paths[i]:
+                            item._rename("_".join(paths[i] + ["statistics"]))
+                        member.update_arg(10, item)
             group = [node] if node is not None else []
 
 
