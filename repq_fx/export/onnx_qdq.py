@@ -48,31 +48,20 @@ FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 
 
-def module_rule(*types: type) -> Callable[[Rule], Rule]:
-    """Register the ONNX rule for ``call_module`` nodes of these module types."""
-    def register(rule: Rule) -> Rule:
-        for t in types:
-            MODULE_RULES[t] = rule
-        return rule
-    return register
+def _registrar(table: dict, what: str) -> Callable[..., Callable[[Rule], Rule]]:
+    def register_for(*keys: Any) -> Callable[[Rule], Rule]:
+        def register(rule: Rule) -> Rule:
+            for key in keys:
+                table[key] = rule
+            return rule
+        return register
+    register_for.__doc__ = f"Register the ONNX rule for {what}, e.g. ``@module_rule(nn.Tanh)``."
+    return register_for
 
 
-def function_rule(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register the ONNX rule for ``call_function`` nodes with these targets."""
-    def register(rule: Rule) -> Rule:
-        for t in targets:
-            FUNCTION_RULES[t] = rule
-        return rule
-    return register
-
-
-def method_rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register the ONNX rule for ``call_method`` nodes with these method names."""
-    def register(rule: Rule) -> Rule:
-        for t in names:
-            METHOD_RULES[t] = rule
-        return rule
-    return register
+module_rule = _registrar(MODULE_RULES, "``call_module`` nodes of these module types")
+function_rule = _registrar(FUNCTION_RULES, "``call_function`` nodes with these targets")
+method_rule = _registrar(METHOD_RULES, "``call_method`` nodes with these method names")
 
 
 @dataclass
