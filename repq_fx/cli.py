@@ -380,21 +380,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor) -> None:
-    import collections
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
+    from .export.runtime import optimized_ops, session
     from .quant.lowered import QuantizeDequantize
 
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    out = session.run(None, {"input": x.numpy()})[0]
+    ops = optimized_ops(path)
+    out = session(path).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         ref = lowered(x).numpy()
     step = float([m for m in lowered.modules() if isinstance(m, QuantizeDequantize)][-1].scale)

@@ -18,7 +18,6 @@ finished step is reused (delete the folder to start over).
 """
 from __future__ import annotations
 
-import collections
 import os
 import statistics
 import time
@@ -28,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .export.runtime import optimized_ops, session
 
 
 MODEL = "examples:RepVGGNet"
@@ -88,7 +89,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     int8_path, float_path = str(work / "repvggnet_int8.onnx"), str(work / "repvggnet_float.onnx")
     repq_fx.export_onnx(lowered, example, int8_path)
     _export_float(repq_fx.merge(float_model), example, float_path)
-    ops = _optimized_ops(int8_path)
+    ops = optimized_ops(int8_path)
     blocks = sum(type(m).__name__ == "QuantizedConv2d" for m in lowered.modules())
     log(f"  {blocks} blocks -> {blocks} QuantizedConv2d; ONNX Runtime's optimized graph: "
         f"{ops.get('QLinearConv', 0)} QLinearConv, {ops.get('QGemm', 0)} QGemm, {ops.get('Conv', 0)} float Conv")
@@ -97,11 +98,11 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
 
     log("\n[4/4] ONNX Runtime on the Fashion-MNIST test set")
     _, test_loader = make_loaders(qat)
-    session = _session(int8_path)
+    int8_session = session(int8_path)
     correct = agree = count = 0
     lowered_correct = 0
     for x, y in test_loader:
-        out = session.run(None, {"input": x.numpy()})[0]
+        out = int8_session.run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
             ref = lowered(x).numpy()
         correct += int((out.argmax(1) == y.numpy()).sum())
@@ -111,8 +112,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     figures["ort_int8_top1"] = 100.0 * correct / count
     figures["lowered_top1"] = 100.0 * lowered_correct / count
     figures["argmax_agreement"] = 100.0 * agree / count
-    lat_int8 = _latency(session, config.latency_runs)
-    lat_float = _latency(_session(float_path), config.latency_runs)
+    lat_int8 = _latency(int8_session, config.latency_runs)
+    lat_float = _latency(session(float_path), config.latency_runs)
     figures["ort_int8_ms"], figures["ort_float_ms"] = lat_int8, lat_float
 
     log("\n  result                                        value")
@@ -141,28 +142,6 @@ def _export_float(merged: torch.nn.Module, example: tuple, path: str) -> None:
         torch.onnx.export(merged.eval(), example, path, input_names=["input"], output_names=["output"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
                           verbose=False)
-
-
-def _session(path: str, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def _optimized_ops(path: str) -> collections.Counter:
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.optimized_model_filepath = path + ".optimized"
-    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    os.remove(options.optimized_model_filepath)
-    return ops
 
 
 def _latency(session, runs: int) -> float:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from ..capture.graph_utils import fetch_attr, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError
@@ -221,7 +222,7 @@ class _WeightFolder:
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a])
         if n.op == "call_function" and n.target in _EVAL_RULES:
             return _EVAL_RULES[n.target](*args, **kwargs)
-        dynamic = next((a for a in _flatten((args, kwargs)) if isinstance(a, _Dynamic)), None)
+        dynamic = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, _Dynamic)), None)
         if dynamic is not None:
             return dynamic
         if n.op == "call_function":
@@ -231,19 +232,6 @@ class _WeightFolder:
         if n.op == "call_module":
             return self.gm.get_submodule(n.target)(*args, **kwargs)
         raise AssertionError(f"cannot fold {n.op} node {n.name}")
-
-
-def _flatten(value: Any) -> list:
-    out: list = []
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            out.extend(_flatten(v))
-    elif isinstance(value, dict):
-        for v in value.values():
-            out.extend(_flatten(v))
-    else:
-        out.append(value)
-    return out
 
 
 def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:

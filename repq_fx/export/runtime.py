@@ -1,0 +1,40 @@
+"""ONNX Runtime helpers shared by the demo and the CLI: a CPU session, and the ops ORT really runs.
+
+>>> import tempfile, os, torch, torch.nn as nn, repq_fx
+>>> qmodel = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+>>> _ = repq_fx.calibrate(qmodel, [torch.randn(2, 3, 8, 8)])
+>>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+>>> _ = repq_fx.export_onnx(repq_fx.lower(qmodel), (torch.randn(1, 3, 8, 8),), path)
+>>> optimized_ops(path)["QLinearConv"]
+1
+"""
+from __future__ import annotations
+
+import collections
+import tempfile
+
+
+def session(path: str, threads: int = 1):
+    """A CPU ``onnxruntime.InferenceSession`` of ``path`` with ``threads`` intra-op threads, quiet."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def optimized_ops(path: str) -> collections.Counter:
+    """Op types of the graph ONNX Runtime runs for ``path`` after its optimisations (fusions included)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+__all__ = ["session", "optimized_ops"]
