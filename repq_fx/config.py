@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 QUANTIZERS = ("lsq", "minmax")
+STEP_INITS = ("mse", "minmax")
 BN_MODES = ("batch", "estimate", "running")
 
 
@@ -26,6 +27,7 @@ class QConfig:
     act_bits: int = 8  # bits of activations, 2..8, per tensor, asymmetric (uint)
     weight_quantizer: str = "lsq"  # "lsq" (learned step) or "minmax" (current weight range)
     act_quantizer: str = "lsq"  # "lsq" (learned step) or "minmax" (EMA of observed ranges)
+    step_init: str = "mse"  # where LSQ steps start: "mse" (least squared quantization error) or "minmax" (range)
     per_channel: bool = True  # per-output-channel weight scales (else one scale per layer)
     bn_mode: str = "batch"  # BN inside blocks in train mode: "batch" (RepQ-BN), "estimate" (RepQ-BNEst), "running"
     first_last_bits: int | None = 8  # bits of the first and last quantized layer; None: the common widths
@@ -40,6 +42,7 @@ class QConfig:
         for name in ("weight_quantizer", "act_quantizer"):
             _check_choice(name, getattr(self, name), QUANTIZERS)
         _check_choice("bn_mode", self.bn_mode, BN_MODES)
+        _check_choice("step_init", self.step_init, STEP_INITS)
         if not isinstance(self.per_channel, bool):
             raise ConfigError(f"QConfig.per_channel must be True or False; got {self.per_channel!r}")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):

@@ -56,9 +56,12 @@ class ECBSRTiny(nn.Module):
         return self.upsample(self.tail(self.body(self.head(x))))
 
 
+# (build, input shape, BN gain): random-init nets amplify one-step requantization ties between
+# ORT and the lowered model (see tests/quantized_models.py); gain 0.5 keeps them contractive.
+# mobileone_s0 ran at gain 1.0 until MSE step init (smaller, clipping steps) made it 9 steps off.
 CASES = {
     "repvgg_a0": (lambda: timm.create_model("repvgg_a0", pretrained=False), (4, 3, 64, 64), 1.0),
-    "mobileone_s0": (lambda: timm.create_model("mobileone_s0", pretrained=False), (4, 3, 64, 64), 1.0),
+    "mobileone_s0": (lambda: timm.create_model("mobileone_s0", pretrained=False), (4, 3, 64, 64), 0.5),
     "fastvit_t8": (lambda: timm.create_model("fastvit_t8", pretrained=False), (4, 3, 64, 64), 0.5),
     "ECBSRTiny": (ECBSRTiny, (4, 1, 24, 24), 0.5),
 }

@@ -153,7 +153,7 @@ def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric:
         quant_path = free_module_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
         bits = config.weight_bits
         gm.add_submodule(quant_path, WeightFakeQuant(bits, params.out_channels, config.weight_quantizer == "lsq",
-                                                     config.per_channel))
+                                                     config.per_channel, config.step_init))
         wq = gm.graph.call_module(quant_path, (weight.node,))
         conv = gm.graph.create_node("call_function", F.conv2d,
                                     (entry, wq, bias, params.stride, params.padding, params.dilation, params.groups),
@@ -259,8 +259,8 @@ def _insert_weight_quantizers_for_linears(gm: fx.GraphModule, quantized: list, c
         weight = node.args[1]
         out_features = fetch_attr(gm, weight.target).shape[0]
         quant_path = free_module_path(gm, f"{path}.weight_fake_quant" if path else "weight_fake_quant")
-        gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, out_features,
-                                                     config.weight_quantizer == "lsq", config.per_channel))
+        gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, out_features, config.weight_quantizer == "lsq",
+                                                     config.per_channel, config.step_init))
         with gm.graph.inserting_before(node):
             wq = gm.graph.call_module(quant_path, (weight,))
         node.update_arg(1, wq)
@@ -286,7 +286,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
             out = users[0]
         a_bits = bits_of(node)[1] if node in last else config.act_bits
         quant_path = free_module_path(gm, f"{path}.output_fake_quant" if path else "output_fake_quant")
-        gm.add_submodule(quant_path, ActFakeQuant(a_bits, learned))
+        gm.add_submodule(quant_path, ActFakeQuant(a_bits, learned, init=config.step_init))
         with gm.graph.inserting_after(out):
             fq = gm.graph.call_module(quant_path, (out,))
         out.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
@@ -299,7 +299,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
         if x not in inputs:
             name = "input_fake_quant" if x.op == "placeholder" else f"{x.name}_fake_quant"
             quant_path = free_module_path(gm, name if x.op == "placeholder" or not path else f"{path}.input_fake_quant")
-            gm.add_submodule(quant_path, ActFakeQuant(bits_of(node)[1], learned))
+            gm.add_submodule(quant_path, ActFakeQuant(bits_of(node)[1], learned, init=config.step_init))
             with gm.graph.inserting_after(x):
                 inputs[x] = gm.graph.call_module(quant_path, (x,))
             for user in list(x.users):  # BN statistics see what the conv sees

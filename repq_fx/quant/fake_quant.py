@@ -18,11 +18,16 @@ large as the activations, so they were ~40% of a RepQ-BNEst step (issue 3).
 All state is in buffers/parameters, so a state_dict round-trips the quantizer:
 step sizes, zero points, observed ranges and the ``enabled``/``initialized`` flags.
 
->>> q = WeightFakeQuant(bits=4, channels=2, learned=True)
+A learned step starts where the squared quantization error is smallest (``init="mse"``, see
+:mod:`repq_fx.quant.range_init`) or at the full range (``init="minmax"``):
+
 >>> w = torch.tensor([[1.0, -0.5], [0.25, 0.1]])
->>> q(w).detach()   # initialised from the weight range: step max|w| / 7 per channel
+>>> WeightFakeQuant(bits=4, channels=2, init="minmax")(w).detach()   # step max|w| / 7 per channel
 tensor([[ 1.0000, -0.4286],
         [ 0.2500,  0.1071]])
+>>> WeightFakeQuant(bits=4, channels=2)(w).detach()                  # MSE: less squared error per row
+tensor([[ 0.9700, -0.5543],
+        [ 0.2475,  0.1061]])
 """
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ import math
 
 import torch
 import torch.nn as nn
+
+from .range_init import mse_affine_range, mse_symmetric_scale
+
+STEP_INITS = ("mse", "minmax")
+SAMPLES_PER_BATCH = 1 << 16  # activation values kept per observed batch for the MSE search
+MAX_SAMPLES = 1 << 19
 
 
 class _LearnedFakeQuant(torch.autograd.Function):
@@ -124,9 +135,13 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 class _FakeQuant(nn.Module):
     """Shared state: bit width, on/off switch, initialisation flag."""
 
-    def __init__(self, bits: int, quant_min: int, quant_max: int, channels: int, learned: bool) -> None:
+    def __init__(self, bits: int, quant_min: int, quant_max: int, channels: int, learned: bool,
+                 init: str = "mse") -> None:
         super().__init__()
+        if init not in STEP_INITS:
+            raise ValueError(f"init must be one of {STEP_INITS}; got {init!r}")
         self.bits, self.quant_min, self.quant_max, self.learned = bits, quant_min, quant_max, learned
+        self.init = init
         scale = torch.ones(channels)
         if learned:
             self.scale = nn.Parameter(scale)
@@ -150,7 +165,7 @@ class _FakeQuant(nn.Module):
         self.initialized.fill_(0)
 
     def extra_repr(self) -> str:
-        kind = "lsq" if self.learned else "minmax"
+        kind = f"lsq (init {self.init})" if self.learned else "minmax"
         return (f"{kind}, bits={self.bits}, range=[{self.quant_min}, {self.quant_max}], "
                 f"enabled={bool(self.enabled)}, initialized={bool(self.initialized)}")
 
@@ -158,12 +173,15 @@ class _FakeQuant(nn.Module):
 class WeightFakeQuant(_FakeQuant):
     """Symmetric signed fake quant of a weight, per output channel (``channels`` scales) or per tensor.
 
-    LSQ: the step is a parameter, initialised from the weight's range the first time it is seen.
-    Min-max: the step follows the current weight range at every call.
+    LSQ: the step is a parameter, set the first time a weight is seen: the MSE step of that
+    weight (``init="mse"``) or its range (``init="minmax"``). Min-max: the step follows the
+    current weight range at every call.
     """
 
-    def __init__(self, bits: int, channels: int, learned: bool = True, per_channel: bool = True) -> None:
-        super().__init__(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, channels if per_channel else 1, learned)
+    def __init__(self, bits: int, channels: int, learned: bool = True, per_channel: bool = True,
+                 init: str = "mse") -> None:
+        super().__init__(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, channels if per_channel else 1, learned,
+                         init)
         self.per_channel = per_channel
 
     def _range_scale(self, w: torch.Tensor) -> torch.Tensor:
@@ -174,7 +192,11 @@ class WeightFakeQuant(_FakeQuant):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.learned or not bool(self.initialized):
             with torch.no_grad():
-                self.scale.copy_(self._range_scale(w).to(self.scale.device))
+                if self.learned and self.init == "mse" and w.numel():
+                    scale = mse_symmetric_scale(w, self.quant_min, self.quant_max, self.per_channel)
+                else:
+                    scale = self._range_scale(w)
+                self.scale.copy_(scale.to(self.scale.device))
                 self.initialized.fill_(1)
         if not bool(self.enabled):
             return w
@@ -194,13 +216,16 @@ class ActFakeQuant(_FakeQuant):
     """Per-tensor unsigned fake quant of an activation, ``[0, 2^bits - 1]`` with a zero point.
 
     While ``observing`` (see ``repq_fx.calibrate``) it records the range and passes values through.
-    LSQ learns the step after initialisation from the observed range (or the first batch).
+    LSQ learns the step after initialisation from the observed data (or the first batch): the MSE
+    step over a strided sample of the observed values (``init="mse"``) or the range (``"minmax"``).
     Min-max keeps an exponential moving average of the range in train mode.
     """
 
-    def __init__(self, bits: int, learned: bool = True, averaging_constant: float = 0.01) -> None:
-        super().__init__(bits, 0, 2 ** bits - 1, 1, learned)
+    def __init__(self, bits: int, learned: bool = True, averaging_constant: float = 0.01,
+                 init: str = "mse") -> None:
+        super().__init__(bits, 0, 2 ** bits - 1, 1, learned, init)
         self.averaging_constant = averaging_constant
+        self._samples: list[torch.Tensor] = []  # observed values for the MSE search (not state)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("observing", torch.tensor(0, dtype=torch.uint8))
@@ -215,11 +240,20 @@ class ActFakeQuant(_FakeQuant):
         else:
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
+            if self.learned and self.init == "mse":
+                self._keep_sample(x)
+
+    def _keep_sample(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(-1)
+        self._samples.append(flat[::max(1, flat.numel() // SAMPLES_PER_BATCH)].clone())
+        if sum(s.numel() for s in self._samples) > MAX_SAMPLES:
+            self._samples = [s[::2] for s in self._samples]
 
     def reset(self) -> None:
         super().reset()
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
+        self._samples = []
 
     def init_from_range(self) -> None:
         """Step and zero point that map the recorded range (widened to include 0) onto the grid."""
@@ -227,6 +261,11 @@ class ActFakeQuant(_FakeQuant):
         hi = torch.clamp(self.max_val, min=0.0)
         scale = ((hi - lo) / (self.quant_max - self.quant_min)).clamp_min(1e-8)
         zero_point = torch.clamp(self.quant_min - torch.round(lo / scale), self.quant_min, self.quant_max)
+        if self.learned and self.init == "mse" and self._samples:
+            step, zp = mse_affine_range(torch.cat(self._samples), float(lo), float(hi), self.quant_min,
+                                        self.quant_max)
+            scale, zero_point = torch.tensor(step), torch.tensor(float(zp))
+        self._samples = []
         with torch.no_grad():
             self.scale.copy_(scale.reshape(1))
             self.zero_point.copy_(zero_point.reshape(1))

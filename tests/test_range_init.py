@@ -1,0 +1,90 @@
+"""MSE step initialisation (quant/range_init.py) against a brute-force search, and the low-bit
+training collapse it fixes."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import repq_fx
+from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant
+from repq_fx.quant.range_init import RATIOS, mse_affine_range, mse_symmetric_scale
+
+
+def _fake_quant(x, step, zero_point, quant_min, quant_max):
+    return ((x / step).round() + zero_point).clamp(quant_min, quant_max).sub(zero_point) * step
+
+
+def _sq_error(x, step, zero_point, quant_min, quant_max):
+    return float(((_fake_quant(x.double(), step, zero_point, quant_min, quant_max) - x.double()) ** 2).sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), outlier=st.floats(1.0, 30.0))
+def test_symmetric_step_is_the_best_ratio_per_channel(bits, seed, outlier):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 2, 3, 3, generator=g)
+    w[:, :, 1, 1] *= outlier  # a merged RepVGG kernel: a heavy centre tap
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = mse_symmetric_scale(w, qmin, qmax)
+    for c in range(3):
+        amax = float(w[c].abs().max())
+        errors = [_sq_error(w[c], amax * k / RATIOS / qmax, 0, qmin, qmax) for k in range(1, RATIOS + 1)]
+        chosen = _sq_error(w[c], float(scale[c]), 0, qmin, qmax)
+        assert chosen <= min(errors) * (1 + 1e-4) + 1e-12
+        assert chosen <= errors[-1] * (1 + 1e-4) + 1e-12  # never worse than min-max (float32 search)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), negative=st.booleans())
+def test_affine_range_is_the_best_ratio(bits, seed, negative):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2000, generator=g).abs() ** 3  # long right tail, like post-ReLU activations
+    if negative:
+        x = x - 0.5
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    qmax = 2 ** bits - 1
+    step, zp = mse_affine_range(x, lo, hi, 0, qmax)
+    assert 0 <= zp <= qmax and step > 0
+    assert zp == 0 or negative
+    brute = []
+    for k in range(1, RATIOS + 1):
+        s = (hi - lo) * k / RATIOS / qmax
+        z = min(max(round(-lo * k / RATIOS / s), 0), qmax)
+        brute.append(_sq_error(x, s, z, 0, qmax))
+    assert _sq_error(x, step, zp, 0, qmax) <= min(brute) * (1 + 1e-4) + 1e-12
+
+
+def test_weight_quantizer_init_choice():
+    w = torch.tensor([[6.0] + [1.0, -1.0] * 10])  # min-max (step 2) rounds every +-1 to 0
+    mse, minmax = WeightFakeQuant(3, 1), WeightFakeQuant(3, 1, init="minmax")
+    mse(w), minmax(w)
+    assert float(minmax.scale) == 2.0  # 6 / 3
+    assert float(mse.scale) < 2.0
+    assert _sq_error(w, float(mse.scale), 0, -4, 3) < _sq_error(w, 2.0, 0, -4, 3)
+
+
+def test_calibrate_sets_mse_activation_steps_from_the_observed_data():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    batches = [torch.randn(8, 1, 12, 12) for _ in range(3)]
+    steps = {}
+    for init in ("mse", "minmax"):
+        qmodel = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4, first_last_bits=None,
+                                                       step_init=init))
+        repq_fx.calibrate(qmodel, batches)
+        acts = {n: q for n, q in qmodel.named_modules() if isinstance(q, ActFakeQuant)}
+        steps[init] = {n: float(q.scale) for n, q in acts.items()}
+        assert all(q._samples == [] for q in acts.values())  # the samples are dropped after the search
+    assert steps["mse"].keys() == steps["minmax"].keys()
+    assert all(steps["mse"][n] <= steps["minmax"][n] + 1e-9 for n in steps["mse"])
+    assert any(steps["mse"][n] < steps["minmax"][n] for n in steps["mse"])
+
+
+def test_step_init_is_validated():
+    import pytest
+
+    with pytest.raises(repq_fx.ConfigError, match="step_init"):
+        repq_fx.QConfig(step_init="percentile")
+    with pytest.raises(ValueError, match="init"):
+        WeightFakeQuant(4, 1, init="max")
