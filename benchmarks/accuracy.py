@@ -251,7 +251,8 @@ def run_job(job: Job, budget: Budget, *, nets: dict[str, NetSpec] | None = None,
                           test_subset=budget.test_subset)
         out = ckpt_dir / f"{job.net}-{job.method}-{job.bits}-s{job.seed}-{_bits_tag(budget, job.net)}.pt"
         metrics = run_training(cfg, out, resume=True, progress=False, log=log)
-        rec.update(value=metrics[spec.metric], deployable="one int conv per block", convs_per_block=1)
+        rec.update(value=metrics[spec.metric], deployable="one int conv per block", convs_per_block=1,
+                   qconfig=cfg.qconfig().to_dict())
     rec["seconds"] = round(time.perf_counter() - start, 1)
     rec["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     rec["torch"] = torch.__version__
