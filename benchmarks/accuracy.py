@@ -139,9 +139,9 @@ PRESETS: dict[str, Preset] = {
                    multi_seed_bits=LOW_BITS, fp_epochs={"*": 10, "ECBSR": 20}, qat_epochs=2,
                    note="the whole grid of issue 6 (days of 2-core CPU time)"),
     # What fits one session on a shared, loaded 2-core machine (about 90 minutes, two 1-thread workers).
-    "session": Preset(nets=("RepVGGNet",), methods=METHODS, bits=("W8A8", "W4A4", "W4A8", "W3A8"), seeds=(0, 1, 2),
-                      multi_seed_bits=("W4A4",), fp_epochs={"*": 5}, qat_epochs=1,
-                      note="small RepVGG, 5 float epochs, 1 QAT epoch, 3 seeds at W4A4"),
+    "session": Preset(nets=("RepVGGNet",), methods=METHODS, bits=BITS, seeds=(0, 1, 2),
+                      multi_seed_bits=("W4A4", "W3A8"), fp_epochs={"*": 5}, qat_epochs=1,
+                      note="small RepVGG, 5 float epochs, 1 QAT epoch, 3 seeds at W4A4 and W3A8"),
     # ECBSR at W8A8: float against RepQ (the PSNR goal).
     "sr": Preset(nets=("ECBSR",), methods=("fp", "ptq", "lsq", "repq-bn", "repq-bnest"), bits=("W8A8",),
                  seeds=(0,), multi_seed_bits=(), fp_epochs={"*": 20}, qat_epochs=1),
