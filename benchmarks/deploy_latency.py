@@ -22,17 +22,18 @@ Session options: ``intra_op_num_threads=--threads``, sequential execution, all g
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import os
 import statistics
 import tempfile
-import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from repq_fx.bench import round_robin
+from repq_fx.export.runtime import optimized_ops, session
 
 warnings.filterwarnings("ignore")
 
@@ -68,31 +69,6 @@ def set_bn_statistics(model: nn.Module, batches: list[torch.Tensor]) -> nn.Modul
     return model.eval()
 
 
-def session(path: str, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def optimized_ops(path: str, threads: int) -> collections.Counter:
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    optimized = path + ".optimized.onnx"
-    options.optimized_model_filepath = optimized
-    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
-
-
 def quantize_with_ort(float_path: str, out_path: str, calib: list[torch.Tensor], workdir: str) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -109,15 +85,6 @@ def quantize_with_ort(float_path: str, out_path: str, calib: list[torch.Tensor],
 
     quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-
-
-def timed(run, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        run()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
@@ -146,7 +113,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="repq_deploy_")
     float_path = os.path.join(workdir, "float.onnx")
     torch.onnx.export(merged, (x,), float_path, input_names=["input"], output_names=["output"],
-                      dynamo=True, optimize=True, verbose=False)
+                      dynamo=True, optimize=True, external_data=False, verbose=False)  # one file: optimized_ops
     ort_int8_path = os.path.join(workdir, "ort_quantize_static.onnx")
     quantize_with_ort(float_path, ort_int8_path, calib, workdir)
 
@@ -171,14 +138,8 @@ def main() -> None:
     runners["torch timm merged (float)"] = torch_runner(merged)
     runners["torch repq_fx lowered (int sim)"] = torch_runner(lowered)
 
-    for run in runners.values():
-        for _ in range(args.warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times = round_robin(runners, args.rounds, warmup=args.warmup, repeat=args.runs)
     names = list(runners)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].extend(timed(runners[name], args.runs))
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
     outputs = {name: s.run(None, feeds)[0] for name, s in sessions.items()}
@@ -191,7 +152,7 @@ def main() -> None:
     print(f"quantized convs in the lowered model: {convs}")
     for name, path in (("ort float (timm merged)", float_path), ("ort quantize_static", ort_int8_path),
                        ("ort repq_fx int8", ours_path)):
-        ops = optimized_ops(path, args.threads)
+        ops = optimized_ops(path)
         kept = {k: v for k, v in ops.items() if k in ("Conv", "QLinearConv", "QGemm", "Gemm", "FusedConv",
                                                       "QuantizeLinear", "DequantizeLinear")}
         print(f"  {name}: ORT optimized graph {dict(sorted(kept.items()))}")

@@ -41,11 +41,12 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from repq_fx.bench import TrainStep, round_robin, summarize
 
 warnings.filterwarnings("ignore")
 
@@ -118,17 +119,7 @@ def _prepare_checked(model: nn.Module, config, x: torch.Tensor, tries: int = 3) 
     raise RuntimeError(f"prepare({config.bn_mode}) gave a wrong model {tries} times")
 
 
-def make_step(module: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(x), target)
-        loss.backward()
-        optimizer.step()
-
-    step.optimizer, step.module = optimizer, module  # type: ignore[attr-defined]
-    return step
+make_step = TrainStep  # (module, x, target): the step every variant times; qat_step_gpu.py imports it
 
 
 def inputs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,21 +135,13 @@ def time_variants(model_name: str, variants: tuple[str, ...], args) -> dict[str,
         t0 = time.perf_counter()
         steps[v] = make_step(build(model_name, v, args.batch, args.size), x, target)
         print(f"  built {model_name}/{v} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for v in variants:
-        for _ in range(args.warmup):
-            steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            for _ in range(args.steps):
-                t0 = clock()
-                steps[v]()
-                times[v].append(clock() - t0)
+
+    def report(r: int, times: dict[str, list[float]]) -> None:
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{v} {1e3 * statistics.median(times[v]):.0f} ms" for v in variants), file=sys.stderr)
-    return times
+
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    return round_robin(steps, args.rounds, warmup=args.warmup, repeat=args.steps, clock=clock, on_round=report)
 
 
 # ---------------------------------------------------------------- memory (fresh subprocess per variant)
@@ -255,14 +238,13 @@ def table(results: dict, args) -> str:
         base = statistics.median(per_variant["float"]["times"])
         base_min = min(per_variant["float"]["times"])
         for v, r in per_variant.items():
-            t = r["times"]
-            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+            s = summarize(r["times"])
             mem = r.get("memory")
             cells = ([f"{mem['step_peak'] / MiB:.1f}", f"{mem['train_peak'] / MiB:.1f}", f"{mem['state'] / MiB:.1f}"]
                      if mem else ["-", "-", "-"])
-            lines.append(f"| {model_name} | {v} | {1e3 * statistics.median(t):.1f} | "
-                         f"{1e3 * q[0]:.1f}-{1e3 * q[2]:.1f} | {1e3 * min(t):.1f} | {statistics.median(t) / base:.2f}x | "
-                         f"{min(t) / base_min:.2f}x | "
+            lines.append(f"| {model_name} | {v} | {1e3 * s.median:.1f} | "
+                         f"{1e3 * s.q1:.1f}-{1e3 * s.q3:.1f} | {1e3 * s.minimum:.1f} | {s.median / base:.2f}x | "
+                         f"{s.minimum / base_min:.2f}x | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
 
