@@ -292,3 +292,19 @@ def test_buffer_expressions_follow_loaded_buffers() -> None:
         assert torch.allclose(qmodel.eval()(x), b(x), rtol=1e-5, atol=1e-6)
     assert not [k for k in qmodel.state_dict() if "_tensor_constant" in k]
 
+
+
+def test_checkpoint_of_other_bit_widths_is_refused_by_name():
+    """Bits were Python attributes, not state: a W4A4 state_dict loaded silently into a W8A8
+    prepare (W4 steps on an 8-bit grid). The grid is now a buffer and a mismatch names the layer."""
+    from repq_fx.quant.fake_quant import WeightFakeQuant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    w4 = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4))
+    w8 = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=8, act_bits=8))
+    with pytest.raises(RuntimeError, match=r"grid \[-8, 7\] \(4 bits\).*\[-128, 127\] \(8 bits\)"):
+        w8.load_state_dict(w4.state_dict(), strict=False)
+    w4_again = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4))
+    w4_again.load_state_dict(w4.state_dict())  # same grids: loads
+    assert any(isinstance(m, WeightFakeQuant) for m in w4_again.modules())

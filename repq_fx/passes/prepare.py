@@ -309,11 +309,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
     for node, _ in quantized:  # weights of the first and last layers
         if node in first or node in last:
             wq = gm.get_submodule(node.args[1].target)
-            _set_bits(wq, bits_of(node)[0])
-
-
-def _set_bits(q: WeightFakeQuant, bits: int) -> None:
-    q.bits, q.quant_min, q.quant_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            wq.set_bits(bits_of(node)[0])
 
 
 def _reads_model_input(node: fx.Node) -> bool:

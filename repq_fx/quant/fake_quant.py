@@ -150,6 +150,26 @@ class _FakeQuant(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.register_buffer("enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        # The grid is state too: a checkpoint trained at other bit widths must not load silently.
+        self.register_buffer("quant_range", torch.tensor([quant_min, quant_max], dtype=torch.int32))
+
+    def set_grid(self, bits: int, quant_min: int, quant_max: int) -> None:
+        """Change the bit width and integer range (before any data is seen)."""
+        self.bits, self.quant_min, self.quant_max = bits, quant_min, quant_max
+        self.quant_range.copy_(torch.tensor([quant_min, quant_max], dtype=torch.int32))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
+                              unexpected_keys, error_msgs) -> None:
+        saved = state_dict.get(prefix + "quant_range")
+        if saved is not None and saved.tolist() != [self.quant_min, self.quant_max]:
+            lo, hi = (int(v) for v in saved.tolist())
+            error_msgs.append(
+                f"{prefix[:-1] or 'quantizer'}: the checkpoint was trained on the grid [{lo}, {hi}] "
+                f"({(hi - lo + 1).bit_length() - 1} bits) but this model quantizes to [{self.quant_min}, "
+                f"{self.quant_max}] ({self.bits} bits); prepare the model with the checkpoint's QConfig")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def enable(self, on: bool = True) -> None:
         self.enabled.fill_(int(on))
@@ -183,6 +203,14 @@ class WeightFakeQuant(_FakeQuant):
         super().__init__(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, channels if per_channel else 1, learned,
                          init)
         self.per_channel = per_channel
+
+    def set_bits(self, bits: int) -> None:
+        """Another bit width (the first and last layers of ``prepare``).
+
+        >>> q = WeightFakeQuant(bits=4, channels=1); q.set_bits(8); q.quant_range.tolist()
+        [-128, 127]
+        """
+        self.set_grid(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
     def _range_scale(self, w: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, w.dim())) if self.per_channel else tuple(range(w.dim()))
