@@ -308,3 +308,15 @@ def test_checkpoint_of_other_bit_widths_is_refused_by_name():
     w4_again = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4))
     w4_again.load_state_dict(w4.state_dict())  # same grids: loads
     assert any(isinstance(m, WeightFakeQuant) for m in w4_again.modules())
+
+
+def test_checkpoint_written_before_quant_range_existed_still_loads():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    qmodel = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4))
+    old = qmodel.state_dict()
+    for key in [k for k in old if k.endswith("quant_range")]:
+        del old[key]
+    for key in [k for k in old._metadata if "fake_quant" in k]:
+        old._metadata[key]["version"] = 1
+    repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4)).load_state_dict(old)  # strict

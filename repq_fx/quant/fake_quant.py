@@ -135,6 +135,8 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 class _FakeQuant(nn.Module):
     """Shared state: bit width, on/off switch, initialisation flag."""
 
+    _version = 2  # 2: the integer grid is a buffer (quant_range)
+
     def __init__(self, bits: int, quant_min: int, quant_max: int, channels: int, learned: bool,
                  init: str = "mse") -> None:
         super().__init__()
@@ -160,6 +162,10 @@ class _FakeQuant(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
                               unexpected_keys, error_msgs) -> None:
+        version = local_metadata.get("version")
+        if (version is None or version < 2) and prefix + "quant_range" not in state_dict:
+            # written before the grid was state (as BatchNorm does for num_batches_tracked)
+            state_dict[prefix + "quant_range"] = self.quant_range.clone()
         saved = state_dict.get(prefix + "quant_range")
         if saved is not None and saved.tolist() != [self.quant_min, self.quant_max]:
             lo, hi = (int(v) for v in saved.tolist())
