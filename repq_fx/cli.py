@@ -1,4 +1,5 @@
-"""The ``repq-fx`` command line: ``explain``, ``merge``, ``demo``, ``timm-check``, ``train``, ``eval``, ``export``.
+"""The ``repq-fx`` command line: ``explain``, ``merge``, ``demo``, ``timm-check``, ``train``, ``eval``, ``export``,
+``bench``.
 
 Models are named by spec strings (``timm:repvgg_a0``, ``examples:RepVGGNet``, ...),
 see :mod:`repq_fx.models`. Errors about the user's input are one line on stderr
@@ -7,18 +8,26 @@ and exit status 2; a failed ``--check`` or demo exits with 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import explain, merge
+from .capture import FRONT_ENDS
+from .config import QConfig
 from .errors import RepQError
 from .models import SPEC_FORMS, resolve_model
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 __all__ = ["main"]
 
@@ -41,6 +50,9 @@ examples:
   repq-fx train examples:RepVGGNet --method repq-bn --bits 4/4 --from fp.pt --epochs 2 --out w4a4.pt
   repq-fx eval examples:RepVGGNet --ckpt w4a4.pt
   repq-fx export examples:RepVGGNet --ckpt w4a4.pt --out w4a4.onnx --check
+  repq-fx bench timm:repvgg_a0 --threads 2        QAT step float vs RepQ-BN/BNEst; int8 vs float ONNX latency
+  repq-fx bench examples:RepVGGNet --what latency --ckpt w4a4.pt
+  repq-fx explain mypkg.nets:MyNet --capture export   torch.export for models FX tracing cannot follow
 
 `repq-fx COMMAND --help` shows the options of each command.
 """
@@ -69,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="model spec, e.g. timm:repvgg_a0")
     p.add_argument("--input-size", type=_size, metavar="CxHxW", help="example input shape (batch 1) for shape "
                    "propagation, e.g. 3x224x224; default: none, trace only")
+    _add_capture_option(p)
     p.set_defaults(run=_explain)
 
     p = commands.add_parser("merge", help="merge every block into one conv; check and save the result",
@@ -79,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="compare the merged model's float64 output with the "
                    f"original's (and timm's reparameterize_model for timm models); fail above {REL_TOL:g}")
     p.add_argument("--out", metavar="FILE", help="torch.save the merged GraphModule to FILE")
+    _add_capture_option(p)
     p.set_defaults(run=_merge)
 
     p = commands.add_parser("demo", help="the whole job on Fashion-MNIST: float training, RepQ QAT, int8 ONNX Runtime",
@@ -121,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_export)
     _add_train_parser(commands)
     _add_eval_parser(commands)
+    _add_bench_parser(commands)
     return parser
 
 
@@ -229,10 +244,84 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_eval)
 
 
+BENCH_DESCRIPTION = """\
+Time MODEL on this machine's CPU, float against RepQ, every variant built in this one process:
+
+  step     one quantization-aware training step at --batch: zero_grad, forward, cross-entropy on random
+           labels (mean squared error to a random target if the output is not batch x classes), backward,
+           SGD step; of the float model in train mode, of RepQ-BN (prepare, bn_mode="batch") and of
+           RepQ-BNEst (bn_mode="estimate"), both calibrated on 2 random batches
+  latency  batch-1 ONNX Runtime latency of the float deploy model (merge, float ONNX) and of the int8
+           QDQ model (prepare, calibrate on 4 random batches, lower, export_onnx; or the model of --ckpt)
+
+After --warmup untimed runs of each variant come --rounds rounds: each round runs every variant (latency:
+%d runs each) in an order that rotates from round to round, and times each run alone. Printed: the median,
+the interquartile range (IQR) and the ratio of medians to float. Weights and inputs are random: the figures
+are of speed, not accuracy. Other jobs on the machine move them: compare ratios from one run.
+
+  repq-fx bench timm:repvgg_a0 --threads 2
+  repq-fx bench examples:RepVGGNet --input-size 1x28x28 --batch 64 --what step
+  repq-fx bench examples:RepVGGNet --what latency --ckpt w8a8.pt
+"""
+BENCH_VARIANTS = {"float": None, "repq-bn": "batch", "repq-bnest": "estimate"}  # name -> bn_mode of prepare
+LATENCY_RUNS = 10  # ONNX Runtime runs of each model per round
+BENCH_SIZE = (3, 64, 64)  # default input: small, so that a training step of a timm model takes well under a second
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("bench", help="time a QAT step (float vs RepQ) and int8 vs float ONNX Runtime latency",
+                            description=BENCH_DESCRIPTION % LATENCY_RUNS, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model spec, e.g. timm:repvgg_a0 or examples:RepVGGNet")
+    p.add_argument("--what", nargs="+", choices=("step", "latency"), default=["step", "latency"],
+                   help="what to time (default: both)")
+    p.add_argument("--input-size", type=_size, metavar="CxHxW", help="input shape without the batch; default: "
+                   "1x28x28 for Fashion-MNIST checkpoints, an example network's own, else "
+                   f"{'x'.join(map(str, BENCH_SIZE))}")
+    p.add_argument("--batch", type=_at_least(1), default=16, help="batch of the training step (default: 16; "
+                   "latency is always batch 1)")
+    p.add_argument("--rounds", type=_at_least(1), default=20, help="timed rounds (default: 20)")
+    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed runs of each variant before the "
+                   "rounds (default: 3)")
+    p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A", help="weight/activation bits of the RepQ "
+                   "models (default: 8/8)")
+    p.add_argument("--ckpt", metavar="CKPT", help="latency: the int8 model of this quantized `repq-fx train` "
+                   "checkpoint (loaded as `repq-fx export` does) instead of MODEL calibrated on random data")
+    p.add_argument("--threads", type=_at_least(1), help="torch CPU threads and ONNX Runtime intra-op threads "
+                   "(default: torch's choice, for both)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_capture_option(p)
+    p.set_defaults(run=_bench)
+
+
+def _add_capture_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--capture", choices=FRONT_ENDS, default="auto", help="graph capture: fx (symbolic tracing), "
+                   "export (torch.export, for models FX tracing cannot follow) or auto (fx, falling back to "
+                   "export; default)")
+
+
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum``.
+
+    >>> _at_least(1)("3")
+    3
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return value
+
+    return parse
 
 
 def _bits(text: str) -> tuple[int, int]:
@@ -288,26 +377,26 @@ def _eval(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     example = (torch.randn(1, *args.input_size),) if args.input_size else None
-    print(explain(model, example))
+    print(explain(model, example, capture=args.capture))
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     model = resolve_model(args.model).eval()
     example = (torch.randn(1, *args.input_size),) if args.input_size else None
-    report = explain(model, example)
-    merged = merge(model, example)
+    report = explain(model, example, capture=args.capture)
+    merged = merge(model, example, capture=args.capture)
     print(f"{args.model}: {len(report.merged)} of {len(report.blocks)} blocks merged, "
           f"convs {_count_convs(model)} -> {_count_convs(merged)}")
     for b in report.not_merged:
         print(f"  not merged: {b.name or '<root>'}: {b.reason}")
-    ok = _check(model, args.input_size or _default_size(model)) if args.check else True
+    ok = _check(model, args.input_size or _default_size(model), args.capture) if args.check else True
     if args.out:
         _save(merged, args.out)
     return 0 if ok else 1
 
 
-def _check(model: nn.Module, size: tuple[int, ...]) -> bool:
+def _check(model: nn.Module, size: tuple[int, ...], capture: str = "auto") -> bool:
     """Print the float64 relative errors of ``merge(model)`` (and timm's merge) against ``model``."""
     model = copy.deepcopy(model).double().eval()
     x = torch.randn(2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -317,7 +406,7 @@ def _check(model: nn.Module, size: tuple[int, ...]) -> bool:
         except Exception as e:
             raise RepQError(f"running the model on a {'x'.join(map(str, x.shape))} input failed "
                             f"({type(e).__name__}: {e}); pass --input-size") from None
-        got = merge(model)(x)
+        got = merge(model, capture=capture)(x)
         errors = {"original": _rel_error(got, want)}
         if _is_timm(model):
             errors["timm reparameterize_model"] = _rel_error(got, _timm_reparameterize(model)(x))
@@ -351,22 +440,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import repq_fx
 
-    from .config import QConfig
-    from .train import TrainConfig, restore
-
     if args.ckpt:
-        qmodel, ckpt = restore(args.ckpt, args.model)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        if not saved.quantized:
-            raise RepQError(f"{args.ckpt} is a float (fp) checkpoint; export needs a quantized one: train it with "
-                            f"`repq-fx train {args.model} --method repq-bn --from {args.ckpt} --out q.pt` first")
-        size = args.input_size or ((1, 28, 28) if saved.data == "fashion-mnist" else (1, 32, 32))
+        qmodel, saved = _restore_quantized(args.ckpt, args.model, "export")
+        size = args.input_size or _data_size(saved.data)
     else:
         model = resolve_model(args.model).eval()
         size = args.input_size or _default_size(model)
         w, a = args.bits
-        qmodel = repq_fx.prepare(model, QConfig(weight_bits=w, act_bits=a))
-        repq_fx.calibrate(qmodel, [torch.randn(4, *size) for _ in range(args.calib_batches)])
+        qmodel = _calibrated(model, QConfig(weight_bits=w, act_bits=a), size, args.calib_batches)
         print(f"note: {args.model} calibrated on {args.calib_batches} random batches (no --ckpt): the file is right "
               "for latency and structure, not for accuracy")
     lowered = repq_fx.lower(qmodel)
@@ -377,6 +458,185 @@ def _export(args: argparse.Namespace) -> int:
     if args.check:
         _check_onnx(args.out, lowered, torch.randn(8, *size))
     return 0
+
+
+def _restore_quantized(path: str, model: str, command: str) -> tuple[nn.Module, TrainConfig]:
+    """The quantized model of a `repq-fx train` checkpoint, and the run's config; a float one is an error."""
+    from .train import TrainConfig, restore
+
+    qmodel, ckpt = restore(path, model)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    if not saved.quantized:
+        raise RepQError(f"{path} is a float (fp) checkpoint; {command} needs a quantized one: train it with "
+                        f"`repq-fx train {model} --method repq-bn --from {path} --out q.pt` first")
+    return qmodel, saved
+
+
+def _data_size(data: str) -> tuple[int, ...]:
+    """The input shape (without the batch) of a `repq-fx train` data set."""
+    return (1, 28, 28) if data == "fashion-mnist" else (1, 32, 32)
+
+
+def _calibrated(model: nn.Module, config: QConfig, size: tuple[int, ...], batches: int, batch: int = 4,
+                example: tuple[torch.Tensor, ...] | None = None, capture: str = "auto") -> fx.GraphModule:
+    """``repq_fx.prepare(model, config)``, calibrated on ``batches`` random batches of ``batch`` inputs."""
+    import repq_fx
+
+    qmodel = repq_fx.prepare(model, config, example, capture=capture)
+    repq_fx.calibrate(qmodel, [torch.randn(batch, *size) for _ in range(batches)])
+    return qmodel
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.ckpt and "latency" not in args.what:
+        raise RepQError("--ckpt is only timed by --what latency; add latency to --what")
+    if "latency" in args.what:
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            try:
+                __import__(module)
+            except ImportError:
+                raise RepQError(f"--what latency needs {module}: pip install 'repq_fx[onnx]' "
+                                "(or time the training step only: --what step)") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model)
+    qmodel, saved = _restore_quantized(args.ckpt, args.model, "bench") if args.ckpt else (None, None)
+    size = args.input_size or (_data_size(saved.data) if saved else _example_size(args.model) or BENCH_SIZE)
+    out = _probe(model, size)
+
+    def head(bits: tuple[int, int]) -> str:
+        return (f"{args.model}, input {'x'.join(map(str, size))}, W{bits[0]}A{bits[1]}, {torch.get_num_threads()} "
+                f"threads; median of {_plural(args.rounds, 'round')} after {_plural(args.warmup, 'warm-up run')} "
+                "of each")
+
+    if "step" in args.what:
+        times = _step_times(model, size, out, args)
+        print(f"QAT training step, batch {args.batch}: {head(args.bits)}")
+        print(_timing_table(times, "variant"))
+    if "latency" in args.what:
+        times, ops = _latency_times(model, qmodel, size, args)
+        print(f"ONNX Runtime latency, batch 1, {LATENCY_RUNS} runs per round: "
+              f"{head(tuple(saved.bits) if saved else args.bits)}")
+        print(_timing_table(times, "model"))
+        print(f"int8 model as ONNX Runtime runs it: {ops.get('QLinearConv', 0)} QLinearConv, "
+              f"{ops.get('QGemm', 0)} QGemm, {ops.get('Conv', 0)} float Conv")
+    return 0
+
+
+def _example_size(spec: str) -> tuple[int, ...] | None:
+    """The input size an ``examples:NAME`` network registers; None for other specs."""
+    from .examples.networks import NETWORKS
+
+    prefix, _, name = spec.partition(":")
+    return NETWORKS[name].input_size if prefix == "examples" and name in NETWORKS else None
+
+
+def _probe(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    """The eval-mode output of ``model`` on 2 random inputs of ``size``; a clear error if it cannot run them."""
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        try:
+            return model.eval()(x)
+        except Exception as e:
+            raise RepQError(f"running the model on a {'x'.join(map(str, x.shape))} input failed "
+                            f"({type(e).__name__}: {e}); pass the input shape it takes with --input-size CxHxW"
+                            ) from None
+
+
+def _step_times(model: nn.Module, size: tuple[int, ...], out: torch.Tensor,
+                args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds of each training step of each :data:`BENCH_VARIANTS` model, round robin."""
+    from .bench import TrainStep
+
+    x = torch.randn(args.batch, *size)
+    if out.dim() == 2:
+        target, loss = torch.randint(0, out.shape[1], (args.batch,)), nn.functional.cross_entropy
+    else:
+        target, loss = torch.randn(args.batch, *out.shape[1:]), nn.functional.mse_loss
+    w, a = args.bits
+    steps = {}
+    with _progress(len(BENCH_VARIANTS), "prepare", "model", args.progress) as tick:
+        for name, bn_mode in BENCH_VARIANTS.items():
+            if bn_mode is None:
+                module = copy.deepcopy(model)
+            else:
+                module = _calibrated(model, QConfig(weight_bits=w, act_bits=a, bn_mode=bn_mode), size, 2,
+                                     args.batch, (x[:2],), args.capture)
+            steps[name] = TrainStep(module.train(), x, target, loss=loss)
+            tick()
+    return _round_robin(steps, args, 1, "training step")
+
+
+def _latency_times(model: nn.Module, qmodel: nn.Module | None, size: tuple[int, ...],
+                   args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds of each batch-1 ONNX Runtime run of the float and int8 models, and the int8 model's fused ops."""
+    import tempfile
+
+    import repq_fx
+
+    from .demo import _export_float
+    from .export.runtime import optimized_ops, session
+
+    example = (torch.randn(1, *size),)
+    with tempfile.TemporaryDirectory(prefix="repq_bench_") as tmp:
+        float_path, int8_path = f"{tmp}/float.onnx", f"{tmp}/int8.onnx"
+        with _progress(2, "export", "model", args.progress) as tick:
+            _export_float(merge(model, example, capture=args.capture), example, float_path)
+            tick()
+            if qmodel is None:
+                w, a = args.bits
+                qmodel = _calibrated(model, QConfig(weight_bits=w, act_bits=a), size, 4, 4, example, args.capture)
+            repq_fx.export_onnx(repq_fx.lower(qmodel), example, int8_path)
+            tick()
+        threads = torch.get_num_threads()
+        feed = {"input": example[0].numpy()}
+        runners = {"float (merged)": functools.partial(session(float_path, threads).run, None, feed),
+                   "int8 QDQ": functools.partial(session(int8_path, threads).run, None, feed)}
+        return _round_robin(runners, args, LATENCY_RUNS, "latency"), dict(optimized_ops(int8_path))
+
+
+def _round_robin(runners: dict[str, Callable[[], object]], args: argparse.Namespace, repeat: int,
+                 what: str) -> dict[str, list[float]]:
+    """:func:`repq_fx.bench.round_robin` with ``--rounds``/``--warmup``, a progress bar, and clear errors."""
+    from .bench import round_robin
+
+    with _progress(args.rounds, what, "round", args.progress) as tick:
+        try:
+            return round_robin(runners, args.rounds, warmup=args.warmup, repeat=repeat,
+                               on_round=lambda *_: tick())
+        except Exception as e:
+            raise RepQError(f"timing the {what} failed ({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, unit: str, enabled: bool) -> Iterator[Callable[[], object]]:
+    """A tqdm bar on stderr (none without tqdm or when not ``enabled``); yields its tick."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the dev extra
+        yield lambda: None
+        return
+    with tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False) as bar:
+        yield bar.update
+
+
+def _timing_table(times: dict[str, list[float]], first: str) -> str:
+    """Median, IQR and ratio of medians to the first entry (float), one row per entry."""
+    from .bench import summarize
+
+    stats = {name: summarize(t, method="inclusive") for name, t in times.items()}
+    base = next(iter(stats.values()))
+    rows = [(name, _ms(s.median), f"{_ms(s.q1)}-{_ms(s.q3)}", f"{s.ratio(base):.2f}x") for name, s in stats.items()]
+    return _table((first, "median (ms)", "IQR (ms)", "ratio to float"), rows)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
 
 
 def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor) -> None:
