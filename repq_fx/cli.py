@@ -574,14 +574,14 @@ def _latency_times(model: nn.Module, qmodel: nn.Module | None, size: tuple[int, 
 
     import repq_fx
 
-    from .demo import _export_float
+    from .export.float_onnx import export_float
     from .export.runtime import optimized_ops, session
 
     example = (torch.randn(1, *size),)
     with tempfile.TemporaryDirectory(prefix="repq_bench_") as tmp:
         float_path, int8_path = f"{tmp}/float.onnx", f"{tmp}/int8.onnx"
         with _progress(2, "export", "model", args.progress) as tick:
-            _export_float(merge(model, example, capture=args.capture), example, float_path)
+            export_float(merge(model, example, capture=args.capture), example, float_path)
             tick()
             if qmodel is None:
                 w, a = args.bits

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .export.float_onnx import export_float
 from .export.runtime import optimized_ops, session
 
 
@@ -88,7 +89,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     example = (torch.randn(1, 1, 28, 28),)
     int8_path, float_path = str(work / "repvggnet_int8.onnx"), str(work / "repvggnet_float.onnx")
     repq_fx.export_onnx(lowered, example, int8_path)
-    _export_float(repq_fx.merge(float_model), example, float_path)
+    export_float(repq_fx.merge(float_model), example, float_path)
     ops = optimized_ops(int8_path)
     blocks = sum(type(m).__name__ == "QuantizedConv2d" for m in lowered.modules())
     log(f"  {blocks} blocks -> {blocks} QuantizedConv2d; ONNX Runtime's optimized graph: "
@@ -132,16 +133,6 @@ def _require_data() -> None:
     from .data.fashion_mnist import load_fashion_mnist
 
     load_fashion_mnist("test")  # raises DatasetNotFoundError, saying how to install the package
-
-
-def _export_float(merged: torch.nn.Module, example: tuple, path: str) -> None:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(merged.eval(), example, path, input_names=["input"], output_names=["output"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
-                          verbose=False)
 
 
 def _latency(session, runs: int) -> float:

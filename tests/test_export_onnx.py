@@ -140,3 +140,16 @@ def test_an_op_without_a_rule_names_the_node_and_the_op(tmp_path):
 def test_export_needs_a_lowered_graph(tmp_path):
     with pytest.raises(repq_fx.ExportError, match="lower"):
         repq_fx.export_onnx(nn.Conv2d(1, 1, 1), (torch.randn(1, 1, 4, 4),), str(tmp_path / "m.onnx"))
+
+
+def test_optimized_ops_reads_models_with_external_data(tmp_path):
+    """optimized_ops() reloaded ORT's optimized graph from a temporary folder, where the weights
+    file of an external-data model is not: found when the deploy benchmark switched to it."""
+    from repq_fx.export.runtime import optimized_ops
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 512), nn.ReLU(), nn.Linear(512, 512))
+    path = str(tmp_path / "external.onnx")
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, 16, 16),), path, dynamo=True, external_data=True)
+    assert (tmp_path / "external.onnx.data").exists()
+    ops = optimized_ops(path)
+    assert ops["Gemm"] + ops["MatMul"] + ops["FusedGemm"] + ops["FusedMatMul"] == 2, ops
