@@ -115,7 +115,7 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
             q.enable(False)
             q.reset()  # ranges and steps come from these batches only
         for q in acts:
-            q.observing.fill_(1)
+            q.set_observing(True)
         qmodel.eval()
         with torch.no_grad():
             for batch in batches:
@@ -126,7 +126,7 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
                     break
     finally:
         for q in acts:
-            q.observing.fill_(0)
+            q.set_observing(False)
         for q, on in zip(quantizers, enabled):
             q.enable(on)
         qmodel.train(was_training)

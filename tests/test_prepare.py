@@ -642,9 +642,10 @@ def test_saved_state_dict_reproduces_outputs(net32: nn.Module, net_calibrated: f
 # ---------------------------------------------------------------------------
 
 def test_torch_compile_matches_eager() -> None:
-    # A small RepVGGNet (1 stage of 2 blocks, one with identity) keeps Dynamo's tracing time
-    # down: the fake quantizers graph-break (bool(self.enabled) is a .item(); the learnable fake-quant ops have
-    # no fake-tensor kernel), so a prepared net compiles as many small graphs (RepVGGNet: ~250).
+    # A small RepVGGNet (1 stage of 2 blocks, one with identity) keeps Dynamo's tracing time down.
+    # With gradients on the prepared net is one graph (tests/test_compile.py checks that, fullgraph);
+    # the no_grad forwards here break once per block (Dynamo cannot trace embed_add's in-place
+    # branch sum, ctx.mark_dirty, outside autograd), so this compile is not fullgraph.
     net = _calibrated(lambda: B.RepVGGNet(widths=(8,), blocks_per_stage=2), 1, spatial=(28, 28),
                       dtype=torch.float32)
     qmodel = repq_fx.prepare(net)

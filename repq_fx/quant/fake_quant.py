@@ -18,6 +18,13 @@ large as the activations, so they were ~40% of a RepQ-BNEst step (issue 3).
 All state is in buffers/parameters, so a state_dict round-trips the quantizer:
 step sizes, zero points, observed ranges and the ``enabled``/``initialized`` flags.
 
+The flags also have Python-bool mirrors (``_flags``), kept equal to the buffers by every method
+that changes them (:meth:`_FakeQuant.enable`, ``reset``, initialisation, ``set_observing``, and
+``load_state_dict``). Eager code reads the buffers, as always; code being compiled by
+``torch.compile`` reads the mirrors, so that Dynamo guards on a Python value (and recompiles if
+it changes) where ``bool(buffer)`` would be a ``.item()`` and a graph break. Change the flags
+through those methods, not by writing to the buffers, or a compiled model will not see it.
+
 A learned step starts where the squared quantization error is smallest (``init="mse"``, see
 :mod:`repq_fx.quant.range_init`) or at the full range (``init="minmax"``):
 
@@ -100,11 +107,15 @@ class _LearnedFakeQuant(torch.autograd.Function):
 
 def _grid(x, scale, zero_point, quant_min, quant_max):
     """Step, rounded zero point (``None`` when all zero, or ``zero_point`` is ``None``) and ``1 / step``,
-    shaped to broadcast over ``x``."""
+    shaped to broadcast over ``x``.
+
+    Under ``torch.compile`` a given zero point is always applied (adding a zero changes no value, the
+    compiled kernel fuses it, and testing for zeros would be a data-dependent graph break).
+    """
     shape = (-1,) + (1,) * (x.dim() - 1) if scale.numel() > 1 else (1,) * x.dim()
     s = scale.detach().reshape(shape)
     zp = None
-    if zero_point is not None and bool(zero_point.any()):
+    if zero_point is not None and (torch.compiler.is_compiling() or bool(zero_point.any())):
         zp = zero_point.round().clamp(quant_min, quant_max).reshape(shape)
     return s, zp, torch.reciprocal(s)
 
@@ -154,6 +165,32 @@ class _FakeQuant(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
         # The grid is state too: a checkpoint trained at other bit widths must not load silently.
         self.register_buffer("quant_range", torch.tensor([quant_min, quant_max], dtype=torch.int32))
+        # Python mirrors of the flag buffers, read by compiled code (see the module docstring)
+        self._flags = {"enabled": True, "initialized": False, "observing": False}
+
+    def _flag(self, name: str) -> bool:
+        """The flag buffer ``name`` as a bool: its value in eager mode, its Python mirror under
+        ``torch.compile`` (a guard, not a graph break)."""
+        if torch.compiler.is_compiling():
+            return self._flags[name]
+        return bool(getattr(self, name))
+
+    def _set_flag(self, name: str, on: bool) -> None:
+        getattr(self, name).fill_(int(on))
+        self._flags[name] = bool(on)
+
+    def _sync_flags(self) -> None:
+        """Mirrors from the buffers (after a state_dict load)."""
+        for name in self._flags:
+            buf = getattr(self, name, None)
+            if isinstance(buf, torch.Tensor):
+                self._flags[name] = bool(buf)
+
+    def __setstate__(self, state: dict) -> None:  # a module pickled before the mirrors existed
+        super().__setstate__(state)
+        if "_flags" not in self.__dict__:
+            self._flags = {"enabled": True, "initialized": False, "observing": False}
+            self._sync_flags()
 
     def set_grid(self, bits: int, quant_min: int, quant_max: int) -> None:
         """Change the bit width and integer range (before any data is seen)."""
@@ -176,9 +213,10 @@ class _FakeQuant(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._sync_flags()
 
     def enable(self, on: bool = True) -> None:
-        self.enabled.fill_(int(on))
+        self._set_flag("enabled", on)
 
     def _keep_step_positive(self) -> None:
         """A learned step that an optimizer step pushed to or below zero is clamped to float32 eps
@@ -188,7 +226,7 @@ class _FakeQuant(nn.Module):
 
     def reset(self) -> None:
         """Forget the step: it is set again from the next data (or weights) seen."""
-        self.initialized.fill_(0)
+        self._set_flag("initialized", False)
 
     def extra_repr(self) -> str:
         kind = f"lsq (init {self.init})" if self.learned else "minmax"
@@ -224,15 +262,15 @@ class WeightFakeQuant(_FakeQuant):
         return (amax / self.quant_max).clamp_min(torch.finfo(torch.float32).tiny).float().reshape(-1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.learned or not bool(self.initialized):
+        if not self.learned or not self._flag("initialized"):
             with torch.no_grad():
                 if self.learned and self.init == "mse" and w.numel():
                     scale = mse_symmetric_scale(w, self.quant_min, self.quant_max, self.per_channel)
                 else:
                     scale = self._range_scale(w)
                 self.scale.copy_(scale.to(self.scale.device))
-                self.initialized.fill_(1)
-        if not bool(self.enabled):
+                self._set_flag("initialized", True)
+        if not self._flag("enabled"):
             return w
         if self.learned:
             self._keep_step_positive()
@@ -267,10 +305,12 @@ class ActFakeQuant(_FakeQuant):
     def observe(self, x: torch.Tensor, average: bool = False) -> None:
         """Widen (or, with ``average``, move towards) the recorded range with ``x``'s min and max."""
         lo, hi = x.detach().min().float(), x.detach().max().float()
-        if average and torch.isfinite(self.min_val):
-            c = self.averaging_constant
-            self.min_val.copy_(self.min_val + c * (lo - self.min_val))
-            self.max_val.copy_(self.max_val + c * (hi - self.max_val))
+        if average:  # a moving average once a range was recorded (no branch on data: torch.compile)
+            c, seen = self.averaging_constant, torch.isfinite(self.min_val)
+            self.min_val.copy_(torch.where(seen, self.min_val + c * (lo - self.min_val),
+                                           torch.minimum(self.min_val, lo)))
+            self.max_val.copy_(torch.where(seen, self.max_val + c * (hi - self.max_val),
+                                           torch.maximum(self.max_val, hi)))
         else:
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
@@ -303,17 +343,22 @@ class ActFakeQuant(_FakeQuant):
         with torch.no_grad():
             self.scale.copy_(scale.reshape(1))
             self.zero_point.copy_(zero_point.reshape(1))
-        self.initialized.fill_(1)
+        self._set_flag("initialized", True)
+
+    def set_observing(self, on: bool = True) -> None:
+        """Record ranges and pass values through (``repq_fx.calibrate``), or stop."""
+        self._set_flag("observing", on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(self.observing):
+        if self._flag("observing"):
             self.observe(x)
             return x
-        if not bool(self.initialized) or (not self.learned and self.training):
+        initialized = self._flag("initialized")
+        if not initialized or (not self.learned and self.training):
             with torch.no_grad():
-                self.observe(x, average=bool(self.initialized))
+                self.observe(x, average=initialized)
                 self.init_from_range()
-        if not bool(self.enabled):
+        if not self._flag("enabled"):
             return x
         if self.learned:
             self._keep_step_positive()
