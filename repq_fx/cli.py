@@ -220,6 +220,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, help="weight decay (default: by data and method)")
     p.add_argument("--batch-size", type=int, help="batch size (default: 128 fashion-mnist, 16 sr)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd for fashion-mnist, adam for sr")
+    p.add_argument("--step-lr-scale", type=float, help="learning rate of the LSQ steps relative to --lr "
+                   "(default: 1 with sgd, 0.01 with adam)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     p.add_argument("--calib-batches", type=int, default=8, help="training batches that set activation ranges "
                    "before quantized training (default: 8)")
@@ -349,7 +351,8 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = TrainConfig(model=args.model, data=args.data or _default_data(args.model), method=args.method,
                          bits=args.bits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, optimizer=args.optimizer, subset=args.subset,
+                         weight_decay=args.weight_decay, optimizer=args.optimizer,
+                         step_lr_scale=args.step_lr_scale, subset=args.subset,
                          seed=args.seed, calib_batches=args.calib_batches, from_ckpt=args.from_ckpt,
                          test_subset=args.test_subset)
     try:

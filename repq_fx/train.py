@@ -59,7 +59,7 @@ QUANTIZED = ("repq-bn", "repq-bnest", "lsq", "ptq")
 DATASETS = ("fashion-mnist", "sr")
 # Fields that must agree between a checkpoint and the run that resumes it.
 RESUME_FIELDS = ("model", "data", "method", "bits", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
-                 "subset", "seed", "scale", "lr_patch")
+                 "step_lr_scale", "subset", "seed", "scale", "lr_patch")
 
 
 @dataclass
@@ -84,6 +84,7 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     optimizer: str | None = None  # "sgd" (Fashion-MNIST default) or "adam" (SR default)
+    step_lr_scale: float | None = None  # lr of LSQ steps / lr: 1 with SGD, 0.01 with Adam (see make_optimizer)
     subset: int | None = None
     seed: int = 0
     calib_batches: int = 8
@@ -135,6 +136,8 @@ class TrainConfig:
                 values["lr"] = 0.01 if self.quantized else 0.05
         if values["weight_decay"] is None:
             values["weight_decay"] = 1e-4 if not sr and not self.quantized else 0.0
+        if values["step_lr_scale"] is None:
+            values["step_lr_scale"] = 0.01 if values["optimizer"] == "adam" else 1.0
         if self.method == "ptq":
             values["epochs"] = 0
         return TrainConfig(**values)
@@ -293,14 +296,27 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """SGD (momentum 0.9) or Adam; weight decay only on parameters of 2 or more dimensions
     (conv and linear weights), not on BN, biases, PReLU slopes or quantizer steps.
 
+    The learned LSQ steps get their own group at ``lr * step_lr_scale``. With SGD the scale is 1:
+    LSQ's gradient scale ``1/sqrt(N * Qp)`` already sizes their updates. Adam divides that scale
+    out and moves every parameter by about ``lr`` per step, which for an 8-bit step of ~0.004 is a
+    2.5 % change per step at lr 1e-4: one QAT epoch of ECBSR at W8A8 lost 0.025 dB against
+    frozen steps; at 0.01x it does not (benchmarks/RESULTS.md, ECBSR).
+
     >>> opt = make_optimizer(nn.Linear(3, 2), TrainConfig(model="m:N", weight_decay=1e-4))
     >>> [g["weight_decay"] for g in opt.param_groups], opt.defaults["momentum"]
     ([0.0001, 0.0], 0.9)
     """
+    from .quant.fake_quant import fake_quantizers
+
     config = config.resolved()
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    steps = [q.scale for q in fake_quantizers(model) if q.learned and q.scale.requires_grad]
+    step_ids = {id(p) for p in steps}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in step_ids]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if steps:
+        groups.append({"params": steps, "weight_decay": 0.0, "lr": config.lr * config.step_lr_scale})
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
