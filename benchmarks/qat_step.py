@@ -23,15 +23,29 @@ child resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) right before
 parameters, buffers, gradients and optimizer state). ``state`` is the size of parameters, buffers,
 gradients and optimizer state counted from the tensors themselves.
 
+``--compile`` adds, next to each variant, its ``torch.compile`` twin (``float+compile``,
+``repq-bn+compile``, ...; default inductor backend; ``+compile`` names can also be given to
+``--variants``), timed in the same round robin. Each compiled model is first checked against its
+eager twin (a deep copy: train-mode forward on the timed batch, relative error <= 1e-4, or <= 10x
+the eager model's own float noise (fake quant, deep random nets), see :func:`compile_checked`; else the run stops;
+``--compile-check-float`` also checks RepQ with fake quant off at 1e-4), then makes one training
+step; the wall time of that check forward and that first step
+(dominated by compilation: Dynamo, AOTAutograd, inductor and the C++ compiler, forward and
+backward) is reported as its compile time and excluded from the step timings. Inductor's on-disk
+caches go to a fresh temporary directory (``TORCHINDUCTOR_CACHE_DIR``, unless set), so compile
+times are cold-cache times.
+
 ``--profile`` prints, instead, where RepQ-BN spends a step: an ablation over variants (merged
 float model, RepQ without fake quant, ...), a per-node forward breakdown and torch.profiler's top ops.
 
     .venv/bin/python benchmarks/qat_step.py --models repvgg_a0 mobileone_s0 --rounds 20 --steps 1 --warmup 4
     .venv/bin/python benchmarks/qat_step.py --models repvgg_a0 mobileone_s0 --profile --rounds 20 --steps 1
+    .venv/bin/python benchmarks/qat_step.py --variants float repq-bnest repq-bn --compile --threads 1 --clock cpu --no-memory
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -39,6 +53,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -51,6 +66,8 @@ from repq_fx.bench import TrainStep, round_robin, summarize
 warnings.filterwarnings("ignore")
 
 VARIANTS = ("float", "repq-bn", "repq-bnest", "repq-running")
+COMPILE = "+compile"  # suffix of a variant run through torch.compile (inductor)
+COMPILE_CHECK_RTOL = 1e-4
 MODES = {"repq-bn": "batch", "repq-bnest": "estimate", "repq-running": "running"}
 # extra variants of --profile: the one-conv deploy model trained in float, and RepQ with fake quant off
 PROFILE_VARIANTS = ("float", "float-merged", "repq-running-nofq", "repq-running", "repq-bnest", "repq-bn-nofq",
@@ -122,19 +139,106 @@ def _prepare_checked(model: nn.Module, config, x: torch.Tensor, tries: int = 3) 
 make_step = TrainStep  # (module, x, target): the step every variant times; qat_step_gpu.py imports it
 
 
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def _jitter_noise(module: nn.Module, x: torch.Tensor, eps: float = 1e-7) -> float:
+    """How far eager train-mode outputs move when every parameter is scaled by ``1 + eps * N(0, 1)``
+    (about one float32 rounding): the float noise a fake-quantized model amplifies, since a value
+    that moves across a rounding boundary moves a whole quantization step."""
+    a, b = copy.deepcopy(module), copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1 + eps * torch.randn(p.shape, generator=gen).to(p))
+        return _rel(b(x), a(x))
+
+
+def compile_checked(module: nn.Module, x: torch.Tensor, target: torch.Tensor, rtol: float = COMPILE_CHECK_RTOL,
+                    check_float: bool = False) -> tuple[TrainStep, dict[str, float]]:
+    """``torch.compile(module)`` (inductor), checked, and its training step after one untimed step.
+
+    The compiled model's train-mode forward on ``x`` is compared with an eager deep copy's (max abs
+    error / max abs value); the state that forward changed (BN running statistics) is then restored.
+    It must agree within ``rtol``, or within 10x the eager model's own float noise
+    (:func:`_jitter_noise`): compiled code rounds floats differently (fused, reordered ops); with
+    fake quant on that flips some round-to-nearest decisions by one step, and those flips propagate
+    (timm repvgg_a0, RepQ, random weights: ~2e-2), and deep float models with random weights amplify
+    rounding too (mobileone_s0 float: ~2e-4). ``check_float`` also compiles a copy
+    with fake quant off (a separate compilation, not timed) and requires ``rtol`` there: the weight
+    synthesis, BN statistics and convs of the compiled graph, without rounding decisions.
+
+    Returns the step and ``{"compile_s": wall seconds of the check forward plus the first step
+    (compilation of forward and backward), "check_err": the relative error, "noise": the eager
+    noise, "float_err": the error with fake quant off}``.
+    """
+    import repq_fx
+    from repq_fx.quant.fake_quant import fake_quantizers
+
+    info: dict[str, float] = {}
+    quantized = bool(fake_quantizers(module))
+    if check_float and quantized:
+        a, b = copy.deepcopy(module), copy.deepcopy(module)
+        repq_fx.disable_fake_quant(a)
+        repq_fx.disable_fake_quant(b)
+        info["float_err"] = _rel(torch.compile(b)(x), a(x))
+        del a, b
+        if not info["float_err"] <= rtol:
+            raise RuntimeError(f"with fake quant off the compiled model disagrees with eager: relative error "
+                               f"{info['float_err']:.2e} > {rtol:.0e}")
+    info["noise"] = _jitter_noise(module, x)
+    eager = copy.deepcopy(module)
+    saved = copy.deepcopy(module.state_dict())
+    compiled = torch.compile(module)
+    t0 = time.perf_counter()
+    out = compiled(x)
+    t_forward = time.perf_counter() - t0
+    info["check_err"] = _rel(out, eager(x))
+    del out, eager
+    tol = max(rtol, 10 * info["noise"])
+    if not info["check_err"] <= tol:
+        raise RuntimeError(f"the compiled model disagrees with eager: relative error {info['check_err']:.2e} > "
+                           f"{tol:.1e} (eager noise {info['noise']:.1e})")
+    module.load_state_dict(saved)
+    step = make_step(compiled, x, target)
+    t0 = time.perf_counter()
+    step()
+    info["compile_s"] = t_forward + time.perf_counter() - t0
+    return step, info
+
+
+def variant_step(model_name: str, variant: str, x: torch.Tensor, target: torch.Tensor, args
+                 ) -> tuple[TrainStep, dict[str, float]]:
+    """The training step of ``variant`` (``+compile``: compiled and checked, see :func:`compile_checked`)."""
+    module = build(model_name, variant.removesuffix(COMPILE), args.batch, args.size)
+    if variant.endswith(COMPILE):
+        return compile_checked(module, x, target, check_float=getattr(args, "compile_check_float", False))
+    return make_step(module, x, target), {}
+
+
 def inputs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
     return torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, 1000, (batch,), generator=gen)
 
 
-def time_variants(model_name: str, variants: tuple[str, ...], args) -> dict[str, list[float]]:
-    """Per-step seconds of each variant, measured round robin in this process."""
+def time_variants(model_name: str, variants: tuple[str, ...], args,
+                  info: dict[str, dict[str, float]] | None = None) -> dict[str, list[float]]:
+    """Per-step seconds of each variant, measured round robin in this process (compile times and
+    checks of ``+compile`` variants go into ``info``)."""
     x, target = inputs(args.batch, args.size)
     steps = {}
     for v in variants:
         t0 = time.perf_counter()
-        steps[v] = make_step(build(model_name, v, args.batch, args.size), x, target)
-        print(f"  built {model_name}/{v} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        steps[v], extra = variant_step(model_name, v, x, target, args)
+        if info is not None:
+            info[v] = extra
+        more = ("".join([f" (compile {extra['compile_s']:.1f} s, error vs eager {extra['check_err']:.1e}, ",
+                         f"eager noise {extra['noise']:.1e}",
+                         f", error with fake quant off {extra['float_err']:.1e}" if "float_err" in extra else "",
+                         ")"]) if "compile_s" in extra else "")
+        print(f"  built {model_name}/{v} in {time.perf_counter() - t0:.1f} s{more}", file=sys.stderr)
 
     def report(r: int, times: dict[str, list[float]]) -> None:
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
@@ -194,8 +298,8 @@ def memory_child(model_name: str, variant: str, args) -> dict:
     x, target = inputs(args.batch, args.size)
     _release()
     rss_imports = _proc_status()["VmRSS"]
-    module = build(model_name, variant, args.batch, args.size)
-    step = make_step(module, x, target)
+    step, _ = variant_step(model_name, variant, x, target, args)
+    module = step.module
     _release()
     for _ in range(2):
         step()
@@ -231,17 +335,25 @@ def table(results: dict, args) -> str:
     head = (f"CPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
             f"{args.size}x{args.size}, float32, {args.clock} clock; median of {args.rounds} rounds x {args.steps} steps "
             f"({args.warmup} warm-up steps excluded)")
+    compiled = any(COMPILE in v for per_variant in results.values() for v in per_variant)
     columns = ("| model | variant | median step (ms) | IQR (ms) | min (ms) | ratio to float (median) | "
-               "ratio to float (min) | step peak (MiB) | train peak (MiB) | state (MiB) |")
-    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
+               "ratio to float (min) | " + ("ratio to float+compile (median) | compile (s) | " if compiled else "")
+               + "step peak (MiB) | train peak (MiB) | state (MiB) |")
+    lines = [head, "", columns, "|" + "---|" * columns.count(" | ") + "---|"]
     for model_name, per_variant in results.items():
         base = statistics.median(per_variant["float"]["times"])
         base_min = min(per_variant["float"]["times"])
+        base_compiled = (statistics.median(per_variant["float" + COMPILE]["times"])
+                         if "float" + COMPILE in per_variant else None)
         for v, r in per_variant.items():
             s = summarize(r["times"])
             mem = r.get("memory")
             cells = ([f"{mem['step_peak'] / MiB:.1f}", f"{mem['train_peak'] / MiB:.1f}", f"{mem['state'] / MiB:.1f}"]
                      if mem else ["-", "-", "-"])
+            if compiled:
+                compile_s = r.get("info", {}).get("compile_s")
+                cells = [f"{s.median / base_compiled:.2f}x" if base_compiled else "-",
+                         f"{compile_s:.1f}" if compile_s is not None else "-"] + cells
             lines.append(f"| {model_name} | {v} | {1e3 * s.median:.1f} | "
                          f"{1e3 * s.q1:.1f}-{1e3 * s.q3:.1f} | {1e3 * s.minimum:.1f} | {s.median / base:.2f}x | "
                          f"{s.minimum / base_min:.2f}x | "
@@ -252,11 +364,13 @@ def table(results: dict, args) -> str:
 def goals(results: dict) -> str:
     lines = ["", "| goal (issue 3) | measured | verdict |", "|---|---|---|"]
     for text, model_name, variant, limit in GOALS:
-        if model_name not in results or variant not in results[model_name]:
-            continue
-        r = results[model_name]
-        ratio = statistics.median(r[variant]["times"]) / statistics.median(r["float"]["times"])
-        lines.append(f"| {text} | {ratio:.2f}x | {'met' if ratio <= limit else 'missed'} |")
+        r = results.get(model_name, {})
+        for v, base, how in ((variant, "float", ""), (variant + COMPILE, "float", " (compiled, vs eager float)"),
+                             (variant + COMPILE, "float" + COMPILE, " (compiled, vs compiled float)")):
+            if v not in r or base not in r:
+                continue
+            ratio = statistics.median(r[v]["times"]) / statistics.median(r[base]["times"])
+            lines.append(f"| {text}{how} | {ratio:.2f}x | {'met' if ratio <= limit else 'missed'} |")
     for model_name, r in results.items():
         if "repq-bnest" in r and r["repq-bnest"].get("memory") and r["float"].get("memory"):
             est, flt = r["repq-bnest"]["memory"], r["float"]["memory"]
@@ -360,7 +474,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["repvgg_a0", "mobileone_s0"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                   choices=sorted(set(VARIANTS) | set(PROFILE_VARIANTS)))
+                   choices=sorted(set(VARIANTS) | set(PROFILE_VARIANTS) | {v + COMPILE for v in VARIANTS}))
+    p.add_argument("--compile", action="store_true",
+                   help="add the torch.compile (inductor) twin of each variant (see the docstring)")
+    p.add_argument("--compile-check-float", action="store_true",
+                   help="also check each compiled RepQ model with fake quant off (one more compilation each)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=20)
@@ -377,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold caches: compile times as a first run sees them
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qat_step_inductor_")
 
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, args)))
@@ -385,12 +505,18 @@ def main(argv: list[str] | None = None) -> None:
         for model_name in args.models:
             profile(model_name, args)
         return
-    variants = tuple(args.variants) if "float" in args.variants else ("float", *args.variants)
+    variants = list(args.variants) if "float" in args.variants else ["float", *args.variants]
+    if args.compile:
+        variants = [w for v in variants for w in ((v,) if COMPILE in v else (v, v + COMPILE))]
+        variants = list(dict.fromkeys(variants))  # (a twin also named in --variants)
+    variants = tuple(variants)
     results: dict[str, dict[str, dict]] = {}
     for model_name in args.models:
         print(f"{model_name}: timing", file=sys.stderr)
-        times = time_variants(model_name, variants, args)
-        results[model_name] = {v: {"times": times[v]} for v in variants}
+        info: dict[str, dict[str, float]] = {}
+        times = time_variants(model_name, variants, args, info)
+        results[model_name] = {v: {"times": times[v], "info": info.get(v, {})} for v in variants}
+        print(table({model_name: results[model_name]}, args), file=sys.stderr)  # (in case a later model fails)
         gc.collect()
         if not args.no_memory:
             for v in variants:
