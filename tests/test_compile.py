@@ -67,6 +67,16 @@ def test_prepared_net_compiles_as_one_graph(config: dict, train: bool) -> None:
     assert explained.graph_count <= 2 and not reasons, (explained.graph_count, reasons)
 
 
+def test_no_grad_forward_compiles_as_one_graph() -> None:
+    """A validation loop (torch.no_grad, eval) broke once per block: the in-place branch sum
+    (embed_add's mark_dirty) cannot be traced by Dynamo; compiled code now adds out of place."""
+    qmodel = _prepared().eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(qmodel)(_x(1))
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1 and not reasons, (explained.graph_count, reasons)
+
+
 @pytest.mark.parametrize("bn_mode", ["batch", "estimate"])
 def test_fullgraph_train_step_matches_eager(bn_mode: str) -> None:
     # RepQ-BN and RepQ-BNEst training steps (gradients on) compile as one graph, fullgraph=True,

@@ -111,6 +111,11 @@ def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_g
     if has_torch_function((frame, *kernels)):
         return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups,
                                      inplace=inplace)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (frame, *kernels)):
+        out = frame if inplace else frame.clone()  # nothing to differentiate: plain tensor ops
+        _embed(out, kernels, offsets, groups, frame_groups)
+        return out
+    inplace = inplace and not torch.compiler.is_compiling()  # Dynamo cannot trace mark_dirty (a graph break)
     return _EmbedAdd.apply(frame, tuple(offsets), tuple(groups), frame_groups, inplace, *kernels)
 
 
