@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 DEMO_DESCRIPTION = """\
-The whole job on real data, every figure measured in this run (about 10 minutes on 2 CPU cores):
+The whole job on real data, every figure measured in this run (about 6 minutes on 2 CPU cores):
 
   1. train the small RepVGG (examples:RepVGGNet, 9 RepVGG blocks) in float on Fashion-MNIST;
   2. RepQ quantization-aware training from that checkpoint (W8A8 RepQ-BN by default);
