@@ -184,6 +184,21 @@ def test_module_pickled_without_mirrors_gets_them_from_buffers() -> None:
     assert old._flags == {"enabled": False, "initialized": True, "observing": False}
 
 
+def test_activation_quantizer_pickled_before_mse_init_still_calibrates() -> None:
+    q = ActFakeQuant(bits=8)
+    state = q.__dict__.copy()
+    del state["_flags"], state["_samples"], state["init"]  # as pickled before step_init existed
+    old = ActFakeQuant.__new__(ActFakeQuant)
+    old.__setstate__(state)
+    assert old.init == "minmax"
+    old.reset()
+    old.set_observing(True)
+    old(torch.tensor([0.0, 2.55]))
+    old.set_observing(False)
+    old.init_from_range()
+    assert float(old.scale) == pytest.approx(0.01)
+
+
 def test_minmax_average_starts_from_the_first_range() -> None:
     # The moving average of a min-max activation quantizer is branch-free (torch.compile); with no
     # range recorded yet it takes the batch's range, then moves towards new ones.

@@ -188,6 +188,9 @@ class _FakeQuant(nn.Module):
 
     def __setstate__(self, state: dict) -> None:  # a module pickled before the mirrors existed
         super().__setstate__(state)
+        self.__dict__.setdefault("init", "minmax")  # pickled before step_init: its steps were min-max
+        if isinstance(self, ActFakeQuant):
+            self.__dict__.setdefault("_samples", [])
         if "_flags" not in self.__dict__:
             self._flags = {"enabled": True, "initialized": False, "observing": False}
             self._sync_flags()
