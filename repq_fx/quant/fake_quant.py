@@ -189,8 +189,6 @@ class _FakeQuant(nn.Module):
     def __setstate__(self, state: dict) -> None:  # a module pickled before the mirrors existed
         super().__setstate__(state)
         self.__dict__.setdefault("init", "minmax")  # pickled before step_init: its steps were min-max
-        if isinstance(self, ActFakeQuant):
-            self.__dict__.setdefault("_samples", [])
         if "_flags" not in self.__dict__:
             self._flags = {"enabled": True, "initialized": False, "observing": False}
             self._sync_flags()
@@ -320,6 +318,10 @@ class ActFakeQuant(_FakeQuant):
             if self.learned and self.init == "mse":
                 self._keep_sample(x)
 
+    def __setstate__(self, state: dict) -> None:  # pickled before the MSE samples existed
+        super().__setstate__(state)
+        self.__dict__.setdefault("_samples", [])
+
     def _keep_sample(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1)
         self._samples.append(flat[::max(1, flat.numel() // SAMPLES_PER_BATCH)].clone())
@@ -336,12 +338,13 @@ class ActFakeQuant(_FakeQuant):
         """Step and zero point that map the recorded range (widened to include 0) onto the grid."""
         lo = torch.clamp(self.min_val, max=0.0)
         hi = torch.clamp(self.max_val, min=0.0)
-        scale = ((hi - lo) / (self.quant_max - self.quant_min)).clamp_min(1e-8)
-        zero_point = torch.clamp(self.quant_min - torch.round(lo / scale), self.quant_min, self.quant_max)
         if self.learned and self.init == "mse" and self._samples:
             step, zp = mse_affine_range(torch.cat(self._samples), float(lo), float(hi), self.quant_min,
                                         self.quant_max)
             scale, zero_point = torch.tensor(step), torch.tensor(float(zp))
+        else:
+            scale = ((hi - lo) / (self.quant_max - self.quant_min)).clamp_min(1e-8)
+            zero_point = torch.clamp(self.quant_min - torch.round(lo / scale), self.quant_min, self.quant_max)
         self._samples = []
         with torch.no_grad():
             self.scale.copy_(scale.reshape(1))
