@@ -6,6 +6,7 @@
 1
 """
 from .api import calibrate, disable_fake_quant, enable_fake_quant, explain, export_onnx, lower, merge, prepare
+from .compiling import compile
 from .config import QConfig
 from .capture import register_leaf_module
 from .errors import (AlreadyPreparedError, CaptureError, CheckpointError, ConfigError, DataError, ExportError,
@@ -15,7 +16,7 @@ from .patterns.linear_ops import register_op
 from .report import BlockReport, Report
 
 __all__ = [
-    "explain", "merge", "prepare", "calibrate", "lower", "export_onnx", "enable_fake_quant", "disable_fake_quant", "QConfig", "register_leaf_module", "register_op", "Report", "BlockReport",
+    "explain", "merge", "prepare", "calibrate", "lower", "export_onnx", "enable_fake_quant", "disable_fake_quant", "compile", "QConfig", "register_leaf_module", "register_op", "Report", "BlockReport",
     "RepQError", "CaptureError", "ExportError", "NotCalibratedError", "AlreadyPreparedError", "InvalidModelError",
     "NonFiniteError", "CheckpointError", "DataError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
 ]

@@ -234,3 +234,66 @@ def test_inductor_fake_quant_equals_eager() -> None:
         (expected * r).sum().backward()
         assert torch.equal(a.grad, b.grad)
         assert torch.allclose(q.scale.grad, twin.scale.grad, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------- repq_fx.compile
+
+def _compile_kwargs(monkeypatch, model: nn.Module, **kwargs) -> dict:
+    """What ``repq_fx.compile(model, **kwargs)`` hands to ``torch.compile``."""
+    seen: dict = {}
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.update(kw) or m)
+    assert repq_fx.compile(model, **kwargs) is model
+    return seen
+
+
+def test_compile_turns_layout_optimization_off_on_the_cpu(monkeypatch) -> None:
+    model = nn.Conv2d(1, 2, 3)
+    assert _compile_kwargs(monkeypatch, model)["options"] == {"layout_optimization": False}
+    # the caller's options win, and are kept
+    got = _compile_kwargs(monkeypatch, model, options={"layout_optimization": True, "max_autotune": True})
+    assert got["options"] == {"layout_optimization": True, "max_autotune": True}
+    # a mode becomes its options (torch.compile refuses mode and options together)
+    from torch._inductor import list_mode_options
+    got = _compile_kwargs(monkeypatch, model, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    assert "mode" not in got and got["fullgraph"] is True
+    assert got["options"] == {**list_mode_options("max-autotune-no-cudagraphs"), "layout_optimization": False}
+    with pytest.raises(ValueError, match="either mode or options"):
+        repq_fx.compile(model, mode="max-autotune", options={"max_autotune": True})
+    # other backends get exactly what was given
+    assert "options" not in _compile_kwargs(monkeypatch, model, backend="aot_eager")
+
+
+def test_compile_leaves_models_on_other_devices_to_inductor(monkeypatch) -> None:
+    model = nn.Conv2d(1, 2, 3).to("meta")
+    assert "options" not in _compile_kwargs(monkeypatch, model)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_step_makes_no_copies_of_the_kernels() -> None:
+    # Regression (issue 3): with inductor's default channels-last layout on the CPU, the computed conv
+    # kernels of a prepared model came out channels-last and the conv backward and gradient
+    # accumulation copied each of them back (~15 ms of a 190 ms repvgg_a0 step). repq_fx.compile's
+    # step copies no kernel-sized tensor, and computes what eager does.
+    from torch.profiler import ProfilerActivity, profile
+
+    eager = _prepared(bn_mode="estimate").train()
+    repq_fx.disable_fake_quant(eager)  # no rounding decisions: compiled and eager agree to float noise
+    model = copy.deepcopy(eager)
+    compiled = repq_fx.compile(model)
+    x = _x(2)
+    compiled(x).sum().backward()  # compiles forward and backward
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = compiled(x)
+        got.sum().backward()
+    expected = eager(x)
+    expected.sum().backward()
+    kernel_shapes = {str(list(p.shape)) for p in model.parameters() if p.dim() == 4}
+    copies = [(e.name, e.input_shapes[0]) for e in prof.events()
+              if e.name in ("aten::copy_", "aten::clone", "aten::_to_copy") and e.input_shapes
+              and str(e.input_shapes[0]) in kernel_shapes]
+    assert not copies, copies
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            assert p.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), name
