@@ -23,9 +23,11 @@ child resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) right before
 parameters, buffers, gradients and optimizer state). ``state`` is the size of parameters, buffers,
 gradients and optimizer state counted from the tensors themselves.
 
-``--compile`` adds, next to each variant, its ``torch.compile`` twin (``float+compile``,
-``repq-bn+compile``, ...; default inductor backend; ``+compile`` names can also be given to
-``--variants``), timed in the same round robin. Each compiled model is first checked against its
+``--compile`` adds, next to each variant, its compiled twin (``float+compile``,
+``repq-bn+compile``, ...): ``repq_fx.compile``, i.e. ``torch.compile`` with inductor and its CPU
+layout optimization off (see :mod:`repq_fx.compiling`). ``+torch-compile`` variants (given to
+``--variants``, like ``+compile`` ones) use plain ``torch.compile`` with inductor's defaults. All
+are timed in the same round robin. Each compiled model is first checked against its
 eager twin (a deep copy: train-mode forward on the timed batch, relative error <= 1e-4, or <= 10x
 the eager model's own float noise (fake quant, deep random nets), see :func:`compile_checked`; else the run stops;
 ``--compile-check-float`` also checks RepQ with fake quant off at 1e-4), then makes one training
@@ -66,7 +68,8 @@ from repq_fx.bench import TrainStep, round_robin, summarize
 warnings.filterwarnings("ignore")
 
 VARIANTS = ("float", "repq-bn", "repq-bnest", "repq-running")
-COMPILE = "+compile"  # suffix of a variant run through torch.compile (inductor)
+COMPILE = "+compile"  # suffix of a variant run through repq_fx.compile (inductor, CPU layout optimization off)
+TORCH_COMPILE = "+torch-compile"  # suffix of a variant run through plain torch.compile (inductor defaults)
 COMPILE_CHECK_RTOL = 1e-4
 MODES = {"repq-bn": "batch", "repq-bnest": "estimate", "repq-running": "running"}
 # extra variants of --profile: the one-conv deploy model trained in float, and RepQ with fake quant off
@@ -156,9 +159,13 @@ def _jitter_noise(module: nn.Module, x: torch.Tensor, eps: float = 1e-7) -> floa
         return _rel(b(x), a(x))
 
 
+def is_compiled(variant: str) -> bool:
+    return variant.endswith((COMPILE, TORCH_COMPILE))
+
+
 def compile_checked(module: nn.Module, x: torch.Tensor, target: torch.Tensor, rtol: float = COMPILE_CHECK_RTOL,
-                    check_float: bool = False) -> tuple[TrainStep, dict[str, float]]:
-    """``torch.compile(module)`` (inductor), checked, and its training step after one untimed step.
+                    check_float: bool = False, compiler=None) -> tuple[TrainStep, dict[str, float]]:
+    """``compiler(module)`` (default ``repq_fx.compile``), checked, and its training step after one untimed step.
 
     The compiled model's train-mode forward on ``x`` is compared with an eager deep copy's (max abs
     error / max abs value); the state that forward changed (BN running statistics) is then restored.
@@ -177,13 +184,14 @@ def compile_checked(module: nn.Module, x: torch.Tensor, target: torch.Tensor, rt
     import repq_fx
     from repq_fx.quant.fake_quant import fake_quantizers
 
+    compiler = compiler or repq_fx.compile
     info: dict[str, float] = {}
     quantized = bool(fake_quantizers(module))
     if check_float and quantized:
         a, b = copy.deepcopy(module), copy.deepcopy(module)
         repq_fx.disable_fake_quant(a)
         repq_fx.disable_fake_quant(b)
-        info["float_err"] = _rel(torch.compile(b)(x), a(x))
+        info["float_err"] = _rel(compiler(b)(x), a(x))
         del a, b
         if not info["float_err"] <= rtol:
             raise RuntimeError(f"with fake quant off the compiled model disagrees with eager: relative error "
@@ -191,7 +199,7 @@ def compile_checked(module: nn.Module, x: torch.Tensor, target: torch.Tensor, rt
     info["noise"] = _jitter_noise(module, x)
     eager = copy.deepcopy(module)
     saved = copy.deepcopy(module.state_dict())
-    compiled = torch.compile(module)
+    compiled = compiler(module)
     t0 = time.perf_counter()
     out = compiled(x)
     t_forward = time.perf_counter() - t0
@@ -212,9 +220,11 @@ def compile_checked(module: nn.Module, x: torch.Tensor, target: torch.Tensor, rt
 def variant_step(model_name: str, variant: str, x: torch.Tensor, target: torch.Tensor, args
                  ) -> tuple[TrainStep, dict[str, float]]:
     """The training step of ``variant`` (``+compile``: compiled and checked, see :func:`compile_checked`)."""
-    module = build(model_name, variant.removesuffix(COMPILE), args.batch, args.size)
-    if variant.endswith(COMPILE):
-        return compile_checked(module, x, target, check_float=getattr(args, "compile_check_float", False))
+    module = build(model_name, variant.removesuffix(COMPILE).removesuffix(TORCH_COMPILE), args.batch, args.size)
+    if is_compiled(variant):
+        compiler = torch.compile if variant.endswith(TORCH_COMPILE) else None
+        return compile_checked(module, x, target, check_float=getattr(args, "compile_check_float", False),
+                               compiler=compiler)
     return make_step(module, x, target), {}
 
 
@@ -335,7 +345,7 @@ def table(results: dict, args) -> str:
     head = (f"CPU, torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
             f"{args.size}x{args.size}, float32, {args.clock} clock; median of {args.rounds} rounds x {args.steps} steps "
             f"({args.warmup} warm-up steps excluded)")
-    compiled = any(COMPILE in v for per_variant in results.values() for v in per_variant)
+    compiled = any(is_compiled(v) for per_variant in results.values() for v in per_variant)
     columns = ("| model | variant | median step (ms) | IQR (ms) | min (ms) | ratio to float (median) | "
                "ratio to float (min) | " + ("ratio to float+compile (median) | compile (s) | " if compiled else "")
                + "step peak (MiB) | train peak (MiB) | state (MiB) |")
@@ -366,17 +376,20 @@ def goals(results: dict) -> str:
     for text, model_name, variant, limit in GOALS:
         r = results.get(model_name, {})
         for v, base, how in ((variant, "float", ""), (variant + COMPILE, "float", " (compiled, vs eager float)"),
-                             (variant + COMPILE, "float" + COMPILE, " (compiled, vs compiled float)")):
+                             (variant + COMPILE, "float" + COMPILE, " (compiled, vs compiled float)"),
+                             (variant + TORCH_COMPILE, "float", " (torch.compile defaults, vs eager float)")):
             if v not in r or base not in r:
                 continue
             ratio = statistics.median(r[v]["times"]) / statistics.median(r[base]["times"])
             lines.append(f"| {text}{how} | {ratio:.2f}x | {'met' if ratio <= limit else 'missed'} |")
     for model_name, r in results.items():
-        if "repq-bnest" in r and r["repq-bnest"].get("memory") and r["float"].get("memory"):
-            est, flt = r["repq-bnest"]["memory"], r["float"]["memory"]
+        for v in ("repq-bnest", "repq-bnest" + COMPILE):
+            if v not in r or not r[v].get("memory") or not r["float"].get("memory"):
+                continue
+            est, flt = r[v]["memory"], r["float"]["memory"]
             for key, what in (("train_peak", "train peak"), ("step_peak", "step peak")):
                 ok = est[key] <= flt[key]
-                lines.append(f"| RepQ-BNEst step memory <= float on {model_name} ({what}) | "
+                lines.append(f"| RepQ-BNEst step memory <= float on {model_name} ({v} {what}) | "
                              f"{est[key] / MiB:.1f} vs {flt[key] / MiB:.1f} MiB | {'met' if ok else 'missed'} |")
     return "\n".join(lines)
 
@@ -474,9 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["repvgg_a0", "mobileone_s0"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                   choices=sorted(set(VARIANTS) | set(PROFILE_VARIANTS) | {v + COMPILE for v in VARIANTS}))
+                   choices=sorted(set(VARIANTS) | set(PROFILE_VARIANTS) | {v + c for v in VARIANTS for c in (COMPILE, TORCH_COMPILE)}))
     p.add_argument("--compile", action="store_true",
-                   help="add the torch.compile (inductor) twin of each variant (see the docstring)")
+                   help="add the repq_fx.compile (inductor) twin of each variant (see the docstring)")
     p.add_argument("--compile-check-float", action="store_true",
                    help="also check each compiled RepQ model with fake quant off (one more compilation each)")
     p.add_argument("--batch", type=int, default=16)
@@ -507,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     variants = list(args.variants) if "float" in args.variants else ["float", *args.variants]
     if args.compile:
-        variants = [w for v in variants for w in ((v,) if COMPILE in v else (v, v + COMPILE))]
+        variants = [w for v in variants for w in ((v,) if is_compiled(v) else (v, v + COMPILE))]
         variants = list(dict.fromkeys(variants))  # (a twin also named in --variants)
     variants = tuple(variants)
     results: dict[str, dict[str, dict]] = {}
