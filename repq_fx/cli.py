@@ -225,6 +225,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     p.add_argument("--calib-batches", type=int, default=8, help="training batches that set activation ranges "
                    "before quantized training (default: 8)")
+    p.add_argument("--compile", action="store_true", help="train the model compiled with repq_fx.compile "
+                   "(torch.compile, inductor): faster steps after a compilation of seconds to minutes; "
+                   "evaluation and checkpoints use the same weights, uncompiled")
     _add_runtime_options(p)
     p.set_defaults(run=_train)
 
@@ -252,7 +255,8 @@ Time MODEL on this machine's CPU, float against RepQ, every variant built in thi
   step     one quantization-aware training step at --batch: zero_grad, forward, cross-entropy on random
            labels (mean squared error to a random target if the output is not batch x classes), backward,
            SGD step; of the float model in train mode, of RepQ-BN (prepare, bn_mode="batch") and of
-           RepQ-BNEst (bn_mode="estimate"), both calibrated on 2 random batches
+           RepQ-BNEst (bn_mode="estimate"), both calibrated on 2 random batches; with --compile also each
+           one compiled (repq_fx.compile: torch.compile, inductor), after one untimed compiling step
   latency  batch-1 ONNX Runtime latency of the float deploy model (merge, float ONNX) and of the int8
            QDQ model (prepare, calibrate on 4 random batches, lower, export_onnx; or the model of --ckpt)
 
@@ -262,6 +266,7 @@ the interquartile range (IQR) and the ratio of medians to float. Weights and inp
 are of speed, not accuracy. Other jobs on the machine move them: compare ratios from one run.
 
   repq-fx bench timm:repvgg_a0 --threads 2
+  repq-fx bench timm:repvgg_a0 --threads 2 --what step --compile
   repq-fx bench examples:RepVGGNet --input-size 1x28x28 --batch 64 --what step
   repq-fx bench examples:RepVGGNet --what latency --ckpt w8a8.pt
 """
@@ -291,6 +296,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
                    "checkpoint (loaded as `repq-fx export` does) instead of MODEL calibrated on random data")
     p.add_argument("--threads", type=_at_least(1), help="torch CPU threads and ONNX Runtime intra-op threads "
                    "(default: torch's choice, for both)")
+    p.add_argument("--compile", action="store_true", help="step: also time each variant compiled with "
+                   "repq_fx.compile (inductor; compiling takes minutes for a timm model, printed apart)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _add_capture_option(p)
     p.set_defaults(run=_bench)
@@ -357,7 +364,7 @@ def _train(args: argparse.Namespace) -> int:
                          test_subset=args.test_subset)
     try:
         run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                     progress=args.progress)
+                     progress=args.progress, compile=args.compile)
     except KeyboardInterrupt:
         print(f"\ninterrupted; {args.out} holds the last finished epoch: rerun with --resume to continue",
               file=sys.stderr)
@@ -513,9 +520,12 @@ def _bench(args: argparse.Namespace) -> int:
                 "of each")
 
     if "step" in args.what:
-        times = _step_times(model, size, out, args)
+        times, compile_seconds = _step_times(model, size, out, args)
         print(f"QAT training step, batch {args.batch}: {head(args.bits)}")
         print(_timing_table(times, "variant"))
+        if compile_seconds:
+            print("compiling (the first step, untimed): " + ", ".join(
+                f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items()))
     if "latency" in args.what:
         times, ops = _latency_times(model, qmodel, size, args)
         print(f"ONNX Runtime latency, batch 1, {LATENCY_RUNS} runs per round: "
@@ -547,9 +557,12 @@ def _probe(model: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def _step_times(model: nn.Module, size: tuple[int, ...], out: torch.Tensor,
-                args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds of each training step of each :data:`BENCH_VARIANTS` model, round robin."""
+                args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of each training step of each :data:`BENCH_VARIANTS` model, round robin; with
+    ``--compile`` also of each one's ``repq_fx.compile`` twin (``"NAME (compiled)"``), whose first
+    step (the compilation) is timed apart: returns the step times and those compile seconds."""
     from .bench import TrainStep
+    from .compiling import compile as compile_model
 
     x = torch.randn(args.batch, *size)
     if out.dim() == 2:
@@ -567,7 +580,22 @@ def _step_times(model: nn.Module, size: tuple[int, ...], out: torch.Tensor,
                                      args.batch, (x[:2],), args.capture)
             steps[name] = TrainStep(module.train(), x, target, loss=loss)
             tick()
-    return _round_robin(steps, args, 1, "training step")
+    compile_seconds: dict[str, float] = {}
+    if getattr(args, "compile", False):
+        with _progress(len(BENCH_VARIANTS), "compile", "model", args.progress) as tick:
+            for name in list(BENCH_VARIANTS):
+                twin = copy.deepcopy(steps[name].module)
+                step = TrainStep(compile_model(twin), x, target, loss=loss)
+                start = time.perf_counter()
+                try:
+                    step()
+                except Exception as e:
+                    raise RepQError(f"compiling {name} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                    "time it uncompiled (without --compile)") from None
+                compile_seconds[f"{name} (compiled)"] = time.perf_counter() - start
+                steps[f"{name} (compiled)"] = step
+                tick()
+    return _round_robin(steps, args, 1, "training step"), compile_seconds
 
 
 def _latency_times(model: nn.Module, qmodel: nn.Module | None, size: tuple[int, ...],

@@ -20,7 +20,8 @@ for models on the CPU, and otherwise exactly ``torch.compile``.
 from __future__ import annotations
 
 import builtins
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -551,10 +551,13 @@ def _check_resumable(path: Path, saved: TrainConfig, config: TrainConfig) -> Non
 
 def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = False,
                  overwrite: bool = False, device: str = "cpu", progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, compile: bool = False) -> dict[str, Any]:
     """Train (or, for ``ptq``, calibrate) ``config`` and write the checkpoint ``out`` after every
     epoch; returns the final metrics. ``resume`` continues from ``out`` if it exists (the config
     must be the same run); an existing ``out`` without ``resume`` needs ``overwrite``.
+    ``compile`` runs the training steps through ``repq_fx.compile`` (static shapes: a smaller last
+    batch compiles once more); evaluation and checkpoints use the same module uncompiled. It changes
+    the speed, not the run (not part of the config, so a run may resume either way).
 
     >>> run_training(TrainConfig(model="examples:RepVGGNet", epochs=1, subset=512), "fp.pt")   # doctest: +SKIP
     epoch 1/1  loss 1.6012  top-1 45.20 %  lr 0.00e+00  3.1 s
@@ -611,10 +614,16 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
         log(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
 
     loss_fn = F.l1_loss if config.data == "sr" else F.cross_entropy
+    stepped = model
+    if compile and start_epoch < config.epochs:
+        from .compiling import compile as compile_model
+
+        stepped = compile_model(model, dynamic=False)
+        log("training steps compiled with repq_fx.compile: the first batch compiles (seconds to minutes)")
     for epoch in range(start_epoch, config.epochs):
         train_loader, _ = make_loaders(config, epoch=epoch)
         start = time.perf_counter()
-        loss = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device=device,
+        loss = train_one_epoch(stepped, train_loader, optimizer, scheduler, loss_fn, device=device,
                                desc=f"epoch {epoch + 1}/{config.epochs}", progress=progress,
                                input_transform=adapter)
         seconds = time.perf_counter() - start

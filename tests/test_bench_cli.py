@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_bench_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["bench", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for word in ("--what", "--rounds", "--warmup", "--capture", "median", "rotates", "repq-fx bench timm:"):
+    for word in ("--what", "--rounds", "--warmup", "--capture", "median", "rotates", "repq-fx bench timm:", "--compile"):
         assert word in out
 
 
@@ -96,6 +97,20 @@ def test_bench_step_prints_the_three_variants(capsys: pytest.CaptureFixture[str]
     assert "QAT training step, batch 4" in out and "median of 2 rounds" in out
     assert "ONNX Runtime" not in out
     _check_table(_rows(out), ["float", "repq-bn", "repq-bnest"])
+    assert "compiling" not in out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_bench_step_compiled_twins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "examples:RepVGGNet", "--input-size", "1x28x28", "--batch", "4", "--rounds", "2",
+                     "--warmup", "1", "--what", "step", "--compile", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    names = ["float", "repq-bn", "repq-bnest"]
+    _check_table(_rows(out), names + [f"{n} (compiled)" for n in names])
+    compiled = re.search(r"compiling \(the first step, untimed\): (.*)$", out, re.M)
+    assert compiled, out
+    seconds = re.findall(r"(\S+) \(compiled\) (\d+\.\d) s", compiled[1])
+    assert [n for n, _ in seconds] == names and all(float(s) > 0 for _, s in seconds)
 
 
 def test_bench_latency_float_vs_int8(small_repvgg: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def _quiet(_: str) -> None:
 
 @pytest.mark.parametrize("command, words", [
     ("train", ["--method", "repq-bn", "repq-bnest", "lsq", "ptq", "--bits", "--resume", "--from", "make data",
-               "0.2860", "cosine", "fp.pt"]),
+               "0.2860", "cosine", "fp.pt", "--compile"]),
     ("eval", ["--ckpt", "top-1", "PSNR"]),
 ])
 def test_help_teaches(command: str, words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -321,3 +322,24 @@ def test_example_network_and_data_must_fit(tmp_path: Path, capsys: pytest.Captur
     assert "super-resolution network" in capsys.readouterr().err
     assert cli.main(["train", "examples:RepVGGNet", "--data", "sr", "--out", str(tmp_path / "x.pt")]) == 2
     assert "classification network" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.parametrize("method", ["fp", "repq-bnest"])
+def test_compiled_training_trains_the_same_model(fake_fmnist: Path, method: str) -> None:
+    # --compile changes the speed, not the run: the same steps on the same batches, so the same
+    # weights up to float rounding (fused kernels round differently). RepQ-BNEst at 8 bits: a
+    # rounding difference can move a value across a quantizer's rounding boundary, so its loss is
+    # compared rather than every weight.
+    config = _small(method, subset=64, test_subset=20, epochs=1)
+    eager, compiled = fake_fmnist / f"{method}-eager.pt", fake_fmnist / f"{method}-compiled.pt"
+    lines: list[str] = []
+    got = run_training(config, compiled, log=lines.append, progress=False, compile=True)
+    expected = run_training(config, eager, log=_quiet, progress=False)
+    assert any("compiled with repq_fx.compile" in line for line in lines)
+    assert math.isclose(got["loss"], expected["loss"], rel_tol=1e-3)
+    a, b = load_checkpoint(compiled)["model"], load_checkpoint(eager)["model"]
+    assert a.keys() == b.keys()
+    if method == "fp":
+        far = [k for k in a if a[k].is_floating_point() and not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6)]
+        assert not far, far[:5]
