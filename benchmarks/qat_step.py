@@ -37,6 +37,10 @@ backward) is reported as its compile time and excluded from the step timings. In
 caches go to a fresh temporary directory (``TORCHINDUCTOR_CACHE_DIR``, unless set), so compile
 times are cold-cache times.
 
+``--memory-budget B`` sets AOTAutograd's activation memory budget for the compiled variants (and
+their memory subprocesses): below its default 1.0 the partitioner recomputes more of the forward in
+backward instead of saving it, trading step time for memory.
+
 ``--profile`` prints, instead, where RepQ-BN spends a step: an ablation over variants (merged
 float model, RepQ without fake quant, ...), a per-node forward breakdown and torch.profiler's top ops.
 
@@ -333,6 +337,8 @@ def measure_memory(model_name: str, variant: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", model_name, variant,
            "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads),
            "--mem-steps", str(args.mem_steps)]
+    if args.memory_budget is not None:
+        cmd += ["--memory-budget", str(args.memory_budget)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {model_name}/{variant} failed:\n{out.stderr[-2000:]}")
@@ -501,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: time.perf_counter; cpu: CPU time of the stepping thread (needs --threads 1)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps measured in each memory subprocess")
+    p.add_argument("--memory-budget", type=float, help="compiled variants: AOTAutograd's activation memory "
+                   "budget (torch._functorch.config.activation_memory_budget, 1.0 = its default; lower "
+                   "recomputes more in backward to save memory)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="where RepQ-BN spends its time (see the docstring)")
     p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
@@ -508,6 +517,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
+    if args.memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = args.memory_budget
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # cold caches: compile times as a first run sees them
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qat_step_inductor_")
 
