@@ -6,7 +6,7 @@ quantized). On the CPU, inductor's layout optimization puts every conv of a grap
 channels-last. The conv's backward and the gradient accumulation into the branch kernels then copy
 every kernel-sized tensor back to the default layout: on timm ``repvgg_a0`` at 64x64, batch 16,
 ~15 ms of a ~190 ms RepQ-BNEst training step (1 thread), enough to turn 0.95x of the float step into
-1.06x (benchmarks/RESULTS.md, "torch.compile"). A float model does not pay this: its kernels are
+1.06x (benchmarks/RESULTS.md, issue 3, "repq_fx.compile"). A float model does not pay this: its kernels are
 parameters, which keep their layout. :func:`compile` is ``torch.compile`` with that optimization off
 for models on the CPU, and otherwise exactly ``torch.compile``.
 
@@ -19,7 +19,6 @@ for models on the CPU, and otherwise exactly ``torch.compile``.
 """
 from __future__ import annotations
 
-import builtins
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +37,7 @@ def cpu_inductor_options(model: nn.Module) -> dict[str, Any]:
     {'layout_optimization': False}
     """
     tensors = list(model.parameters()) + list(model.buffers())
-    if builtins.all(t.device.type == "cpu" for t in tensors):
+    if all(t.device.type == "cpu" for t in tensors):
         return {"layout_optimization": False}
     return {}
 
