@@ -4,15 +4,30 @@ One torch thread per pytest-xdist worker, so ``pytest -n 2`` does not oversubscr
 ``fake_fmnist`` writes a small synthetic Fashion-MNIST (class k: a bright bar at row 2k + 4, over
 noise) as IDX files and points ``$REPQ_FASHION_MNIST`` at it; ``small_repvgg`` narrows
 ``RepVGGNet`` (widths 8/16/32, two blocks per stage) so training runs take seconds.
+Tests marked ``needs_cxx`` (inductor compiles C++) are skipped where no C++ compiler is found.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_cxx: needs a C++ compiler (torch.compile with inductor on the CPU)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if shutil.which("g++") or shutil.which("c++"):
+        return
+    skip = pytest.mark.skip(reason="inductor needs a C++ compiler")
+    for item in items:
+        if "needs_cxx" in item.keywords:
+            item.add_marker(skip)
 
 
 def write_synthetic_fmnist(root: Path, n_train: int = 256, n_test: int = 100) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -100,7 +99,7 @@ def test_bench_step_prints_the_three_variants(capsys: pytest.CaptureFixture[str]
     assert "compiling" not in out
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.needs_cxx
 def test_bench_step_compiled_twins(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "examples:RepVGGNet", "--input-size", "1x28x28", "--batch", "4", "--rounds", "2",
                      "--warmup", "1", "--what", "step", "--compile", "--no-progress"]) == 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import shutil
 
 import pytest
 import torch
@@ -211,7 +210,7 @@ def test_minmax_average_starts_from_the_first_range() -> None:
     assert (q.min_val.item(), q.max_val.item()) == (-2.0, 4.0)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.needs_cxx
 def test_inductor_fake_quant_equals_eager() -> None:
     # Given the same inputs, inductor's fused LSQ rounds as eager does (x * (1/s), half to even,
     # clamp, * s): forward and gradients equal. (Whole compiled models differ from eager by more,
@@ -268,7 +267,7 @@ def test_compile_leaves_models_on_other_devices_to_inductor(monkeypatch) -> None
     assert "options" not in _compile_kwargs(monkeypatch, model)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.needs_cxx
 def test_compiled_step_makes_no_copies_of_the_kernels() -> None:
     # Regression (issue 3): with inductor's default channels-last layout on the CPU, the computed conv
     # kernels of a prepared model came out channels-last and the conv backward and gradient

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -324,7 +323,7 @@ def test_example_network_and_data_must_fit(tmp_path: Path, capsys: pytest.Captur
     assert "classification network" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.needs_cxx
 @pytest.mark.parametrize("method", ["fp", "repq-bnest"])
 def test_compiled_training_trains_the_same_model(fake_fmnist: Path, method: str) -> None:
     # --compile changes the speed, not the run: the same steps on the same batches, so the same
