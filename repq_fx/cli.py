@@ -583,7 +583,7 @@ def _step_times(model: nn.Module, size: tuple[int, ...], out: torch.Tensor,
     compile_seconds: dict[str, float] = {}
     if getattr(args, "compile", False):
         with _progress(len(BENCH_VARIANTS), "compile", "model", args.progress) as tick:
-            for name in list(BENCH_VARIANTS):
+            for name in BENCH_VARIANTS:
                 twin = copy.deepcopy(steps[name].module)
                 step = TrainStep(compile_model(twin), x, target, loss=loss)
                 start = time.perf_counter()
