@@ -113,7 +113,7 @@ def test_u8u8_target_is_exact_layer_by_layer_with_full_range_weights(tmp_path) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about
         model = repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), path, target="onnxruntime-u8u8")
-    weights = [t for t in model.graph.initializer if "_weight_uint8_" in t.name]
+    weights = [t for t in model.graph.initializer if t.name.endswith("_deploy_weight")]
     assert len(weights) == lowered.lowered_layers and all(t.data_type == onnx.TensorProto.UINT8 for t in weights)
     parity = check_onnx_runtime(path, lowered, (torch.randn(16, 1, 28, 28),))
     assert parity.ops["QLinearConv"] == 9 and parity.ops["Conv"] == 0
@@ -129,7 +129,7 @@ def test_check_finds_a_layer_the_runtime_computes_wrong_on_any_cpu(tmp_path) -> 
     path = str(tmp_path / "m.onnx")
     model = repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), path, check=True)
     check_onnx_runtime(path, lowered, (torch.randn(8, 1, 28, 28),))
-    weight = next(t for t in model.graph.initializer if t.name.startswith("stages_1_0_conv_weight_int8"))
+    weight = next(t for t in model.graph.initializer if t.name == "stages.1.0.quantized_conv._deploy_weight")
     values = onnx.numpy_helper.to_array(weight).copy()
     values[0] = -values[0]
     weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))

@@ -1,4 +1,4 @@
-"""Deployment formats for lowered models: QDQ ONNX (``onnx_qdq``)."""
-from .onnx_qdq import export_qdq, function_rule, method_rule, module_rule
+"""Deployment formats for lowered models: QDQ ONNX (``onnx_qdq``), checked by ``parity`` and ``saturation``."""
+from .onnx_qdq import TRANSLATIONS, export_qdq
 
-__all__ = ["export_qdq", "module_rule", "function_rule", "method_rule"]
+__all__ = ["export_qdq", "TRANSLATIONS"]

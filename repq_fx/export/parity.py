@@ -146,30 +146,29 @@ class SegmentParity:
         return f"{what}: {100 * self.within_one_step:.2f} % within one step (max {self.max_steps:.1f})"
 
 
-def _segment_inputs(gm: fx.GraphModule, end: fx.Node) -> tuple[list[fx.Node], list[str]]:
-    """The tensors a segment starts from (what feeds its nearest upstream quantizers, and model inputs it
-    reads directly) and the integer layers inside it."""
+def _segment(gm: fx.GraphModule, end: fx.Node, names: dict) -> tuple[list[tuple[fx.Node, str]], list[str]]:
+    """Where the segment that ends in quantizer ``end`` starts, as ``(FX node holding the value, ONNX tensor)``
+    pairs (the inputs of its nearest upstream quantizers, and model inputs it reads directly), and the
+    integer layers inside it."""
     from ..quant.lowered import QuantizedConv2d, QuantizedLinear
 
-    starts: list[fx.Node] = []
+    starts: list[tuple[fx.Node, str]] = []
     layers: list[str] = []
-    stack, seen = list(end.all_input_nodes), set()
+    stack, seen = [end], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         module = gm.get_submodule(n.target) if n.op == "call_module" else None
-        if isinstance(module, QuantizeDequantize):
-            starts.extend(a for a in n.all_input_nodes if a not in starts)
+        if isinstance(module, QuantizeDequantize) and n is not end:
+            starts.append((n.args[0], names["quantizers"][n.target][0]))
         elif n.op == "placeholder":
-            starts.append(n) if n not in starts else None
+            starts.append((n, names["inputs"][n.name]))
         else:
             if isinstance(module, (QuantizedConv2d, QuantizedLinear)):
                 layers.append(n.target)
-            stack.extend(n.all_input_nodes)
-    if isinstance(gm.get_submodule(end.target), QuantizeDequantize) and not starts:
-        starts = list(end.all_input_nodes)
+            stack.extend(n.all_input_nodes if n is not end else n.all_input_nodes[:1])
     return starts, sorted(layers)
 
 
@@ -193,21 +192,23 @@ def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
     interpreter = fx.Interpreter(lowered.eval(), garbage_collect_values=False)
     with torch.no_grad():
         interpreter.run(*inputs)
-    values = {n.name: v for n, v in interpreter.env.items()}
+    values = interpreter.env
     extractor = Extractor(onnx.shape_inference.infer_shapes(model))  # value infos of every tensor
     results = []
     for node in lowered.graph.nodes:
-        if node.op != "call_module" or not isinstance(lowered.get_submodule(node.target), QuantizeDequantize):
+        if node.op != "call_module" or node.target not in names["quantizers"]:
             continue
-        starts, layers = _segment_inputs(lowered, node)
-        sub = extractor.extract_model([names[s.name] for s in starts], [names[node.name]])
-        sess = session_from_bytes(sub.SerializeToString(), threads)
-        feed = {names[s.name]: values[s.name].detach().cpu().numpy() for s in starts}
-        (got,) = sess.run(None, feed)
-        ref = values[node.name].detach().cpu().numpy()
-        steps = np.abs(got.astype(np.float64) - ref.astype(np.float64)) / float(lowered.get_submodule(node.target).scale)
+        starts, layers = _segment(lowered, node, names)
+        feed = {name: values[n].detach().cpu().numpy() for n, name in starts}
+        sub = extractor.extract_model(list(feed), [names["quantizers"][node.target][1]])
+        needed = {i.name for i in sub.graph.input}
+        (got,) = session_from_bytes(sub.SerializeToString(), threads).run(
+            None, {k: v for k, v in feed.items() if k in needed})
+        ref = values[node].detach().cpu().numpy()
+        step = float(lowered.get_submodule(node.target).scale)
+        steps = np.abs(got.astype(np.float64) - ref.astype(np.float64)) / step
         within = float((steps <= 1.001).mean()) if steps.size else 1.0
-        results.append(SegmentParity(node.name, tuple(layers), within, float(steps.max()) if steps.size else 0.0))
+        results.append(SegmentParity(node.target, tuple(layers), within, float(steps.max()) if steps.size else 0.0))
     return results
 
 

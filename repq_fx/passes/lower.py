@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..capture.graph_utils import fetch_attr, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError
-from ..targets import DEFAULT_TARGET
+from ..targets import DEFAULT_TARGET, get_target
 from ..quant.bn_stats import branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
@@ -65,11 +65,13 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
         if q.learned:  # what the next forward would do to a step an optimizer pushed below zero
             q._keep_step_positive()
     folder = _WeightFolder(gm)
+    target = getattr(getattr(qmodel, "repq_config", None), "target", DEFAULT_TARGET)
+    container = get_target(target).weight_container
     lowered = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _LAYERS:
             if _quantized_inputs(gm, node) is not None:
-                _lower_layer(gm, node, folder)
+                _lower_layer(gm, node, folder, container)
                 lowered += 1
     for path, module in list(gm.named_modules()):
         if isinstance(module, ActFakeQuant):
@@ -89,8 +91,7 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     gm.lowered_layers = lowered
-    config = getattr(qmodel, "repq_config", None)
-    gm.repq_target = getattr(config, "target", DEFAULT_TARGET)  # the integer scheme export writes
+    gm.repq_target = target  # the integer scheme export writes
     return gm.eval()
 
 
@@ -130,7 +131,7 @@ def _quantized_inputs(gm: fx.GraphModule, node: fx.Node) -> tuple[ActFakeQuant, 
     return None
 
 
-def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder") -> None:
+def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", container: str) -> None:
     act, wq = _quantized_inputs(gm, node)
     weight_node = node.args[1]
     is_conv = node.target is F.conv2d
@@ -156,9 +157,9 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder") -> 
     layer: nn.Module
     if is_conv:
         layer = QuantizedConv2d(w_int, step, bias_int, s_x, args["stride"], args["padding"], args["dilation"],
-                                args["groups"], weight_bits=wq.bits)
+                                args["groups"], weight_bits=wq.bits, weight_container=container)
     else:
-        layer = QuantizedLinear(w_int, step, bias_int, s_x, weight_bits=wq.bits)
+        layer = QuantizedLinear(w_int, step, bias_int, s_x, weight_bits=wq.bits, weight_container=container)
     layer = layer.to(w.device)
     base = weight_node.target.rpartition(".")[0]
     path = free_module_path(gm, f"{base}.quantized_{'conv' if is_conv else 'linear'}" if base

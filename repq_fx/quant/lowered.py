@@ -1,10 +1,17 @@
 """The deploy-time modules ``lower`` puts in the graph: fixed quant-dequant, integer conv and linear.
 
-A lowered block computes what ONNX Runtime's ``QLinearConv`` computes: the input on the
-activation grid, ``acc = sum (x_q - z_x) * w_q + b_q`` in exact integer arithmetic (int8
+Run eagerly, a lowered block computes what ONNX Runtime's ``QLinearConv`` computes: the input on
+the activation grid, ``acc = sum (x_q - z_x) * w_q + b_q`` in exact integer arithmetic (int8
 weights, int32 bias at scale ``s_x * s_w``), and ``acc * s_x * s_w`` as the float output,
 which the next :class:`QuantizeDequantize` puts on the output grid. Integers are accumulated
 in float32 where the layer's worst case stays below 2**24 (exact), else in float64.
+
+Traced (``torch.export``, ``torch.onnx.export(dynamo=True)``, ``torch.compile``), the same modules
+are PyTorch's quantized reference representation, the form PT2E's convert produces:
+``quantized_decomposed`` quantize/dequantize ops around float ``conv2d``/``linear``, with the
+weights and the int32 bias as integer constants behind ``dequantize_per_channel``. Exporters and
+compilers pattern-match exactly that form (ONNX Runtime fuses it into ``QLinearConv``). The two
+forms hold the same integers; their float outputs differ only by rounding.
 
 >>> import torch
 >>> qdq = QuantizeDequantize(scale=0.5, zero_point=0, quant_min=0, quant_max=255)
@@ -20,10 +27,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn as nn
 import torch.nn.functional as F
 
 _FLOAT32_EXACT = 2 ** 24
+_INT32 = torch.iinfo(torch.int32)
+_qd = torch.ops.quantized_decomposed  # registered by the import of torch.ao...._decomposed below
+
+
+def tracing() -> bool:
+    """True while torch.export or torch.compile traces: the modules then emit the reference representation."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 class QuantizeDequantize(nn.Module):
@@ -38,11 +53,33 @@ class QuantizeDequantize(nn.Module):
         self.quant_min, self.quant_max = int(quant_min), int(quant_max)
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1).clone())
         self.register_buffer("zero_point", torch.as_tensor(zero_point).round().to(torch.int32).reshape(1).clone())
+        self._constants()
+
+    def _constants(self) -> None:
+        # Python numbers for the traced form: literals in the graph, as PT2E writes them
+        self._scale_value, self._zero_point_value = float(self.scale), int(self.zero_point)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._constants()
+
+    @property
+    def container(self) -> torch.dtype:
+        """The 8-bit integer type that holds the grid: uint8, or int8 for a grid with negative values."""
+        return torch.int8 if self.quant_min < 0 else torch.uint8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():
+            return self.reference(x)
         y = torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point,
                                                   self.quant_min, self.quant_max)
         return y.to(x.dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """``dequantize_per_tensor(quantize_per_tensor(x))``: the same values, as reference-representation ops."""
+        args = (self._scale_value, self._zero_point_value, self.quant_min, self.quant_max, self.container)
+        q = _qd.quantize_per_tensor.default(x.float(), *args)
+        return _qd.dequantize_per_tensor.default(q, *args).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, "
@@ -53,11 +90,14 @@ class _IntegerLayer(nn.Module):
     """Shared state of the integer conv and linear: int weights, int32 bias, input and weight scales."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: float | torch.Tensor, weight_bits: int = 8) -> None:
+                 input_scale: float | torch.Tensor, weight_bits: int = 8, weight_container: str = "int8") -> None:
         super().__init__()
         if weight.dtype != torch.int8:
             raise TypeError(f"weight must be int8, got {weight.dtype}")
+        if weight_container not in ("int8", "uint8"):
+            raise ValueError(f"weight_container must be 'int8' or 'uint8'; got {weight_container!r}")
         self.weight_bits = int(weight_bits)
+        self.weight_container = weight_container  # how the traced form stores the weights (a target's choice)
         self.register_buffer("weight", weight.clone())
         self.register_buffer("weight_scale", weight_scale.detach().to(torch.float32).reshape(-1).clone())
         self.register_buffer("bias", None if bias is None else bias.to(torch.int32).clone())
@@ -95,6 +135,31 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("_weight_acc", self.weight.to(dtype), persistent=False)
         self.register_buffer("_bias_acc", None if self.bias is None else self.bias.to(dtype), persistent=False)
         self.register_buffer("_output_scale", self.output_scale().to(dtype), persistent=False)
+        self.set_weight_container(self.weight_container)
+
+    def set_weight_container(self, container: str) -> None:
+        """Store the weights of the traced form as ``"int8"`` (zero point 0) or ``"uint8"`` (``w + 128``, zero
+        point 128: ONNX Runtime's u8u8 kernels); the integer values, and the eager arithmetic, are unchanged."""
+        self.weight_container = container
+        shift = 128 if container == "uint8" else 0
+        dtype = torch.uint8 if container == "uint8" else torch.int8
+        self.register_buffer("_deploy_weight", (self.weight.to(torch.int16) + shift).to(dtype), persistent=False)
+        self.register_buffer("_deploy_zero_point", torch.full((self.out_channels,), shift, dtype=torch.int64,
+                                                              device=self.weight.device), persistent=False)
+        self.register_buffer("_bias_zero_point", torch.zeros(self.out_channels, dtype=torch.int64,
+                                                             device=self.weight.device), persistent=False)
+
+    def reference_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias of the traced form: ``dequantize_per_channel`` of the integer constants."""
+        dtype = self._deploy_weight.dtype
+        info = torch.iinfo(dtype)
+        weight = _qd.dequantize_per_channel.default(self._deploy_weight, self.weight_scale, self._deploy_zero_point,
+                                                    0, info.min, info.max, dtype)
+        bias = None
+        if self.bias is not None:
+            bias = _qd.dequantize_per_channel.default(self.bias, self.output_scale(), self._bias_zero_point, 0,
+                                                      _INT32.min, _INT32.max, torch.int32)
+        return weight, bias
 
     def _integers(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x.to(self.accumulate_in) / self.input_scale.to(self.accumulate_in))
@@ -114,12 +179,16 @@ class QuantizedConv2d(_IntegerLayer):
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_scale: float | torch.Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
-                 groups: int = 1, weight_bits: int = 8) -> None:
-        super().__init__(weight, weight_scale, bias, input_scale, weight_bits)
+                 groups: int = 1, weight_bits: int = 8, weight_container: str = "int8") -> None:
+        super().__init__(weight, weight_scale, bias, input_scale, weight_bits, weight_container)
         self.stride, self.padding = _pair(stride), _pair(padding)
         self.dilation, self.groups = _pair(dilation), int(groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():  # x comes dequantized from the QuantizeDequantize before this layer
+            weight, bias = self.reference_parameters()
+            return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), self.stride,
+                            self.padding, self.dilation, self.groups)
         acc = F.conv2d(self._integers(x), self._weight_acc, self._bias_acc, self.stride, self.padding,
                        self.dilation, self.groups)
         return self._rescale(acc, x.dtype, 1)
@@ -135,6 +204,9 @@ class QuantizedLinear(_IntegerLayer):
     """One int8 linear, the same arithmetic as :class:`QuantizedConv2d`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():
+            weight, bias = self.reference_parameters()
+            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         return self._rescale(F.linear(self._integers(x), self._weight_acc, self._bias_acc), x.dtype, -1)
 
     def extra_repr(self) -> str:
