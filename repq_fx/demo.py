@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .export.float_onnx import export_float
+from .export.parity import output_steps, segment_parity
 from .export.runtime import optimized_ops, session
 
 
@@ -100,19 +101,33 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     log("\n[4/4] ONNX Runtime on the Fashion-MNIST test set")
     _, test_loader = make_loaders(qat)
     int8_session = session(int8_path)
-    correct = agree = count = 0
+    correct = agree = count = fq_agree = 0
     lowered_correct = 0
+    fq_steps = 0.0
+    step = output_steps(lowered)[0]
+    qmodel.eval()
+    layers = None
     for x, y in test_loader:
         out = int8_session.run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
             ref = lowered(x).numpy()
+            fake = qmodel(x).numpy()
+        if layers is None:  # ORT layer by layer, on the lowered model's own inputs to each layer
+            layers = segment_parity(int8_path, lowered, (x,))
         correct += int((out.argmax(1) == y.numpy()).sum())
         lowered_correct += int((ref.argmax(1) == y.numpy()).sum())
         agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        fq_agree += int((fake.argmax(1) == ref.argmax(1)).sum())
+        fq_steps = max(fq_steps, float(np.abs(fake - ref).max()) / step)
         count += len(y)
     figures["ort_int8_top1"] = 100.0 * correct / count
     figures["lowered_top1"] = 100.0 * lowered_correct / count
     figures["argmax_agreement"] = 100.0 * agree / count
+    figures["fake_quant_agreement"] = 100.0 * fq_agree / count
+    figures["fake_quant_max_steps"] = fq_steps
+    figures["ort_layers_ok"], figures["ort_layers"] = float(sum(s.ok for s in layers)), float(len(layers))
+    log(f"  ONNX Runtime layer by layer: {sum(s.ok for s in layers)} of {len(layers)} quantizers within one step "
+        f"on >= 99.9 % of their outputs (worst {min(s.within_one_step for s in layers) * 100:.3f} %)")
     lat_int8 = _latency(int8_session, config.latency_runs)
     lat_float = _latency(session(float_path), config.latency_runs)
     figures["ort_int8_ms"], figures["ort_float_ms"] = lat_int8, lat_float
@@ -121,7 +136,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     log(f"  float model, PyTorch                  top-1 {figures['fp_top1']:6.2f} %   ({figures['fp_seconds']:.0f} s)")
     log(f"  RepQ W{w}A{a} fake quant, PyTorch        top-1 {figures['qat_top1']:6.2f} %   "
         f"({figures['qat_seconds']:.0f} s)")
-    log(f"  lowered int8 model, PyTorch           top-1 {figures['lowered_top1']:6.2f} %")
+    log(f"  lowered int8 model, PyTorch           top-1 {figures['lowered_top1']:6.2f} %   (same class as fake "
+        f"quant on {figures['fake_quant_agreement']:.2f} %, at most {fq_steps:.0f} output steps apart)")
     log(f"  int8 QDQ ONNX, ONNX Runtime           top-1 {figures['ort_int8_top1']:6.2f} %   "
         f"(same class as PyTorch lowered on {figures['argmax_agreement']:.2f} % of images)")
     log(f"  latency, batch 1, ONNX Runtime 1 thread: float (merged) {lat_float:.3f} ms, int8 {lat_int8:.3f} ms "

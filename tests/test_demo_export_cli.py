@@ -67,6 +67,8 @@ def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch
     text = "\n".join(lines)
     assert "6 QLinearConv" in text and "0 float Conv" in text
     assert figures["argmax_agreement"] >= 99.0
+    assert figures["ort_layers_ok"] == figures["ort_layers"] > 0  # every layer, on any CPU
+    assert figures["fake_quant_agreement"] >= 99.0 and "same class as fake quant" in text
     assert abs(figures["ort_int8_top1"] - figures["lowered_top1"]) <= 1.0
     assert figures["ort_int8_ms"] > 0 and figures["ort_float_ms"] > 0
     # a second run reuses the finished checkpoints
