@@ -13,6 +13,7 @@ add / sub / mul / div       ``operator.add`` / ``sub`` / ``mul`` / ``truediv``
 cat                         ``torch.cat(tensors, dim)``
 ==========================  ==========================================================
 
+Sizes read from parameters (``self.weight.shape[-1] // 2``) become constants.
 Removed: ``nn.Identity``, dropout with p=0 or ``training=False``, DropPath at rate 0,
 ``add(0, x)``, ``mul(x, 1)`` and ``torch._assert`` checks of ``x.ndim``/``x.shape`` (other
 asserts, such as FX's ``concrete_args`` guards, stay). Each rewrite is one
@@ -35,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .graph_utils import fetch_attr, free_module_path
+from .graph_utils import fetch_attr, free_module_path, is_size_value
 from .norm import batch_norm, is_batch_norm
 
 Rewrite = Callable[[fx.GraphModule, fx.Node], "fx.Node | None"]
@@ -291,9 +292,10 @@ def _is_shape_check(cond: Any, depth: int = 4) -> bool:
 
 @_register(_FUNCTION_REWRITES, torch.cat, torch.concat, torch.concatenate)
 def _cat_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    # torch.concat(xs, dim=d) -> torch.cat(xs, d)
+    # torch.concat(xs, dim=d) -> torch.cat(xs, d); a sequence computed at run time (x.chunk(2)) stays a node
     a = _bind(node, ("tensors", "dim"), {"dim": 0})
-    return _normalized(gm, node, torch.cat, (list(a["tensors"]), a["dim"]))
+    tensors = list(a["tensors"]) if isinstance(a["tensors"], (list, tuple)) else a["tensors"]
+    return _normalized(gm, node, torch.cat, (tensors, a["dim"]))
 
 
 _ARITH = {
@@ -389,8 +391,43 @@ def _is_inert_drop_path(module: nn.Module) -> bool:
     return rate == 0
 
 
+def _fold_parameter_sizes(gm: fx.GraphModule) -> None:
+    """Sizes read from parameters and buffers (``padding=self.weight.shape[-1] // 2``) become constants.
+
+    A tensor's shape never changes while it trains, so the size is part of the model's structure;
+    sizes read from the input (``x.size(3)``) stay nodes (the linear-op rules refuse them).
+    """
+    depends_on_input: set[fx.Node] = set()
+    foldable: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in depends_on_input for a in node.all_input_nodes):
+            depends_on_input.add(node)
+        elif is_size_value(node) and node.op in ("call_function", "call_method"):
+            foldable.append(node)
+    values: dict[fx.Node, Any] = {}
+
+    def value_of(n: fx.Node) -> Any:
+        return values[n] if n in values else fetch_attr(gm, n.target)
+
+    for node in foldable:
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
+        if node.op == "call_method":
+            values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            values[node] = node.target(*args, **kwargs)
+        if isinstance(values[node], torch.Size):
+            values[node] = tuple(values[node])
+    for node in reversed(foldable):
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: values[node] if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: values[node] if n is node else n)
+        gm.graph.erase_node(node)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into the canonical forms above and return it."""
+    _fold_parameter_sizes(gm)
     for node in list(gm.graph.nodes):
         rewrite = _rewrite_for(gm, node)
         if rewrite is None:

@@ -28,7 +28,7 @@ from ..algebra.compose import composite_shape
 from ..capture.canonicalize import conv_module_refusal, module_refusal
 from ..capture.graph_utils import fetch_attr
 from ..capture.norm import batch_norm, is_batch_norm
-from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
+from .linear_ops import LinearOp, RuntimeArgument, Values, linear_op, tensor_nodes
 from .regions import Region, partition
 
 
@@ -229,6 +229,8 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
             verdict = linear_op(n, tensors)
             if verdict:
                 linear[n] = verdict
+            elif isinstance(verdict, RuntimeArgument):
+                notes[n] = f"left out: {verdict.reason}"
             elif why := unmerged_reason(gm, n, verdict.reason):
                 notes[n] = f"left out: {why}"
     forced: set[fx.Node] = set()
