@@ -51,6 +51,10 @@ class SymValues:
     def param(self, arg: Any) -> Any:
         if isinstance(arg, fx.Node):
             value = self.numeric.param(arg)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                # a number computed from parameter values at run time (``self.alpha.item()``): the graph
+                # reads it every step rather than keeping today's value
+                return self.emitter.call(torch.as_tensor, (self.emitter.wrap(arg, value),), {"dtype": self.dtype})
             return self.emitter.wrap(arg, value) if isinstance(value, torch.Tensor) else value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.param(a) for a in arg)

@@ -14,9 +14,10 @@ sub-block is still merged. The evaluation itself (:func:`evaluate`) is shared wi
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
 from ..algebra.compose import composite_shape
+from ..algebra.decisions import about, disagreement, recording
 from ..capture.canonicalize import conv_module_refusal, module_refusal
 from ..capture.graph_utils import fetch_attr
 from ..capture.norm import batch_norm, is_batch_norm
@@ -37,7 +39,7 @@ class Failure:
     """Where and why the algebra refused a region."""
 
     node: fx.Node
-    kind: str  # "op" | "compose" | "combine" | "final" | "cost" | "channels"
+    kind: str  # "op" | "compose" | "combine" | "final" | "cost" | "channels" | "values"
     reason: str
 
 
@@ -90,10 +92,14 @@ class NumericValues:
             self._cache[node] = value
         return self._cache[node]
 
+    def leaf(self, value: Any) -> Any:
+        """The value used for a parameter, buffer or module read from the model (itself here)."""
+        return value
+
     def _raw(self, node: fx.Node) -> Any:
         """A parameter expression evaluated in the model's own dtype (as the model computes it)."""
         if node.op == "get_attr":
-            return fetch_attr(self.gm, node.target)
+            return self.leaf(fetch_attr(self.gm, node.target))
         if node not in self._raw_cache:
             args = fx.node.map_arg(node.args, self._raw)
             kwargs = fx.node.map_arg(node.kwargs, self._raw)
@@ -110,16 +116,50 @@ class NumericValues:
         return self._raw_cache[node]
 
     def bn(self, node: fx.Node, module: torch.nn.Module, before: AffineConv | None) -> AffineConv | NoMatch:
-        return running_stats_bn(module, self.dtype)
+        return running_stats_bn(module, self.dtype, self.leaf)
 
 
-def running_stats_bn(module: torch.nn.Module, dtype: torch.dtype) -> AffineConv | NoMatch:
-    """The eval-mode map of a BatchNorm module (running statistics), or why there is none."""
+class GenericValues(NumericValues):
+    """The same parameter expressions on random values of every trainable tensor.
+
+    Trainable: parameters that require grad, and BatchNorm running statistics (train mode moves
+    them). Buffers that never change (fixed masks, identity kernels) and frozen parameters keep
+    their values. A decision the algebra takes on these values and on the model's own
+    (``algebra.decisions``) holds for the values training will reach, not only for today's
+    (a bias that is exactly zero at initialisation). Values are drawn in ``[0.5, 1.5)``, so square
+    roots and variances stay defined; the draw is fixed by ``seed``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        super().__init__(gm, dtype)
+        self._trainable = {id(p) for p in gm.parameters() if p.requires_grad}
+        for m in gm.modules():
+            if is_batch_norm(m) and m.running_mean is not None:
+                self._trainable |= {id(m.running_mean), id(m.running_var)}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor kept alive, its draw)
+
+    def leaf(self, value: Any) -> Any:
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and id(value) in self._trainable):
+            return value
+        if id(value) not in self._drawn:
+            draw = 0.5 + torch.rand(value.shape, generator=self._generator, dtype=torch.float64)
+            self._drawn[id(value)] = (value, draw.to(value.dtype))
+        return self._drawn[id(value)][1]
+
+
+def running_stats_bn(module: torch.nn.Module, dtype: torch.dtype, leaf: Callable[[Any], Any] = lambda t: t
+                     ) -> AffineConv | NoMatch:
+    """The eval-mode map of a BatchNorm module (running statistics), or why there is none.
+
+    ``leaf`` gives the value used for each of the module's tensors (the tensor itself by default).
+    """
     if module.running_mean is None or not module.track_running_stats:
         return NoMatch("BatchNorm with track_running_stats=False normalizes with batch statistics even in eval mode")
-    weight = module.weight.detach().to(dtype) if module.weight is not None else None
-    bias = module.bias.detach().to(dtype) if module.bias is not None else None
-    return ops.batch_norm(module.running_mean.to(dtype), module.running_var.to(dtype), weight, bias, module.eps)
+    weight = leaf(module.weight).detach().to(dtype) if module.weight is not None else None
+    bias = leaf(module.bias).detach().to(dtype) if module.bias is not None else None
+    return ops.batch_norm(leaf(module.running_mean).to(dtype), leaf(module.running_var).to(dtype), weight, bias,
+                          module.eps)
 
 
 def entry_channels(gm: fx.GraphModule, region: Region, linear: dict[fx.Node, LinearOp], values: Values) -> int | None:
@@ -167,32 +207,14 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
     costlier: fx.Node | None = None  # first conv whose composition cost more than the two convs apart
     budget = sum(float(values.param(linear[n].node.args[1]).numel()) for n in region.nodes if linear[n].is_conv)
     for node in region.nodes:
-        op = linear[node]
-        if op.kind == "unary":
-            before = maps[op.inputs[0]]
-            own = op.build(values, channels if before is None else before.out_channels, before)
-            if isinstance(own, NoMatch):
-                return Failure(node, "op", own.reason)
-            if before is not None and op.is_conv and _shape_macs(composite_shape(own, before), own, before) > budget:
-                return Failure(node, "cost", "one merged conv would cost more than all convs of the block "
-                                             "(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
-            result = own if before is None else compose(own, before)
-            if isinstance(result, NoMatch):
-                return Failure(node, "compose", result.reason)
-            if op.is_conv:
-                own_cost = _macs(own.weight, result.stride)
-                if costlier is None and before is not None and _macs(result.weight, result.stride) > (
-                        _macs(before.weight, before.stride) + own_cost) * (1 + 1e-9):
-                    costlier = node  # e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk
-                cost += own_cost
-        elif op.kind == "sum":
-            result = add([full(i) for i in op.inputs], list(op.signs))
-            if isinstance(result, NoMatch):
-                return Failure(node, "combine", result.reason)
-        else:
-            result = concat([full(i) for i in op.inputs])
-            if isinstance(result, NoMatch):
-                return Failure(node, "combine", result.reason)
+        with about(node):
+            step = _step(node, linear, values, maps, full, channels, budget)
+        if isinstance(step, Failure):
+            return step
+        result, own_cost, grew = step
+        cost += own_cost
+        if costlier is None and grew:
+            costlier = node
         maps[node] = result
     final = full(region.exit)
     if final.reads_padding() and final.pad_value is not None:
@@ -207,6 +229,38 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
     return final
 
 
+def _step(node: fx.Node, linear: dict[fx.Node, LinearOp], values: Values, maps: dict, full: Callable,
+          channels: int, budget: float) -> tuple[AffineConv, float, bool] | Failure:
+    """The map of ``node`` from the region's entry, its own conv cost, and whether composing grew the cost."""
+    op = linear[node]
+    own_cost, grew = 0.0, False
+    if op.kind == "unary":
+        before = maps[op.inputs[0]]
+        own = op.build(values, channels if before is None else before.out_channels, before)
+        if isinstance(own, NoMatch):
+            return Failure(node, "op", own.reason)
+        if before is not None and op.is_conv and _shape_macs(composite_shape(own, before), own, before) > budget:
+            return Failure(node, "cost", "one merged conv would cost more than all convs of the block "
+                                         "(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
+        result = own if before is None else compose(own, before)
+        if isinstance(result, NoMatch):
+            return Failure(node, "compose", result.reason)
+        if op.is_conv:
+            own_cost = _macs(own.weight, result.stride)
+            # e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk
+            grew = before is not None and _macs(result.weight, result.stride) > (
+                _macs(before.weight, before.stride) + own_cost) * (1 + 1e-9)
+    elif op.kind == "sum":
+        result = add([full(i) for i in op.inputs], list(op.signs))
+        if isinstance(result, NoMatch):
+            return Failure(node, "combine", result.reason)
+    else:
+        result = concat([full(i) for i in op.inputs])
+        if isinstance(result, NoMatch):
+            return Failure(node, "combine", result.reason)
+    return result, own_cost, grew
+
+
 def _shape_macs(shape: tuple[int, ...], second: AffineConv, first: AffineConv) -> float:
     stride = (first.stride[0] * second.stride[0], first.stride[1] * second.stride[1])
     return float(shape[0] * shape[1] * shape[2] * shape[3]) / (stride[0] * stride[1])
@@ -217,9 +271,44 @@ def _macs(weight: Any, stride: tuple[int, int]) -> float:
     return float(weight.numel()) / (stride[0] * stride[1])
 
 
-def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
-    """Partition ``gm`` (canonical) into blocks and merge each one numerically."""
+def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], values: NumericValues,
+                             generic: NumericValues, channels: int) -> AffineConv | Failure:
+    """``evaluate`` on the model's values, refused where its answer would change once training moves them.
+
+    The region is evaluated on ``values``; if the algebra took a decision from values there
+    (``algebra.decisions``), it is evaluated again on ``generic`` (random values of every trainable
+    tensor) and the first answer that differs, or that holds for the current values only, becomes
+    the failure: the region is split there, as for any other refusal.
+    """
+    with recording() as taken:
+        result = evaluate(region, linear, values, channels)
+        if isinstance(result, AffineConv):
+            to_conv(result)
+    if not taken:
+        return result
+    with recording() as other:
+        generic_result = evaluate(region, linear, generic, channels)
+        if isinstance(generic_result, AffineConv):
+            to_conv(generic_result)
+    differs = disagreement(taken, other)
+    if differs is not None:
+        node = differs.subject if differs.subject in region.nodes else region.exit
+        return Failure(node, "values", f"{differs.question} only for the current values (a bias or mean exactly 0 "
+                                       "now), not once training moves them")
+    if isinstance(generic_result, Failure) and not isinstance(result, Failure):
+        return dataclasses.replace(generic_result, reason=f"{generic_result.reason} (exact for the current values "
+                                                          "only, not once training changes them)")
+    return result
+
+
+def find_blocks(gm: fx.GraphModule, values: NumericValues | None = None) -> Analysis:
+    """Partition ``gm`` (canonical) into blocks and merge each one numerically.
+
+    A region is merged only where the merge holds for every value of the trainable tensors
+    (``evaluate_for_every_value``), so ``merge``, ``prepare`` and ``explain`` see one structure.
+    """
     values = values or NumericValues(gm)
+    generic = GenericValues(gm, values.dtype)
     tensors = tensor_nodes(gm)
     linear: dict[fx.Node, LinearOp] = {}
     notes: dict[fx.Node, str] = {}
@@ -251,7 +340,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
                     cache[key] = Failure(region.exit, "channels", "channel count of the block input is unknown; "
                                                                   "pass example_inputs")
                 else:
-                    cache[key] = evaluate(region, linear, values, channels)
+                    cache[key] = evaluate_for_every_value(region, linear, values, generic, channels)
             results[region] = cache[key]
             if isinstance(cache[key], Failure) and cache[key].kind != "channels":
                 failure = (region, cache[key])
@@ -334,8 +423,8 @@ def _split(region: Region, f: Failure, linear: dict, forced: set, notes: dict) -
     """Cut a refused region: make the failing op's input an exit of its own, or leave the op out."""
     op = linear[f.node]
     cut = None
-    if f.kind in ("compose", "cost") and op.kind == "unary" and op.inputs[0] is not region.entry:
-        cut = op.inputs[0]  # second(first(x)) not exact or not cheaper: materialize first(x)
+    if f.kind in ("compose", "cost", "values") and op.kind == "unary" and op.inputs[0] is not region.entry:
+        cut = op.inputs[0]  # second(first(x)) not exact, not cheaper or not for every value: materialize first(x)
     elif f.kind == "final" and f.node is not region.exit:
         cut = f.node  # the op that introduced a non-zero pad value ends its own region
     if cut is not None:
