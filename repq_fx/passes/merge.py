@@ -38,16 +38,22 @@ def _is_plain_conv(block: Block) -> bool:
 
 def _replace_with_conv(gm: fx.GraphModule, block: Block, dtype: torch.dtype,
                        replaced: dict[fx.Node, fx.Node]) -> fx.Node:
-    conv = to_module(block.conv, dtype=dtype)
     device = next((p.device for p in gm.parameters()), None)
-    if device is not None:
-        conv = conv.to(device)
-    target = free_module_path(gm, f"{block.name}.reparam_conv" if block.name else "reparam_conv")
-    gm.add_submodule(target, conv)
     exit_ = block.region.exit
-    with gm.graph.inserting_before(exit_):
-        entry = replaced.get(block.region.entry, block.region.entry)
-        new = gm.graph.call_module(target, (entry,))
+    entry = replaced.get(block.region.entry, block.region.entry)
+    outputs = []
+    for params in block.parts or (block.conv,):  # one conv, or one per concatenated branch
+        conv = to_module(params, dtype=dtype)
+        if device is not None:
+            conv = conv.to(device)
+        target = free_module_path(gm, f"{block.name}.reparam_conv" if block.name else "reparam_conv")
+        gm.add_submodule(target, conv)
+        with gm.graph.inserting_before(exit_):
+            outputs.append(gm.graph.call_module(target, (entry,)))
+    new = outputs[0]
+    if block.parts:
+        with gm.graph.inserting_before(exit_):
+            new = gm.graph.call_function(torch.cat, (outputs, 1))
     new.meta = dict(exit_.meta)
     exit_.replace_all_uses_with(new)
     return new

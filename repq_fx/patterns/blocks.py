@@ -45,21 +45,43 @@ class Failure:
 
 @dataclass(frozen=True)
 class Block:
-    """A region with at least one conv: ``exit = conv(entry)`` after merging."""
+    """A region with at least one conv: ``exit = conv(entry)`` after merging.
+
+    Or ``exit = cat([conv_1(entry), conv_2(entry), ...])`` (``parts``): a channel concat of branches
+    followed by a BatchNorm (or other per-channel ops) where one merged conv would cost more than
+    the branches; each branch keeps its own conv, with its channels of the BatchNorm folded in.
+    """
 
     name: str  # module path the block lives under ("" for the root)
     region: Region
     ops: tuple[LinearOp, ...]  # the region's ops in graph order
     conv: ConvParams | None  # the merged conv (numeric, eval-mode statistics)
     reason: str = ""  # why it was split or left alone; "" when merged without refusals
+    parts: tuple[ConvParams, ...] = ()  # one conv per concatenated branch, in channel order (conv is None)
 
     @property
     def merged(self) -> bool:
-        return self.conv is not None
+        return self.conv is not None or bool(self.parts)
+
+    @property
+    def outputs(self) -> int:
+        """Convs the block becomes (one, or one per concatenated branch)."""
+        return len(self.parts) or 1
 
     @property
     def num_convs(self) -> int:
         return sum(op.is_conv for op in self.ops)
+
+
+@dataclass(frozen=True)
+class ChannelParts:
+    """The map of a region as a channel concat of maps of its entry, one per concatenated branch."""
+
+    maps: tuple[AffineConv, ...]
+
+    @property
+    def out_channels(self) -> int:
+        return sum(m.out_channels for m in self.maps)
 
 
 @dataclass
@@ -195,9 +217,16 @@ def _input_channels(node: fx.Node, values: Values) -> int | None:
     return None
 
 
-def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, channels: int) -> AffineConv | Failure:
-    """The affine map from ``region.entry`` to ``region.exit``, or where the algebra refused."""
+def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values,
+             channels: int) -> AffineConv | ChannelParts | Failure:
+    """The affine map from ``region.entry`` to ``region.exit``, or where the algebra refused.
+
+    Where one merged conv would cost more than the convs it replaces and the exit is a channel
+    concat followed by per-channel ops (a BatchNorm), the map is returned as ``ChannelParts``: each
+    concatenated branch with its channels of those ops.
+    """
     maps: dict[fx.Node, AffineConv | None] = {region.entry: None}  # None: the identity
+    parts: dict[fx.Node, list[AffineConv]] = {}  # channel concats (and per-channel ops after them), by branch
 
     def full(n: fx.Node) -> AffineConv:
         m = maps[n]
@@ -211,11 +240,13 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
             step = _step(node, linear, values, maps, full, channels, budget)
         if isinstance(step, Failure):
             return step
-        result, own_cost, grew = step
+        result, own, own_cost, grew = step
         cost += own_cost
         if costlier is None and grew:
             costlier = node
         maps[node] = result
+        with about(node):
+            _track_parts(node, linear[node], own, full, parts)
     final = full(region.exit)
     if final.reads_padding() and final.pad_value is not None:
         first = next(n for n in region.nodes if maps[n] is not None and maps[n].pad_value is not None)
@@ -223,17 +254,47 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
                                        "this at the borders")
     merged_cost = _macs(final.weight, final.stride)
     if merged_cost > cost * (1 + 1e-9):
+        if linear[region.exit].kind == "unary" and region.exit in parts:
+            split = ChannelParts(tuple(parts[region.exit]))
+            if sum(_macs(m.weight, m.stride) for m in split.maps) <= cost * (1 + 1e-9) and not any(
+                    m.reads_padding() and m.pad_value is not None for m in split.maps):
+                return split
         # split where a sequence first grew in cost; else the exit's sum/concat is what costs
         return Failure(costlier or region.exit, "cost", f"one merged conv would cost more than its parts "
                                                         f"({merged_cost:.0f} vs {cost:.0f} multiply-adds per pixel)")
     return final
 
 
+def _track_parts(node: fx.Node, op: LinearOp, own: AffineConv | None, full: Callable,
+                 parts: dict[fx.Node, list[AffineConv]]) -> None:
+    """Keep a channel concat's branches apart, through the per-channel ops that follow it (R8 by rows).
+
+    ``own`` is the node's own map (a unary op), as ``_step`` built it.
+    """
+    if op.kind == "cat":
+        parts[node] = [full(i) for i in op.inputs]
+        return
+    if op.kind != "unary" or op.inputs[0] not in parts or own is None or not own.is_diagonal():
+        return
+    out, start = [], 0
+    for branch in parts[op.inputs[0]]:
+        stop = start + branch.out_channels
+        rows = own.with_(weight=own.weight[start:stop], bias=None if own.bias is None else own.bias[start:stop],
+                         groups=stop - start)
+        composed = compose(rows, branch)
+        if isinstance(composed, NoMatch):
+            return
+        out.append(composed)
+        start = stop
+    parts[node] = out
+
+
 def _step(node: fx.Node, linear: dict[fx.Node, LinearOp], values: Values, maps: dict, full: Callable,
-          channels: int, budget: float) -> tuple[AffineConv, float, bool] | Failure:
-    """The map of ``node`` from the region's entry, its own conv cost, and whether composing grew the cost."""
+          channels: int, budget: float) -> tuple[AffineConv, AffineConv | None, float, bool] | Failure:
+    """The map of ``node`` from the region's entry, its own map (unary ops), its own conv cost, and
+    whether composing grew the cost."""
     op = linear[node]
-    own_cost, grew = 0.0, False
+    own, own_cost, grew = None, 0.0, False
     if op.kind == "unary":
         before = maps[op.inputs[0]]
         own = op.build(values, channels if before is None else before.out_channels, before)
@@ -258,7 +319,7 @@ def _step(node: fx.Node, linear: dict[fx.Node, LinearOp], values: Values, maps: 
         result = concat([full(i) for i in op.inputs])
         if isinstance(result, NoMatch):
             return Failure(node, "combine", result.reason)
-    return result, own_cost, grew
+    return result, own, own_cost, grew
 
 
 def _shape_macs(shape: tuple[int, ...], second: AffineConv, first: AffineConv) -> float:
@@ -272,7 +333,7 @@ def _macs(weight: Any, stride: tuple[int, int]) -> float:
 
 
 def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], values: NumericValues,
-                             generic: NumericValues, channels: int) -> AffineConv | Failure:
+                             generic: NumericValues, channels: int) -> AffineConv | ChannelParts | Failure:
     """``evaluate`` on the model's values, refused where its answer would change once training moves them.
 
     The region is evaluated on ``values``; if the algebra took a decision from values there
@@ -282,14 +343,12 @@ def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], va
     """
     with recording() as taken:
         result = evaluate(region, linear, values, channels)
-        if isinstance(result, AffineConv):
-            to_conv(result)
+        finalized(result)
     if not taken:
         return result
     with recording() as other:
         generic_result = evaluate(region, linear, generic, channels)
-        if isinstance(generic_result, AffineConv):
-            to_conv(generic_result)
+        finalized(generic_result)
     differs = disagreement(taken, other)
     if differs is not None:
         node = differs.subject if differs.subject in region.nodes else region.exit
@@ -299,6 +358,20 @@ def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], va
         return dataclasses.replace(generic_result, reason=f"{generic_result.reason} (exact for the current values "
                                                           "only, not once training changes them)")
     return result
+
+
+PARTS_REASON = ("one conv per concatenated branch, each with its channels of the BatchNorm after the concat "
+                "(one merged conv would cost more than the branches)")
+
+
+def finalized(result: AffineConv | ChannelParts | Failure) -> ConvParams | tuple[ConvParams, ...] | NoMatch | None:
+    """The ``nn.Conv2d`` parameters of an evaluated region (one per part), or why there are none."""
+    if isinstance(result, AffineConv):
+        return to_conv(result)
+    if not isinstance(result, ChannelParts):
+        return None
+    convs = tuple(to_conv(m) for m in result.maps)
+    return next((c for c in convs if isinstance(c, NoMatch)), convs)
 
 
 def find_blocks(gm: fx.GraphModule, values: NumericValues | None = None) -> Analysis:
@@ -354,15 +427,20 @@ def find_blocks(gm: fx.GraphModule, values: NumericValues | None = None) -> Anal
         if result is None:
             continue
         region_ops = tuple(linear[n] for n in region.nodes)
-        conv = None
+        conv, parts = None, ()
         reason = _region_notes(region, notes)
         if isinstance(result, Failure):
             reason = result.reason
         else:
-            conv = to_conv(result)
-            if isinstance(conv, NoMatch):
-                reason, conv = conv.reason, None
-        blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason))
+            final = finalized(result)
+            if isinstance(final, NoMatch):
+                reason = final.reason
+            elif isinstance(final, ConvParams):
+                conv = final
+            else:
+                parts = final
+                reason = "; ".join(filter(None, [PARTS_REASON, reason]))
+        blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason, parts))
     return Analysis(blocks, linear, regions, notes, joins)
 
 
