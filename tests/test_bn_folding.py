@@ -207,7 +207,10 @@ def test_bn_after_a_linear_through_a_permute_folds_into_it() -> None:
     non-linear ops with no conv" although the linear before it is one."""
     model = _randomize(nn.Sequential(LargeKernelBlock(), LargeKernelBlock()), seed=3)
     x = torch.randn(2, 8, 7, 6, dtype=torch.float64)
-    _check_exact(model, x)
+    merged = _check_exact(model, x)
+    # as the authors' reparameterize: the BN and the layer scale live in the linear, which stays a linear
+    assert sum(isinstance(m, nn.Linear) for m in merged.modules()) == 4
+    assert sum(isinstance(m, nn.Conv2d) for m in merged.modules()) == 2
     report = repq_fx.explain(model)
     text = str(report)
     assert "between non-linear ops" not in text, text

@@ -100,7 +100,7 @@ def test_conv1x1_bn_padded_conv3x3_at_initialisation_in_train_mode() -> None:
     with torch.no_grad():
         assert _rel_err(qmodel.train()(x), copy.deepcopy(model).train()(x)) <= REL_TOL
     report = repq_fx.explain(model)
-    assert "only for the current values" in str(report), str(report)
+    assert "true for the current values only" in str(report), str(report)
 
 
 def test_item_of_a_parameter_is_read_every_step() -> None:

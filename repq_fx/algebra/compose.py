@@ -62,7 +62,7 @@ def _composite_pad_value(second: AffineConv, first: AffineConv) -> Any | None | 
     if _same(target, response, "the pad value is the response of the map before it to a zero pixel"):
         solved = None
     elif first.kernel_size == (1, 1) and first.groups == first.in_channels == first.out_channels and decide(
-            "nonzero", "the per-channel scale before a padded conv has no zero entry",
+            "nonzero", "the pad value can be moved before the per-channel scale (no scale is 0)",
             bool((_value(first.weight) != 0).all()), first.weight):
         diff = _zeros_like_out(first) if target is None else target
         if response is not None:

@@ -427,6 +427,7 @@ def _fold_parameter_sizes(gm: fx.GraphModule) -> None:
 
 
 _TO_CHANNELS_FIRST = (0, 3, 1, 2)
+CHANNELS_FIRST_FOR_LINEAR = "repq_channels_first_for_linear"  # meta of the permute _linear_then_batch_norm adds
 
 
 def _channels_first_of(node: fx.Node) -> fx.Node | None:
@@ -469,6 +470,7 @@ def _linear_then_batch_norm(gm: fx.GraphModule) -> None:
             continue
         with gm.graph.inserting_before(moved):
             x_first = gm.graph.call_method("permute", (x, *_TO_CHANNELS_FIRST))
+            x_first.meta[CHANNELS_FIRST_FOR_LINEAR] = True  # merge writes a merged 1x1 here back as a linear
             kernel = gm.graph.call_method("reshape", (weight, (*fetch_attr(gm, weight.target).shape, 1, 1)))
             conv = gm.graph.call_function(F.conv2d, (x_first, kernel, bias, 1, 0, 1, 1))
         conv.meta = {**moved.meta, "repq_linear": weight.target.rpartition(".")[0]}  # explain names it a linear

@@ -352,8 +352,9 @@ def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], va
     differs = disagreement(taken, other)
     if differs is not None:
         node = differs.subject if differs.subject in region.nodes else region.exit
-        return Failure(node, "values", f"{differs.question} only for the current values (a bias or mean exactly 0 "
-                                       "now), not once training moves them")
+        example = "a bias or mean that is exactly 0 now" if differs.kind == "equal" else "a scale could reach 0"
+        return Failure(node, "values", f"{differs.question}: true for the current values only ({example}), not for "
+                                       "every value training can reach")
     if isinstance(generic_result, Failure) and not isinstance(result, Failure):
         return dataclasses.replace(generic_result, reason=f"{generic_result.reason} (exact for the current values "
                                                           "only, not once training changes them)")
