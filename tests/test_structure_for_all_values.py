@@ -202,7 +202,8 @@ class ValueHazard(nn.Module):
         if s.family == "two_pad_values":
             self.other_value = nn.Parameter(torch.zeros(c, 1, 1))
             self.other = nn.Conv2d(c, s.cout, s.k, s.stride, 0, bias=False)
-        valid = s.family in ("learned_pad_value", "two_pad_values", "bias_pad_identity", "bn_pad_identity", "affine_pad")
+        valid = s.family in ("learned_pad_value", "two_pad_values", "bias_pad_identity", "bn_pad_identity",
+                             "affine_pad")  # these pad with F.pad, then a valid conv
         self.conv = nn.Conv2d(c, s.cout, s.k, s.stride, 0 if valid else (s.k[0] // 2, s.k[1] // 2), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,13 @@ def recording() -> Iterator[list[Decision]]:
 
 @contextmanager
 def about(subject: Any) -> Iterator[None]:
-    """Decisions taken inside the block concern ``subject`` (a graph node)."""
+    """Decisions taken inside the block concern ``subject`` (a graph node).
+
+    >>> with recording() as seen, about("conv2d_1"):
+    ...     _ = decide("equal", "same pad value", False)
+    >>> seen[0].subject
+    'conv2d_1'
+    """
     token = _SUBJECT.set(subject)
     try:
         yield
@@ -67,7 +73,13 @@ def about(subject: Any) -> Iterator[None]:
 
 
 def decide(kind: str, question: str, answer: bool, *operands: Any) -> bool:
-    """Record that ``question`` was answered ``answer`` from the values ``operands``; returns ``answer``."""
+    """Record that ``question`` was answered ``answer`` from the values ``operands``; returns ``answer``.
+
+    Outside ``recording`` nothing is kept:
+
+    >>> decide("nonzero", "no zero scale", True, torch.ones(3))
+    True
+    """
     if kind not in KINDS:
         raise AssertionError(f"unknown decision kind {kind!r}")
     log = _LOG.get()
@@ -87,6 +99,11 @@ def disagreement(current: list[Decision], other: list[Decision]) -> Decision | N
     ``other`` is the same evaluation on other values of the trainable tensors. An answer holds for
     every value when both runs give it and, for ``"nonzero"`` (true for almost every value, false
     for some), when the operands did not change: they do not depend on the trainable tensors.
+
+    >>> now = [Decision("equal", "pad value is the response", True, (torch.zeros(2),))]
+    >>> moved = [Decision("equal", "pad value is the response", False, (torch.ones(2),))]
+    >>> disagreement(now, moved).question, disagreement(now, now)
+    ('pad value is the response', None)
     """
     for i, mine in enumerate(current):
         if i >= len(other):

@@ -150,6 +150,11 @@ class GenericValues(NumericValues):
     (``algebra.decisions``) holds for the values training will reach, not only for today's
     (a bias that is exactly zero at initialisation). Values are drawn in ``[0.5, 1.5)``, so square
     roots and variances stay defined; the draw is fixed by ``seed``.
+
+    >>> from repq_fx.capture import capture
+    >>> gm = capture(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)))
+    >>> bool((GenericValues(gm).leaf(gm.get_submodule("1").running_mean) > 0).all())  # zeros in the model
+    True
     """
 
     def __init__(self, gm: fx.GraphModule, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
@@ -340,6 +345,12 @@ def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], va
     (``algebra.decisions``), it is evaluated again on ``generic`` (random values of every trainable
     tensor) and the first answer that differs, or that holds for the current values only, becomes
     the failure: the region is split there, as for any other refusal.
+
+    >>> from repq_fx.capture import capture
+    >>> gm = capture(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)))
+    >>> analysis = find_blocks(gm)  # the BN's shift is 0 at initialisation, but not after training
+    >>> [b.num_convs for b in analysis.blocks], analysis.blocks[0].reason.split(":")[0]
+    ([1, 1], 'split here')
     """
     with recording() as taken:
         result = evaluate(region, linear, values, channels)
@@ -366,7 +377,11 @@ PARTS_REASON = ("one conv per concatenated branch, each with its channels of the
 
 
 def finalized(result: AffineConv | ChannelParts | Failure) -> ConvParams | tuple[ConvParams, ...] | NoMatch | None:
-    """The ``nn.Conv2d`` parameters of an evaluated region (one per part), or why there are none."""
+    """The ``nn.Conv2d`` parameters of an evaluated region (one per part), or why there are none.
+
+    >>> finalized(ops.conv(torch.ones(2, 2, 3, 3), None, stride=1, padding=1, dilation=1, groups=1)).padding
+    (1, 1)
+    """
     if isinstance(result, AffineConv):
         return to_conv(result)
     if not isinstance(result, ChannelParts):
