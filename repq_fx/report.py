@@ -30,8 +30,14 @@ class BlockReport:
     branches: str  # the region as an expression, e.g. "[conv3x3 -> bn + conv1x1 -> bn + bn]"
     num_convs: int  # convs in the block before merging
     merged: bool
-    kernel: tuple[int, int] | None  # merged kernel size
+    kernel: tuple[int, int] | None  # merged kernel size (of the first conv, when it becomes several)
     reason: str  # why it was not merged, or where it was split from its neighbours
+    kernels: tuple[tuple[int, int], ...] = ()  # one per conv the block becomes
+
+    @property
+    def outputs(self) -> int:
+        """Convs the block becomes when merged (one, or one per concatenated branch)."""
+        return max(len(self.kernels), 1)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Report:
     joins: int = 0  # sums/concats of tensors from different sources (residual adds): not blocks
     warnings: tuple[str, ...] = field(default=())  # what merge/prepare would refuse (NaN/Inf values, ...)
     lone_bns: int = 0  # BatchNorms in linear regions without a conv: nothing to fold them into
+    bns_after_linear: int = 0  # of those, BatchNorms that read a linear layer's output (through reshapes)
     front_end: str = "fx"  # the capture front end that produced the graph: "fx" or "export"
     capture_note: str = ""  # why the export front end was used (FX's reason), if it was a fallback
 
@@ -58,11 +65,13 @@ class Report:
     def __str__(self) -> str:
         rows = [("block", "branches", "convs", "merged", "reason")]
         for b in self.blocks:
-            kernel = f"-> {b.kernel[0]}x{b.kernel[1]}" if b.kernel else "no"
+            kernel = "-> " + "+".join(f"{k[0]}x{k[1]}" for k in b.kernels) if b.kernels else "no"
             rows.append((b.name or "<root>", b.branches, str(b.num_convs), kernel, b.reason))
-        widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((40, 70, 5, 8, 200))]
-        lines = [f"{self.model}: {len(self.merged)} of {len(self.blocks)} blocks merged into one conv each, "
-                 f"{sum(b.num_convs for b in self.merged)} convs -> {len(self.merged)}"]
+        widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((40, 70, 5, 16, 200))]
+        each = "into one conv each" if all(b.outputs == 1 for b in self.merged) else "(one conv each, or one per " \
+                                                                                      "concatenated branch)"
+        lines = [f"{self.model}: {len(self.merged)} of {len(self.blocks)} blocks merged {each}, "
+                 f"{sum(b.num_convs for b in self.merged)} convs -> {sum(b.outputs for b in self.merged)}"]
         for r in rows:
             lines.append("  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
         for node, reason in self.left_out:
@@ -74,8 +83,13 @@ class Report:
         if self.joins:
             lines.append(f"  ({self.joins} sums/concats join tensors of different sources, e.g. residual adds: "
                          "they stay as they are)")
-        if self.lone_bns:
-            lines.append(f"  ({self.lone_bns} BatchNorms sit between non-linear ops with no conv to fold them into, "
+        if self.bns_after_linear:
+            lines.append(f"  ({self.bns_after_linear} BatchNorms read a linear layer's output through a reshape or "
+                         "transpose, or directly (BatchNorm1d): not folded (only linear -> permute(0, 3, 1, 2) -> "
+                         "BatchNorm2d is, as a 1x1 conv); they stay BatchNorms)")
+        if self.lone_bns - self.bns_after_linear:
+            lines.append(f"  ({self.lone_bns - self.bns_after_linear} BatchNorms sit between non-linear ops with no "
+                         "conv to fold them into, "
                          "e.g. after an activation or a residual add: they stay BatchNorms)")
         if self.front_end != "fx":
             lines.append(f"  (captured with torch.{self.front_end}"
@@ -95,14 +109,31 @@ def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis, warnin
     left_out = tuple((n.target if n.op == "call_module" else n.name, r) for n, r in analysis.notes.items()
                      if n not in in_blocks and r not in given)
     in_block_regions = {b.region for b in analysis.blocks}
-    lone_bns = sum(n.target is batch_norm for r in analysis.regions if r not in in_block_regions for n in r.nodes)
-    return Report(model_name, blocks, left_out, len(analysis.joins), tuple(warnings), lone_bns=lone_bns)
+    lone = [n for r in analysis.regions if r not in in_block_regions for n in r.nodes if n.target is batch_norm]
+    after_linear = sum(_reads_a_linear(n.args[0]) for n in lone)
+    return Report(model_name, blocks, left_out, len(analysis.joins), tuple(warnings), lone_bns=len(lone),
+                  bns_after_linear=after_linear)
+
+
+_RESHAPES = frozenset({"permute", "transpose", "flatten", "reshape", "view", "contiguous", "movedim", "squeeze",
+                       "unsqueeze"})
+
+
+def _reads_a_linear(node: fx.Node, depth: int = 4) -> bool:
+    """``node`` is a linear layer's output, or one moved by reshapes/transposes."""
+    if node.op == "call_function" and node.target is F.linear:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if depth == 0 or node.op not in ("call_method", "call_function") or name not in _RESHAPES or not node.args:
+        return False
+    return isinstance(node.args[0], fx.Node) and _reads_a_linear(node.args[0], depth - 1)
 
 
 def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp]) -> BlockReport:
-    kernel = tuple(block.conv.weight.shape[2:]) if block.conv is not None else None
+    convs = block.parts or ((block.conv,) if block.conv is not None else ())
+    kernels = tuple(tuple(int(s) for s in c.weight.shape[2:]) for c in convs)
     return BlockReport(block.name, describe(gm, block.region.exit, block.region.entry, linear),
-                       block.num_convs, block.merged, kernel, block.reason)
+                       block.num_convs, block.merged, kernels[0] if kernels else None, block.reason, kernels)
 
 
 def describe(gm: fx.GraphModule, node: fx.Node, entry: fx.Node, linear: dict[fx.Node, LinearOp]) -> str:
@@ -137,6 +168,8 @@ def _sum_terms(gm, node, entry, linear, sign: float) -> list[tuple[float, str]]:
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     """``conv3x3/s2/g4``, ``bn``, ``avgpool3``, ``pad``, ``crop``, ``scale``, ``shift``."""
     t = node.target
+    if t is F.conv2d and "repq_linear" in node.meta:
+        return "linear"  # a linear on channels-last pixels, as the 1x1 conv it is (capture.canonicalize)
     if t is F.conv2d:
         w = node.args[1]
         shape = tuple(fetch_attr(gm, w.target).shape) if isinstance(w, fx.Node) and w.op == "get_attr" else None

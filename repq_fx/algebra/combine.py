@@ -111,7 +111,7 @@ def _common_pad_value(branches: Sequence[AffineConv]) -> Any | None | NoMatch:
     if not values:
         return None
     for v in values[1:]:
-        if not _same(v, values[0]):
+        if not _same(v, values[0], "parallel branches pad their input with one value"):
             return NoMatch("branches pad their input with different values")
     return values[0]
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import AffineConv, NoMatch, lattice_gcd
+from .decisions import decide
 from .kernels import expand_groups, per_input_channel, redilate
 
 #: pad values closer than this (relative) are the same value; both sides come from the same parameters
@@ -58,10 +59,11 @@ def _composite_pad_value(second: AffineConv, first: AffineConv) -> Any | None | 
     target = second.pad_value
     response = first.bias
     solved: Any | None | NoMatch
-    if _same(target, response):
+    if _same(target, response, "the pad value is the response of the map before it to a zero pixel"):
         solved = None
-    elif first.kernel_size == (1, 1) and first.groups == first.in_channels == first.out_channels and bool(
-            (_value(first.weight) != 0).all()):
+    elif first.kernel_size == (1, 1) and first.groups == first.in_channels == first.out_channels and decide(
+            "nonzero", "the pad value can be moved before the per-channel scale (no scale is 0)",
+            bool((_value(first.weight) != 0).all()), first.weight):
         diff = _zeros_like_out(first) if target is None else target
         if response is not None:
             diff = diff - response
@@ -72,13 +74,17 @@ def _composite_pad_value(second: AffineConv, first: AffineConv) -> Any | None | 
             f"1x1 -> {k[0]}x{k[1]} sequential: the intermediate is padded with a value other than the 1x1's "
             "response to a zero pixel (a nonzero bias before a zero-padded conv); not exact at borders"
         )
-    if first.reads_padding() and not _same(first.pad_value, solved):
+    if first.reads_padding() and not _same(first.pad_value, solved, "the two maps of a sequence pad with one value"):
         return NoMatch("the two convs of a sequence pad with different values: not exact at borders")
     return solved
 
 
-def _same(a: Any | None, b: Any | None) -> bool:
-    """Numeric equality of two per-channel vectors (``None`` is zeros)."""
+def _same(a: Any | None, b: Any | None, question: str) -> bool:
+    """Numeric equality of two per-channel vectors (``None`` is zeros).
+
+    Two ``None`` are equal whatever the values; otherwise the answer comes from the current
+    values and is recorded (``decisions``) under ``question``.
+    """
     va, vb = _value(a), _value(b)
     if va is None and vb is None:
         return True
@@ -87,7 +93,7 @@ def _same(a: Any | None, b: Any | None) -> bool:
     if vb is None:
         vb = torch.zeros_like(va)
     scale = max(float(va.abs().max()), float(vb.abs().max()), 1.0) if va.numel() else 1.0
-    return bool(((va.double() - vb.double()).abs() <= PAD_VALUE_RTOL * scale).all())
+    return decide("equal", question, bool(((va.double() - vb.double()).abs() <= PAD_VALUE_RTOL * scale).all()), va, vb)
 
 
 def _value(x: Any) -> Any:

@@ -43,7 +43,7 @@ class ConvParams:
 
 def to_conv(m: AffineConv) -> ConvParams | NoMatch:
     """The ``nn.Conv2d`` parameters of ``m``, or why it is not one conv."""
-    if m.reads_padding() and m.pad_value is not None and not _same(m.pad_value, None):
+    if m.reads_padding() and m.pad_value is not None and not _same(m.pad_value, None, "the merged map pads with zeros"):
         return NoMatch("the input is padded with a non-zero value: no single conv computes this at the borders")
     weight, dilation = m.weight, list(m.dilation)
     taps, padding = [], []

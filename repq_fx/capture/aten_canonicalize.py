@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ..errors import CaptureError, UnsupportedOpError
 from .norm import batch_norm, is_batch_norm
+from .graph_utils import size_function
 from .slice_padding import SlicePadding, Sizes, bind, find_slice_paddings
 from .tracer import LeafTracer
 
@@ -58,30 +59,37 @@ _INT_MAX = 2 ** 63 - 1
 # Export records size arithmetic as operator.add etc. on SymInts. The canonical graph keeps those
 # targets for tensor arithmetic only, so size arithmetic gets names of its own.
 
+@size_function
 def size_add(a: Any, b: Any) -> Any:
     return a + b
 
 
+@size_function
 def size_sub(a: Any, b: Any) -> Any:
     return a - b
 
 
+@size_function
 def size_mul(a: Any, b: Any) -> Any:
     return a * b
 
 
+@size_function
 def size_floordiv(a: Any, b: Any) -> Any:
     return a // b
 
 
+@size_function
 def size_truediv(a: Any, b: Any) -> Any:
     return a / b
 
 
+@size_function
 def size_mod(a: Any, b: Any) -> Any:
     return a % b
 
 
+@size_function
 def size_neg(a: Any) -> Any:
     return -a
 

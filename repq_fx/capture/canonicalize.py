@@ -13,6 +13,8 @@ add / sub / mul / div       ``operator.add`` / ``sub`` / ``mul`` / ``truediv``
 cat                         ``torch.cat(tensors, dim)``
 ==========================  ==========================================================
 
+Sizes read from parameters (``self.weight.shape[-1] // 2``) become constants. A linear on
+channels-last pixels moved to channels-first and followed by a BatchNorm becomes the 1x1 conv it is.
 Removed: ``nn.Identity``, dropout with p=0 or ``training=False``, DropPath at rate 0,
 ``add(0, x)``, ``mul(x, 1)`` and ``torch._assert`` checks of ``x.ndim``/``x.shape`` (other
 asserts, such as FX's ``concrete_args`` guards, stay). Each rewrite is one
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .graph_utils import fetch_attr, free_module_path
+from .graph_utils import fetch_attr, free_module_path, is_size_value
 from .norm import batch_norm, is_batch_norm
 
 Rewrite = Callable[[fx.GraphModule, fx.Node], "fx.Node | None"]
@@ -291,9 +293,10 @@ def _is_shape_check(cond: Any, depth: int = 4) -> bool:
 
 @_register(_FUNCTION_REWRITES, torch.cat, torch.concat, torch.concatenate)
 def _cat_function(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    # torch.concat(xs, dim=d) -> torch.cat(xs, d)
+    # torch.concat(xs, dim=d) -> torch.cat(xs, d); a sequence computed at run time (x.chunk(2)) stays a node
     a = _bind(node, ("tensors", "dim"), {"dim": 0})
-    return _normalized(gm, node, torch.cat, (list(a["tensors"]), a["dim"]))
+    tensors = list(a["tensors"]) if isinstance(a["tensors"], (list, tuple)) else a["tensors"]
+    return _normalized(gm, node, torch.cat, (tensors, a["dim"]))
 
 
 _ARITH = {
@@ -389,8 +392,96 @@ def _is_inert_drop_path(module: nn.Module) -> bool:
     return rate == 0
 
 
+def _fold_parameter_sizes(gm: fx.GraphModule) -> None:
+    """Sizes read from parameters and buffers (``padding=self.weight.shape[-1] // 2``) become constants.
+
+    A tensor's shape never changes while it trains, so the size is part of the model's structure;
+    sizes read from the input (``x.size(3)``) stay nodes (the linear-op rules refuse them).
+    """
+    depends_on_input: set[fx.Node] = set()
+    foldable: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in depends_on_input for a in node.all_input_nodes):
+            depends_on_input.add(node)
+        elif is_size_value(node) and node.op in ("call_function", "call_method"):
+            foldable.append(node)
+    values: dict[fx.Node, Any] = {}
+
+    def value_of(n: fx.Node) -> Any:
+        return values[n] if n in values else fetch_attr(gm, n.target)
+
+    for node in foldable:
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
+        if node.op == "call_method":
+            values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            values[node] = node.target(*args, **kwargs)
+        if isinstance(values[node], torch.Size):
+            values[node] = tuple(values[node])
+    for node in reversed(foldable):
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: values[node] if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: values[node] if n is node else n)
+        gm.graph.erase_node(node)
+
+
+_TO_CHANNELS_FIRST = (0, 3, 1, 2)
+CHANNELS_FIRST_FOR_LINEAR = "repq_channels_first_for_linear"  # meta of the permute _linear_then_batch_norm adds
+
+
+def _channels_first_of(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` moves from channels-last to channels-first (``x.permute(0, 3, 1, 2)``,
+    ``torch.permute``, ``x.movedim(-1, 1)``), or None."""
+    if node.op not in ("call_method", "call_function") or not node.args:
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function" and node.target not in (torch.permute, torch.movedim):
+        return None
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    if name == "permute":
+        dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+        if all(isinstance(d, int) for d in dims) and tuple(d % 4 for d in dims) == _TO_CHANNELS_FIRST:
+            return node.args[0]
+    elif name == "movedim" and len(rest) == 2 and all(isinstance(d, int) for d in rest):
+        if rest[0] % 4 == 3 and rest[1] % 4 == 1:
+            return node.args[0]
+    return None
+
+
+def _linear_then_batch_norm(gm: fx.GraphModule) -> None:
+    """``bn(linear(x, W, b).permute(0, 3, 1, 2))`` -> ``bn(conv2d(x.permute(0, 3, 1, 2), W[:, :, None, None], b))``.
+
+    A linear on channels-last pixels, moved to channels-first, is a 1x1 conv of the moved input
+    (ConvNeXt-style MLPs; UniRepLKNet's ``pwconv2``). Written as a conv, the BatchNorm that follows
+    folds into it like into any conv (UniRepLKNet's own ``reparameterize`` folds it into the linear).
+    Only where a BatchNorm follows: other linears stay linears.
+    """
+    for bn in list(gm.graph.nodes):
+        if bn.op != "call_function" or bn.target is not batch_norm:
+            continue
+        moved = bn.args[0]
+        linear = _channels_first_of(moved) if isinstance(moved, fx.Node) else None
+        if not (isinstance(linear, fx.Node) and linear.op == "call_function" and linear.target is F.linear
+                and len(linear.users) == 1 and len(linear.args) == 3 and not linear.kwargs):
+            continue
+        x, weight, bias = linear.args
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or fetch_attr(gm, weight.target).dim() != 2:
+            continue
+        with gm.graph.inserting_before(moved):
+            x_first = gm.graph.call_method("permute", (x, *_TO_CHANNELS_FIRST))
+            x_first.meta[CHANNELS_FIRST_FOR_LINEAR] = True  # merge writes a merged 1x1 here back as a linear
+            kernel = gm.graph.call_method("reshape", (weight, (*fetch_attr(gm, weight.target).shape, 1, 1)))
+            conv = gm.graph.call_function(F.conv2d, (x_first, kernel, bias, 1, 0, 1, 1))
+        conv.meta = {**moved.meta, "repq_linear": weight.target.rpartition(".")[0]}  # explain names it a linear
+        moved.replace_all_uses_with(conv)
+        gm.graph.erase_node(moved)
+        gm.graph.erase_node(linear)
+
+
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into the canonical forms above and return it."""
+    _fold_parameter_sizes(gm)
     for node in list(gm.graph.nodes):
         rewrite = _rewrite_for(gm, node)
         if rewrite is None:
@@ -400,6 +491,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
+    _linear_then_batch_norm(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -1,4 +1,4 @@
-"""Small GraphModule helpers shared by the passes: attribute lookup, free names, parameter dtype.
+"""Small GraphModule helpers shared by the passes: attribute lookup, free names, parameter dtype, sizes.
 
 >>> import torch.nn as nn, torch.fx as fx
 >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 1, 1)))
@@ -7,6 +7,9 @@
 """
 from __future__ import annotations
 
+import builtins
+import math
+import operator
 from typing import Any
 
 import torch
@@ -43,3 +46,54 @@ def param_dtype(gm: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.get_default_dtype()
+
+
+_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "stride"})
+_SIZE_ATTRIBUTES = frozenset({"shape", "ndim"})
+# what turns sizes into sizes: integer arithmetic, indexing a shape, builtins on numbers
+_SIZE_ARITHMETIC = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.pow,
+    operator.neg, operator.getitem, builtins.int, builtins.float, builtins.min, builtins.max, builtins.len,
+    builtins.abs, builtins.round, math.ceil, math.floor, math.sqrt,
+})
+_SIZE_FUNCTIONS: set[Any] = set()  # functions a front end names its size arithmetic with
+
+
+def size_function(fn: Any) -> Any:
+    """Mark ``fn`` as size arithmetic (its result is a size, see :func:`is_size_value`); a decorator.
+
+    >>> @size_function
+    ... def size_twice(a):
+    ...     return 2 * a
+    """
+    _SIZE_FUNCTIONS.add(fn)
+    return fn
+
+
+def is_size_value(node: Any) -> bool:
+    """True for a node whose value is a size (a number or a shape), not a tensor: ``x.size(3)``,
+    ``x.shape[2] // 2``, ``x.dim()``; export's ``sym_size`` and SymInt arithmetic too.
+
+    >>> gm = fx.symbolic_trace(lambda x: torch.nn.functional.avg_pool2d(x, x.size(3) // 2))
+    >>> [n.name for n in gm.graph.nodes if is_size_value(n)]
+    ['size', 'floordiv']
+    """
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("val")
+    if isinstance(val, (torch.SymInt, torch.SymFloat)) or (isinstance(val, (int, float)) and not isinstance(val, bool)):
+        return True
+    if node.op == "call_method":
+        return node.target in _SIZE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] in _SIZE_ATTRIBUTES
+    if node.target is torch.ops.aten.sym_size.int:
+        return True
+    try:
+        arithmetic = node.target in _SIZE_ARITHMETIC or node.target in _SIZE_FUNCTIONS
+    except TypeError:  # an unhashable target
+        return False
+    inputs = node.all_input_nodes
+    return arithmetic and bool(inputs) and all(is_size_value(i) for i in inputs)

@@ -25,13 +25,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..algebra import AffineConv, NoMatch, ops, to_conv
+from ..algebra import AffineConv, NoMatch, ops
 from ..algebra.kernels import embed_add
 from ..config import QConfig
 from ..errors import ConfigError
 from ..targets import get_target
 from ..capture.graph_utils import fetch_attr, free_module_path, param_dtype
-from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, find_blocks
+from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, finalized, find_blocks
 from ..quant.bn_stats import block_statistics, bn_fold, branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from .emit import Emitter, Sym, node_of
@@ -52,6 +52,10 @@ class SymValues:
     def param(self, arg: Any) -> Any:
         if isinstance(arg, fx.Node):
             value = self.numeric.param(arg)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                # a number computed from parameter values at run time (``self.alpha.item()``): the graph
+                # reads it every step rather than keeping today's value
+                return self.emitter.call(torch.as_tensor, (self.emitter.wrap(arg, value),), {"dtype": self.dtype})
             return self.emitter.wrap(arg, value) if isinstance(value, torch.Tensor) else value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.param(a) for a in arg)
@@ -111,8 +115,7 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     for block in analysis.blocks:
         if not block.merged or _skipped(block.name, config):
             continue
-        conv = _emit_block(gm, block, analysis, emitter, numeric, config, replaced, widths[block.region.exit])
-        if conv is not None:
+        for conv in _emit_block(gm, block, analysis, emitter, numeric, config, replaced, widths[block.region.exit]):
             quantized.append((conv, block.name))
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is F.linear and node.args[1].op == "get_attr":
@@ -132,36 +135,48 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
 
 
 def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric: NumericValues,
-                config: QConfig, replaced: dict, channels: int | None) -> fx.Node | None:
+                config: QConfig, replaced: dict, channels: int | None) -> list[fx.Node]:
+    """Replace ``block`` by ``conv2d(x, Q_w(M(theta)), b(theta))`` (or a channel concat of such convs, one
+    per concatenated branch); returns the conv nodes."""
     region = block.region
     entry = replaced.get(region.entry, region.entry)
     values = SymValues(gm, emitter, numeric, config.bn_mode)
     values.entry = entry
+    base = (block.name or "block").replace(".", "_")
     with gm.graph.inserting_before(region.exit):
         merged = evaluate(region, analysis.linear, values, channels)
-        params = to_conv(merged) if isinstance(merged, AffineConv) else merged
-        if not hasattr(params, "weight"):
+        params = finalized(merged)
+        convs_params = params if isinstance(params, tuple) else (params,)
+        if not all(hasattr(p, "weight") for p in convs_params):
             raise AssertionError(f"block {block.name} merged numerically but not symbolically: {params}")
-        base = (block.name or "block").replace(".", "_")
-        weight = params.weight if isinstance(params.weight, Sym) else emitter.wrap(
-            emitter.constant(params.weight), params.weight)
-        weight.node._rename(f"{base}_merged_weight")
-        bias = node_of(params.bias)
-        if isinstance(bias, fx.Node):
-            bias._rename(f"{base}_merged_bias")
-        elif isinstance(bias, torch.Tensor):
-            bias = emitter.constant(bias)
-        quant_path = free_module_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
-        bits = config.weight_bits
-        gm.add_submodule(quant_path, WeightFakeQuant(bits, params.out_channels, config.weight_quantizer == "lsq",
-                                                     config.per_channel, config.step_init))
-        wq = gm.graph.call_module(quant_path, (weight.node,))
-        conv = gm.graph.create_node("call_function", F.conv2d,
-                                    (entry, wq, bias, params.stride, params.padding, params.dilation, params.groups),
-                                    name=f"{base}_conv")
-    conv.meta = dict(region.exit.meta)
-    region.exit.replace_all_uses_with(conv)
-    replaced[region.exit] = conv
+        convs = [_emit_conv(gm, block, emitter, config, entry, p, base + (f"_{i}" if len(convs_params) > 1 else ""))
+                 for i, p in enumerate(convs_params)]
+        out = convs[0] if len(convs) == 1 else gm.graph.call_function(torch.cat, (convs, 1))
+    out.meta = dict(region.exit.meta)
+    region.exit.replace_all_uses_with(out)
+    replaced[region.exit] = out
+    return convs
+
+
+def _emit_conv(gm: fx.GraphModule, block: Block, emitter: Emitter, config: QConfig, entry: fx.Node,
+               params: Any, base: str) -> fx.Node:
+    weight = params.weight if isinstance(params.weight, Sym) else emitter.wrap(
+        emitter.constant(params.weight), params.weight)
+    weight.node._rename(f"{base}_merged_weight")
+    bias = node_of(params.bias)
+    if isinstance(bias, fx.Node):
+        bias._rename(f"{base}_merged_bias")
+    elif isinstance(bias, torch.Tensor):
+        bias = emitter.constant(bias)
+    quant_path = free_module_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
+    gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, params.out_channels,
+                                                 config.weight_quantizer == "lsq", config.per_channel,
+                                                 config.step_init))
+    wq = gm.graph.call_module(quant_path, (weight.node,))
+    conv = gm.graph.create_node("call_function", F.conv2d,
+                                (entry, wq, bias, params.stride, params.padding, params.dilation, params.groups),
+                                name=f"{base}_conv")
+    conv.meta = dict(block.region.exit.meta) if not block.parts else {}
     return conv
 
 

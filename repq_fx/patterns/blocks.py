@@ -14,9 +14,10 @@ sub-block is still merged. The evaluation itself (:func:`evaluate`) is shared wi
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 
 from ..algebra import AffineConv, ConvParams, NoMatch, add, compose, concat, ops, to_conv
 from ..algebra.compose import composite_shape
+from ..algebra.decisions import about, disagreement, recording
 from ..capture.canonicalize import conv_module_refusal, module_refusal
 from ..capture.graph_utils import fetch_attr
 from ..capture.norm import batch_norm, is_batch_norm
-from .linear_ops import LinearOp, Values, linear_op, tensor_nodes
+from .linear_ops import LinearOp, RuntimeArgument, Values, linear_op, tensor_nodes
 from .regions import Region, partition
 
 
@@ -37,27 +39,49 @@ class Failure:
     """Where and why the algebra refused a region."""
 
     node: fx.Node
-    kind: str  # "op" | "compose" | "combine" | "final" | "cost" | "channels"
+    kind: str  # "op" | "compose" | "combine" | "final" | "cost" | "channels" | "values"
     reason: str
 
 
 @dataclass(frozen=True)
 class Block:
-    """A region with at least one conv: ``exit = conv(entry)`` after merging."""
+    """A region with at least one conv: ``exit = conv(entry)`` after merging.
+
+    Or ``exit = cat([conv_1(entry), conv_2(entry), ...])`` (``parts``): a channel concat of branches
+    followed by a BatchNorm (or other per-channel ops) where one merged conv would cost more than
+    the branches; each branch keeps its own conv, with its channels of the BatchNorm folded in.
+    """
 
     name: str  # module path the block lives under ("" for the root)
     region: Region
     ops: tuple[LinearOp, ...]  # the region's ops in graph order
     conv: ConvParams | None  # the merged conv (numeric, eval-mode statistics)
     reason: str = ""  # why it was split or left alone; "" when merged without refusals
+    parts: tuple[ConvParams, ...] = ()  # one conv per concatenated branch, in channel order (conv is None)
 
     @property
     def merged(self) -> bool:
-        return self.conv is not None
+        return self.conv is not None or bool(self.parts)
+
+    @property
+    def outputs(self) -> int:
+        """Convs the block becomes (one, or one per concatenated branch)."""
+        return len(self.parts) or 1
 
     @property
     def num_convs(self) -> int:
         return sum(op.is_conv for op in self.ops)
+
+
+@dataclass(frozen=True)
+class ChannelParts:
+    """The map of a region as a channel concat of maps of its entry, one per concatenated branch."""
+
+    maps: tuple[AffineConv, ...]
+
+    @property
+    def out_channels(self) -> int:
+        return sum(m.out_channels for m in self.maps)
 
 
 @dataclass
@@ -90,10 +114,14 @@ class NumericValues:
             self._cache[node] = value
         return self._cache[node]
 
+    def leaf(self, value: Any) -> Any:
+        """The value used for a parameter, buffer or module read from the model (itself here)."""
+        return value
+
     def _raw(self, node: fx.Node) -> Any:
         """A parameter expression evaluated in the model's own dtype (as the model computes it)."""
         if node.op == "get_attr":
-            return fetch_attr(self.gm, node.target)
+            return self.leaf(fetch_attr(self.gm, node.target))
         if node not in self._raw_cache:
             args = fx.node.map_arg(node.args, self._raw)
             kwargs = fx.node.map_arg(node.kwargs, self._raw)
@@ -110,16 +138,55 @@ class NumericValues:
         return self._raw_cache[node]
 
     def bn(self, node: fx.Node, module: torch.nn.Module, before: AffineConv | None) -> AffineConv | NoMatch:
-        return running_stats_bn(module, self.dtype)
+        return running_stats_bn(module, self.dtype, self.leaf)
 
 
-def running_stats_bn(module: torch.nn.Module, dtype: torch.dtype) -> AffineConv | NoMatch:
-    """The eval-mode map of a BatchNorm module (running statistics), or why there is none."""
+class GenericValues(NumericValues):
+    """The same parameter expressions on random values of every trainable tensor.
+
+    Trainable: parameters that require grad, and BatchNorm running statistics (train mode moves
+    them). Buffers that never change (fixed masks, identity kernels) and frozen parameters keep
+    their values. A decision the algebra takes on these values and on the model's own
+    (``algebra.decisions``) holds for the values training will reach, not only for today's
+    (a bias that is exactly zero at initialisation). Values are drawn in ``[0.5, 1.5)``, so square
+    roots and variances stay defined; the draw is fixed by ``seed``.
+
+    >>> from repq_fx.capture import capture
+    >>> gm = capture(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)))
+    >>> bool((GenericValues(gm).leaf(gm.get_submodule("1").running_mean) > 0).all())  # zeros in the model
+    True
+    """
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        super().__init__(gm, dtype)
+        self._trainable = {id(p) for p in gm.parameters() if p.requires_grad}
+        for m in gm.modules():
+            if is_batch_norm(m) and m.running_mean is not None:
+                self._trainable |= {id(m.running_mean), id(m.running_var)}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor kept alive, its draw)
+
+    def leaf(self, value: Any) -> Any:
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and id(value) in self._trainable):
+            return value
+        if id(value) not in self._drawn:
+            draw = 0.5 + torch.rand(value.shape, generator=self._generator, dtype=torch.float64)
+            self._drawn[id(value)] = (value, draw.to(value.dtype))
+        return self._drawn[id(value)][1]
+
+
+def running_stats_bn(module: torch.nn.Module, dtype: torch.dtype, leaf: Callable[[Any], Any] = lambda t: t
+                     ) -> AffineConv | NoMatch:
+    """The eval-mode map of a BatchNorm module (running statistics), or why there is none.
+
+    ``leaf`` gives the value used for each of the module's tensors (the tensor itself by default).
+    """
     if module.running_mean is None or not module.track_running_stats:
         return NoMatch("BatchNorm with track_running_stats=False normalizes with batch statistics even in eval mode")
-    weight = module.weight.detach().to(dtype) if module.weight is not None else None
-    bias = module.bias.detach().to(dtype) if module.bias is not None else None
-    return ops.batch_norm(module.running_mean.to(dtype), module.running_var.to(dtype), weight, bias, module.eps)
+    weight = leaf(module.weight).detach().to(dtype) if module.weight is not None else None
+    bias = leaf(module.bias).detach().to(dtype) if module.bias is not None else None
+    return ops.batch_norm(leaf(module.running_mean).to(dtype), leaf(module.running_var).to(dtype), weight, bias,
+                          module.eps)
 
 
 def entry_channels(gm: fx.GraphModule, region: Region, linear: dict[fx.Node, LinearOp], values: Values) -> int | None:
@@ -155,9 +222,16 @@ def _input_channels(node: fx.Node, values: Values) -> int | None:
     return None
 
 
-def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, channels: int) -> AffineConv | Failure:
-    """The affine map from ``region.entry`` to ``region.exit``, or where the algebra refused."""
+def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values,
+             channels: int) -> AffineConv | ChannelParts | Failure:
+    """The affine map from ``region.entry`` to ``region.exit``, or where the algebra refused.
+
+    Where one merged conv would cost more than the convs it replaces and the exit is a channel
+    concat followed by per-channel ops (a BatchNorm), the map is returned as ``ChannelParts``: each
+    concatenated branch with its channels of those ops.
+    """
     maps: dict[fx.Node, AffineConv | None] = {region.entry: None}  # None: the identity
+    parts: dict[fx.Node, list[AffineConv]] = {}  # channel concats (and per-channel ops after them), by branch
 
     def full(n: fx.Node) -> AffineConv:
         m = maps[n]
@@ -167,33 +241,17 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
     costlier: fx.Node | None = None  # first conv whose composition cost more than the two convs apart
     budget = sum(float(values.param(linear[n].node.args[1]).numel()) for n in region.nodes if linear[n].is_conv)
     for node in region.nodes:
-        op = linear[node]
-        if op.kind == "unary":
-            before = maps[op.inputs[0]]
-            own = op.build(values, channels if before is None else before.out_channels, before)
-            if isinstance(own, NoMatch):
-                return Failure(node, "op", own.reason)
-            if before is not None and op.is_conv and _shape_macs(composite_shape(own, before), own, before) > budget:
-                return Failure(node, "cost", "one merged conv would cost more than all convs of the block "
-                                             "(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
-            result = own if before is None else compose(own, before)
-            if isinstance(result, NoMatch):
-                return Failure(node, "compose", result.reason)
-            if op.is_conv:
-                own_cost = _macs(own.weight, result.stride)
-                if costlier is None and before is not None and _macs(result.weight, result.stride) > (
-                        _macs(before.weight, before.stride) + own_cost) * (1 + 1e-9):
-                    costlier = node  # e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk
-                cost += own_cost
-        elif op.kind == "sum":
-            result = add([full(i) for i in op.inputs], list(op.signs))
-            if isinstance(result, NoMatch):
-                return Failure(node, "combine", result.reason)
-        else:
-            result = concat([full(i) for i in op.inputs])
-            if isinstance(result, NoMatch):
-                return Failure(node, "combine", result.reason)
+        with about(node):
+            step = _step(node, linear, values, maps, full, channels, budget)
+        if isinstance(step, Failure):
+            return step
+        result, own, own_cost, grew = step
+        cost += own_cost
+        if costlier is None and grew:
+            costlier = node
         maps[node] = result
+        with about(node):
+            _track_parts(node, linear[node], own, full, parts)
     final = full(region.exit)
     if final.reads_padding() and final.pad_value is not None:
         first = next(n for n in region.nodes if maps[n] is not None and maps[n].pad_value is not None)
@@ -201,10 +259,72 @@ def evaluate(region: Region, linear: dict[fx.Node, LinearOp], values: Values, ch
                                        "this at the borders")
     merged_cost = _macs(final.weight, final.stride)
     if merged_cost > cost * (1 + 1e-9):
+        if linear[region.exit].kind == "unary" and region.exit in parts:
+            split = ChannelParts(tuple(parts[region.exit]))
+            if sum(_macs(m.weight, m.stride) for m in split.maps) <= cost * (1 + 1e-9) and not any(
+                    m.reads_padding() and m.pad_value is not None for m in split.maps):
+                return split
         # split where a sequence first grew in cost; else the exit's sum/concat is what costs
         return Failure(costlier or region.exit, "cost", f"one merged conv would cost more than its parts "
                                                         f"({merged_cost:.0f} vs {cost:.0f} multiply-adds per pixel)")
     return final
+
+
+def _track_parts(node: fx.Node, op: LinearOp, own: AffineConv | None, full: Callable,
+                 parts: dict[fx.Node, list[AffineConv]]) -> None:
+    """Keep a channel concat's branches apart, through the per-channel ops that follow it (R8 by rows).
+
+    ``own`` is the node's own map (a unary op), as ``_step`` built it.
+    """
+    if op.kind == "cat":
+        parts[node] = [full(i) for i in op.inputs]
+        return
+    if op.kind != "unary" or op.inputs[0] not in parts or own is None or not own.is_diagonal():
+        return
+    out, start = [], 0
+    for branch in parts[op.inputs[0]]:
+        stop = start + branch.out_channels
+        rows = own.with_(weight=own.weight[start:stop], bias=None if own.bias is None else own.bias[start:stop],
+                         groups=stop - start)
+        composed = compose(rows, branch)
+        if isinstance(composed, NoMatch):
+            return
+        out.append(composed)
+        start = stop
+    parts[node] = out
+
+
+def _step(node: fx.Node, linear: dict[fx.Node, LinearOp], values: Values, maps: dict, full: Callable,
+          channels: int, budget: float) -> tuple[AffineConv, AffineConv | None, float, bool] | Failure:
+    """The map of ``node`` from the region's entry, its own map (unary ops), its own conv cost, and
+    whether composing grew the cost."""
+    op = linear[node]
+    own, own_cost, grew = None, 0.0, False
+    if op.kind == "unary":
+        before = maps[op.inputs[0]]
+        own = op.build(values, channels if before is None else before.out_channels, before)
+        if isinstance(own, NoMatch):
+            return Failure(node, "op", own.reason)
+        if before is not None and op.is_conv and _shape_macs(composite_shape(own, before), own, before) > budget:
+            return Failure(node, "cost", "one merged conv would cost more than all convs of the block "
+                                         "(e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk)")
+        result = own if before is None else compose(own, before)
+        if isinstance(result, NoMatch):
+            return Failure(node, "compose", result.reason)
+        if op.is_conv:
+            own_cost = _macs(own.weight, result.stride)
+            # e.g. depthwise kxk -> pointwise 1x1 becomes a dense kxk
+            grew = before is not None and _macs(result.weight, result.stride) > (
+                _macs(before.weight, before.stride) + own_cost) * (1 + 1e-9)
+    elif op.kind == "sum":
+        result = add([full(i) for i in op.inputs], list(op.signs))
+        if isinstance(result, NoMatch):
+            return Failure(node, "combine", result.reason)
+    else:
+        result = concat([full(i) for i in op.inputs])
+        if isinstance(result, NoMatch):
+            return Failure(node, "combine", result.reason)
+    return result, own, own_cost, grew
 
 
 def _shape_macs(shape: tuple[int, ...], second: AffineConv, first: AffineConv) -> float:
@@ -217,9 +337,67 @@ def _macs(weight: Any, stride: tuple[int, int]) -> float:
     return float(weight.numel()) / (stride[0] * stride[1])
 
 
-def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
-    """Partition ``gm`` (canonical) into blocks and merge each one numerically."""
+def evaluate_for_every_value(region: Region, linear: dict[fx.Node, LinearOp], values: NumericValues,
+                             generic: NumericValues, channels: int) -> AffineConv | ChannelParts | Failure:
+    """``evaluate`` on the model's values, refused where its answer would change once training moves them.
+
+    The region is evaluated on ``values``; if the algebra took a decision from values there
+    (``algebra.decisions``), it is evaluated again on ``generic`` (random values of every trainable
+    tensor) and the first answer that differs, or that holds for the current values only, becomes
+    the failure: the region is split there, as for any other refusal.
+
+    >>> from repq_fx.capture import capture
+    >>> gm = capture(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)))
+    >>> analysis = find_blocks(gm)  # the BN's shift is 0 at initialisation, but not after training
+    >>> [b.num_convs for b in analysis.blocks], analysis.blocks[0].reason.split(":")[0]
+    ([1, 1], 'split here')
+    """
+    with recording() as taken:
+        result = evaluate(region, linear, values, channels)
+        finalized(result)
+    if not taken:
+        return result
+    with recording() as other:
+        generic_result = evaluate(region, linear, generic, channels)
+        finalized(generic_result)
+    differs = disagreement(taken, other)
+    if differs is not None:
+        node = differs.subject if differs.subject in region.nodes else region.exit
+        example = "a bias or mean that is exactly 0 now" if differs.kind == "equal" else "a scale could reach 0"
+        return Failure(node, "values", f"{differs.question}: true for the current values only ({example}), not for "
+                                       "every value training can reach")
+    if isinstance(generic_result, Failure) and not isinstance(result, Failure):
+        return dataclasses.replace(generic_result, reason=f"{generic_result.reason} (exact for the current values "
+                                                          "only, not once training changes them)")
+    return result
+
+
+PARTS_REASON = ("one conv per concatenated branch, each with its channels of the BatchNorm after the concat "
+                "(one merged conv would cost more than the branches)")
+
+
+def finalized(result: AffineConv | ChannelParts | Failure) -> ConvParams | tuple[ConvParams, ...] | NoMatch | None:
+    """The ``nn.Conv2d`` parameters of an evaluated region (one per part), or why there are none.
+
+    >>> finalized(ops.conv(torch.ones(2, 2, 3, 3), None, stride=1, padding=1, dilation=1, groups=1)).padding
+    (1, 1)
+    """
+    if isinstance(result, AffineConv):
+        return to_conv(result)
+    if not isinstance(result, ChannelParts):
+        return None
+    convs = tuple(to_conv(m) for m in result.maps)
+    return next((c for c in convs if isinstance(c, NoMatch)), convs)
+
+
+def find_blocks(gm: fx.GraphModule, values: NumericValues | None = None) -> Analysis:
+    """Partition ``gm`` (canonical) into blocks and merge each one numerically.
+
+    A region is merged only where the merge holds for every value of the trainable tensors
+    (``evaluate_for_every_value``), so ``merge``, ``prepare`` and ``explain`` see one structure.
+    """
     values = values or NumericValues(gm)
+    generic = GenericValues(gm, values.dtype)
     tensors = tensor_nodes(gm)
     linear: dict[fx.Node, LinearOp] = {}
     notes: dict[fx.Node, str] = {}
@@ -229,6 +407,8 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
             verdict = linear_op(n, tensors)
             if verdict:
                 linear[n] = verdict
+            elif isinstance(verdict, RuntimeArgument):
+                notes[n] = f"left out: {verdict.reason}"
             elif why := unmerged_reason(gm, n, verdict.reason):
                 notes[n] = f"left out: {why}"
     forced: set[fx.Node] = set()
@@ -249,7 +429,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
                     cache[key] = Failure(region.exit, "channels", "channel count of the block input is unknown; "
                                                                   "pass example_inputs")
                 else:
-                    cache[key] = evaluate(region, linear, values, channels)
+                    cache[key] = evaluate_for_every_value(region, linear, values, generic, channels)
             results[region] = cache[key]
             if isinstance(cache[key], Failure) and cache[key].kind != "channels":
                 failure = (region, cache[key])
@@ -263,15 +443,20 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
         if result is None:
             continue
         region_ops = tuple(linear[n] for n in region.nodes)
-        conv = None
+        conv, parts = None, ()
         reason = _region_notes(region, notes)
         if isinstance(result, Failure):
             reason = result.reason
         else:
-            conv = to_conv(result)
-            if isinstance(conv, NoMatch):
-                reason, conv = conv.reason, None
-        blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason))
+            final = finalized(result)
+            if isinstance(final, NoMatch):
+                reason = final.reason
+            elif isinstance(final, ConvParams):
+                conv = final
+            else:
+                parts = final
+                reason = "; ".join(filter(None, [PARTS_REASON, reason]))
+        blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason, parts))
     return Analysis(blocks, linear, regions, notes, joins)
 
 
@@ -332,8 +517,8 @@ def _split(region: Region, f: Failure, linear: dict, forced: set, notes: dict) -
     """Cut a refused region: make the failing op's input an exit of its own, or leave the op out."""
     op = linear[f.node]
     cut = None
-    if f.kind in ("compose", "cost") and op.kind == "unary" and op.inputs[0] is not region.entry:
-        cut = op.inputs[0]  # second(first(x)) not exact or not cheaper: materialize first(x)
+    if f.kind in ("compose", "cost", "values") and op.kind == "unary" and op.inputs[0] is not region.entry:
+        cut = op.inputs[0]  # second(first(x)) not exact, not cheaper or not for every value: materialize first(x)
     elif f.kind == "final" and f.node is not region.exit:
         cut = f.node  # the op that introduced a non-zero pad value ends its own region
     if cut is not None:

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..algebra import AffineConv, NoMatch, ops
+from ..capture.graph_utils import is_size_value
 from ..capture.norm import batch_norm
 
 
@@ -88,18 +89,99 @@ def tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return tensors
 
 
+class RuntimeArgument(NoMatch):
+    """An op that would be linear, but an argument of it is computed at run time (``x.size(3)``).
+
+    The op stays as it is, a boundary between blocks; ``explain`` lists it with this reason.
+    """
+
+
 def linear_op(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     """The rule's verdict on ``node`` (a tensor node)."""
     if node.op != "call_function":
         what = node.target if node.op == "call_module" else f"{node.op} {node.target}"
         return NoMatch(f"{what} is not a linear op")
+    if is_size_value(node):
+        return NoMatch(f"{node.name} computes a size, not a tensor")
     try:
         rule = _RULES.get(node.target)
     except TypeError:
         rule = None
     if rule is None:
         return NoMatch(f"{getattr(node.target, '__name__', node.target)} is not a linear op")
-    return rule(node, tensors)
+    refused = _sizes_of_the_input(node, tensors)
+    return rule(node, tensors) if refused is None else refused
+
+
+# argument names of the canonical forms, for the reasons below
+_ARGUMENT_NAMES: dict[Any, tuple[str, ...]] = {
+    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.avg_pool2d: ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                   "divisor_override"),
+    F.pad: ("input", "pad", "mode", "value"),
+    torch.cat: ("tensors", "dim"),
+    operator.getitem: ("input", "index"),
+}
+
+
+def _argument_name(node: fx.Node, position: int | str) -> str:
+    if isinstance(position, str):
+        return position
+    names = _ARGUMENT_NAMES.get(node.target, ())
+    return names[position] if position < len(names) else f"argument {position}"
+
+
+def _sizes_of_the_input(node: fx.Node, tensors: set[fx.Node]) -> RuntimeArgument | None:
+    """Refuse an op with an argument computed from the input's shape (``avg_pool2d(x, x.size(3))``).
+
+    Such an op is a different linear map for every input size (a global pool, a pad to a multiple
+    of 2, a crop back to the input size), so no fixed conv computes it.
+    """
+    arguments = [*enumerate(node.args), *node.kwargs.items()]
+    for position, arg in arguments:
+        for n in _nodes_in(arg):
+            if n in tensors and is_size_value(n):
+                name = _argument_name(node, position)
+                return RuntimeArgument(f"{getattr(node.target, '__name__', node.target)}: {name} is computed at run "
+                                       f"time from the input's shape ({spell_size(n)}), so it is not one fixed "
+                                       "linear map; kept as it is (a boundary between blocks)")
+    return None
+
+
+def spell_size(node: fx.Node, depth: int = 4) -> str:
+    """A size expression as the model's code wrote it, roughly: ``x.size(3)``, ``x.shape[2] // 2``.
+
+    >>> import torch.fx as fx
+    >>> gm = fx.symbolic_trace(lambda x: x.shape[2] // 2)
+    >>> spell_size(list(gm.graph.nodes)[-2])
+    'x.shape[2] // 2'
+    """
+    def arg(a: Any) -> str:
+        return spell_size(a, depth - 1) if isinstance(a, fx.Node) else repr(a)
+
+    if depth == 0 or not is_size_value(node):
+        return node.name
+    if node.op == "call_method":
+        return f"{arg(node.args[0])}.{node.target}({', '.join(arg(a) for a in node.args[1:])})"
+    if node.op == "call_function" and node.target is getattr:
+        return f"{arg(node.args[0])}.{node.args[1]}"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return f"{arg(node.args[0])}[{arg(node.args[1])}]"
+    symbols = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
+               operator.floordiv: "//", operator.mod: "%", operator.pow: "**"}
+    if node.op == "call_function" and node.target in symbols and len(node.args) == 2:
+        return f"{arg(node.args[0])} {symbols[node.target]} {arg(node.args[1])}"
+    return node.name
+
+
+def _fixed(node: fx.Node, **arguments: Any) -> RuntimeArgument | None:
+    """Refuse an op whose structural arguments (stride, padding, kernel size, dim...) are not constants."""
+    for name, value in arguments.items():
+        found = _nodes_in(value)
+        if found:
+            return RuntimeArgument(f"{getattr(node.target, '__name__', node.target)}: {name} is computed at run time "
+                                   f"({found[0].name}), so it is not one fixed linear map; kept as it is")
+    return None
 
 
 def _params_only(node: fx.Node, args: list[Any], tensors: set[fx.Node]) -> NoMatch | None:
@@ -124,9 +206,10 @@ def _conv(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     x, w, b, stride, padding, dilation, groups = node.args
     if isinstance(padding, str):
         return NoMatch(f"{node.name}: padding={padding!r} on a kernel of unknown shape; pass a number")
-    bad = _params_only(node, [w, b, stride, padding, dilation, groups], tensors)
-    if bad is not None:  # NoMatch is falsy
-        return bad
+    for bad in (_params_only(node, [w, b], tensors),
+                _fixed(node, stride=stride, padding=padding, dilation=dilation, groups=groups)):
+        if bad is not None:  # NoMatch is falsy
+            return bad
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         return ops.conv(values.param(w), values.param(b), stride=stride, padding=padding,
@@ -150,6 +233,10 @@ def _batch_norm(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 def _avg_pool(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # avg_pool2d(x, k, s, p) -> depthwise conv with 1/(kh*kw)
     x, k, s, p, ceil_mode, count_include_pad, divisor_override = node.args
+    bad = _fixed(node, kernel_size=k, stride=s, padding=p, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                 divisor_override=divisor_override)
+    if bad is not None:
+        return bad
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
         return ops.avg_pool(in_channels, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
@@ -162,6 +249,11 @@ def _avg_pool(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 def _pad(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # pad(x, pads, "constant", v) -> identity conv with per-side padding, pad value v
     x, pads, mode, value = node.args
+    bad = _fixed(node, pad=pads, mode=mode)
+    if bad is not None:
+        return bad
+    if not isinstance(pads, (tuple, list)):
+        return NoMatch(f"{node.name}: pad widths {pads!r} are not a tuple of ints")
     if mode != "constant":
         return NoMatch(f"{node.name}: pad mode {mode!r} is not zeros/constant; a conv cannot reproduce its borders")
     if not isinstance(value, (int, float)):
@@ -291,6 +383,11 @@ def _as_channel_vector(v: Any, channels: int, dtype: torch.dtype) -> Any | None:
 def _cat(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # cat([a(x), b(x)], dim=1) -> concat of maps
     parts, dim = node.args
+    bad = _fixed(node, dim=dim)
+    if bad is not None:
+        return bad
+    if not isinstance(parts, (tuple, list)):
+        return NoMatch(f"{node.name}: concat of a sequence computed at run time ({parts})")
     if dim not in (1, -3):
         return NoMatch(f"{node.name}: concat along dim {dim}, not channels")
     if not all(isinstance(p, fx.Node) and p in tensors for p in parts):
