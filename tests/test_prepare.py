@@ -475,8 +475,11 @@ def _ptq_merged(model: nn.Module, x: torch.Tensor, bits: int) -> torch.Tensor:
 def _quant_errors(model: nn.Module, batches: list[torch.Tensor], x: torch.Tensor, bits: int,
                   pick: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> tuple[float, float]:
     """(W``bits``A``bits`` error, weights-only error) of prepare + calibrate against the float model.
-    Min-max step initialisation, so that the weights-only error is that of the min-max PTQ oracle."""
-    config = repq_fx.QConfig(weight_bits=bits, act_bits=bits, first_last_bits=None, step_init="minmax")
+    Min-max step initialisation, so that the weights-only error is that of the min-max PTQ oracle.
+    The oracle rounds to the full signed grid, so the model is prepared for the target that keeps it
+    (the default target narrows weights behind 8-bit unsigned inputs to [-64, 64], see test_targets.py)."""
+    config = repq_fx.QConfig(weight_bits=bits, act_bits=bits, first_last_bits=None, step_init="minmax",
+                             target="onnxruntime-vnni")
     qmodel = repq_fx.prepare(model, config)
     repq_fx.calibrate(qmodel, batches)
     qmodel.eval()
