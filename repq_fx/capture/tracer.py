@@ -93,10 +93,13 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.G
     except Exception as e:  # FX raises many types (TraceError, TypeError, RuntimeError...)
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
-            "What to do: make the failing submodule a leaf with repq_fx.register_leaf_module(ItsClass) "
-            "(it is then kept as it is and never merged), pass concrete_args for arguments that steer "
-            "control flow, or rewrite the data-dependent Python (int() on shapes, slice assignment, "
-            "branches on tensor values) in a traceable form."
+            "What to do: capture with torch.export instead (capture='export', with example_inputs=(x,) of a "
+            "real input: it runs the Python as written, arguments not given at their defaults); or make the "
+            "failing submodule a leaf with repq_fx.register_leaf_module(ItsClass) (it is then kept as it is and "
+            "never merged); or, for Python arguments that steer control flow, trace it yourself with "
+            "torch.fx.symbolic_trace(model, concrete_args={...}) and pass the GraphModule; or rewrite the "
+            "data-dependent Python (int() on shapes, slice assignment, branches on tensor values) in a "
+            "traceable form."
         ) from e
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
