@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import CaptureError, RepQError
 from .aten_canonicalize import canonicalize_exported
+from .in_place import remove_in_place_ops
 from .slice_padding import Sizes
 
 #: relative output difference above which the captured graph is not the model (per dtype)
@@ -287,6 +288,8 @@ def _export(root: nn.Module, inputs: tuple[torch.Tensor, ...], name: str, fx_err
             ep = torch.export.export(root, inputs, dynamic_shapes=_dynamic_shapes(inputs), strict=False)
         except Exception:
             ep = torch.export.export(root, inputs, strict=False)
+        if remove_in_place_ops(ep, root):
+            return ep  # already functional: no second trace (run_decompositions was 2/3 of a capture)
         return ep.run_decompositions({})
     except Exception as e:
         reason = f"{type(e).__name__}: {_first_lines(e, 12)}"
