@@ -989,3 +989,65 @@ def test_fx_failure_message_points_at_public_parameters() -> None:
     message = str(info.value)
     assert "capture='export'" in message
     assert message.count("concrete_args") == message.count("torch.fx.symbolic_trace(model, concrete_args=")
+
+
+# ---------------------------------------------------------------------------
+# In-place ops without a second trace (issue 12, item 8: export speed).
+# ---------------------------------------------------------------------------
+
+class InPlaceUnits(nn.Module):
+    """In-place ops the export front end rewrites itself: ReLU(inplace), ``+=`` on a fresh sum,
+    BatchNorm batch counters (train mode), in-place dropout, and the head's flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.0, inplace=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.b(x)
+        y += x
+        y = self.drop(self.act(y))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class WriteIntoView(nn.Module):
+    """A slice assignment (a write into a view): needs functionalization by the second trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y[:, :2] = y[:, :2] * 2
+        return y
+
+
+def _structure(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    return [(n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
+            for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("make, second_trace", [(InPlaceUnits, False), (WriteIntoView, True)],
+                         ids=["in-place-units", "write-into-view"])
+def test_in_place_ops_rewritten_without_a_second_trace(make, second_trace: bool, mode: str, monkeypatch) -> None:
+    """The program is only traced a second time (``run_decompositions``) where the rewrite of its
+    in-place ops does not suffice; the canonical graph is the one the second trace gives, and it
+    computes the model."""
+    from repq_fx.capture import export_frontend
+    from repq_fx.capture.in_place import remove_in_place_ops
+
+    model = _calibrated(make(), 4).train(mode == "train")
+    x = _input(4)
+    ep = torch.export.export(copy.deepcopy(model), (x,), strict=False)
+    assert remove_in_place_ops(ep, model) is not second_trace
+    light = capture(model, (x,), front_end="export", mode=mode)
+    monkeypatch.setattr(export_frontend, "remove_in_place_ops", lambda ep, root: False)
+    retraced = capture(model, (x,), front_end="export", mode=mode)
+    assert _structure(light) == _structure(retraced)
+    with torch.no_grad():
+        assert _rel_err(light.eval()(x), model.eval()(x)) <= REL_TOL
