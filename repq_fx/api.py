@@ -47,7 +47,8 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     check_model(model, "explain")
     gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
-    report = build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis))
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    report = build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis), convs=convs)
     return dataclasses.replace(report, front_end=gm.meta.get("repq_front_end", "fx"),
                                capture_note=gm.meta.get("repq_capture_note", ""))
 

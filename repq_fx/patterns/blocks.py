@@ -14,7 +14,9 @@ sub-block is still merged. The evaluation itself (:func:`evaluate`) is shared wi
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +274,7 @@ def find_blocks(gm: fx.GraphModule, values: Values | None = None) -> Analysis:
             if isinstance(conv, NoMatch):
                 reason, conv = conv.reason, None
         blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason))
-    return Analysis(blocks, linear, regions, notes, joins)
+    return Analysis(unique_names(blocks, gm), linear, regions, notes, joins)
 
 
 _CONV_ND_FUNCTIONS = (F.conv1d, F.conv3d)
@@ -349,6 +351,44 @@ def _region_notes(region: Region, notes: dict[fx.Node, str]) -> str:
     found = [notes[n] for n in (region.entry, *region.nodes) if n in notes]
     found += [notes[u] for u in region.exit.users if u in notes]
     return "; ".join(dict.fromkeys(found))
+
+
+def unique_names(blocks: list[Block], gm: fx.GraphModule) -> list[Block]:
+    """Blocks that share a name (the convs of one module, e.g. a Fire module's squeeze and expand
+    convs, all named after it) are named after their first conv's module path instead; a name that
+    is still shared (one conv module called twice) gets ``@2``, ``@3``... in graph order.
+
+    >>> import torch.nn as nn
+    >>> from repq_fx.capture import capture
+    >>> class Two(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+    ...     def forward(self, x):
+    ...         return self.b(self.a(x).relu()).relu()
+    >>> [b.name for b in find_blocks(capture(Two())).blocks]
+    ['a', 'b']
+    """
+    counts = Counter(b.name for b in blocks)
+    names = [conv_path(gm, b) or b.name if counts[b.name] > 1 else b.name for b in blocks]
+    counts, seen = Counter(names), Counter()
+    renamed = []
+    for block, name in zip(blocks, names):
+        seen[name] += 1
+        if counts[name] > 1 and seen[name] > 1:
+            name = f"{name}@{seen[name]}"
+        renamed.append(block if name == block.name else dataclasses.replace(block, name=name))
+    return renamed
+
+
+def conv_path(gm: fx.GraphModule, block: Block) -> str:
+    """The module path of the block's first conv weight ("" if the weight is computed)."""
+    for op in block.ops:
+        if op.is_conv:
+            w = op.node.args[1]
+            if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(fetch_attr(gm, w.target), torch.Tensor):
+                return w.target.rpartition(".")[0]
+    return ""
 
 
 def block_name(region: Region, gm: fx.GraphModule) -> str:
