@@ -583,7 +583,7 @@ def test_network_of_blocks() -> None:
 
 def test_explain_says_which_front_end() -> None:
     block = _calibrated(DBBStyle(8, 16, 3), 8)
-    report = repq_fx.explain(block)  # no example_inputs: made from the first conv's in_channels
+    report = repq_fx.explain(block)  # no example_inputs: made up, its channels found by running the model
     assert report.front_end == "export"
     text = str(report)
     assert "torch.export" in text and "symbolic tracing failed" in text, text

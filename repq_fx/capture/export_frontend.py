@@ -9,7 +9,8 @@ dropout keep their train-mode form) records the ATen ops the model actually runs
 
 1. exports a deep copy of the model with the example inputs (batch and spatial sizes dynamic,
    ``Dim.AUTO``: export keeps them symbolic unless the model fixes them), functionalizes it
-   (``run_decompositions({})``: slice assignment becomes ``slice_scatter``), and
+   (``run_decompositions({})``: slice assignment becomes ``slice_scatter``; skipped where rewriting
+   its in-place ops suffices, :mod:`.in_place`), and
 2. canonicalizes the ATen graph into the canonical graph of the FX front end
    (:mod:`.aten_canonicalize`): parameters and buffers as ``get_attr`` of their original module
    paths (state_dict names are kept), BatchNorm as the mode-following ``norm.batch_norm``,
