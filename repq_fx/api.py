@@ -26,7 +26,8 @@ from .passes.lower import lower_graph
 from .passes.merge import merge_blocks
 from .passes.prepare import prepare_graph
 from .quant.fake_quant import ActFakeQuant, fake_quantizers
-from .patterns.blocks import find_blocks
+from .capture.graph_utils import param_dtype
+from .patterns.blocks import NumericValues, find_blocks
 from .report import Report, build_report
 
 
@@ -46,7 +47,8 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     check_model(model, "explain")
     gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
-    report = build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis))
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    report = build_report(type(model).__name__, gm, analysis, warnings=graph_warnings(gm, analysis), convs=convs)
     return dataclasses.replace(report, front_end=gm.meta.get("repq_front_end", "fx"),
                                capture_note=gm.meta.get("repq_capture_note", ""))
 
@@ -87,7 +89,8 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
         raise ConfigError(f"config must be a repq_fx.QConfig; got {type(config).__name__}")
     check_model(model, "prepare")
     gm = _capture(model, example_inputs, front_end=capture, mode="train")
-    analysis = find_blocks(gm)
+    # blocks found in the model's own dtype, as prepare_graph emits them (float64 is for merge's exactness)
+    analysis = find_blocks(gm, NumericValues(gm, dtype=param_dtype(gm)))
     check_graph(gm, analysis, "prepare")
     qmodel = prepare_graph(gm, config, analysis)
     qmodel.train(model.training)

@@ -88,6 +88,11 @@ def non_finite(model: nn.Module, extra: Iterable[tuple[str, torch.Tensor]] = ())
 
     Buffers other than BN statistics are not checked unless passed in ``extra`` (a model may keep
     ``-inf`` masks on purpose); parameters always are.
+
+    >>> layer = nn.Linear(2, 1)
+    >>> _ = layer.bias.data.fill_(float("nan"))
+    >>> non_finite(layer)
+    ['bias (1 NaN of 1 values)']
     """
     found: dict[str, str] = {}
     tensors = list(model.named_parameters(remove_duplicate=True))
@@ -102,12 +107,16 @@ def non_finite(model: nn.Module, extra: Iterable[tuple[str, torch.Tensor]] = ())
         if name in found or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
             continue
         t = t.detach()
+        if not t.numel():
+            continue
+        lo, hi = torch.aminmax(t)  # one pass; NaN anywhere makes both NaN, an Inf shows at an end
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            if name.endswith("running_var") and bool(lo < 0):
+                found[name] = f"{name} ({int((t < 0).sum())} negative of {t.numel()} values)"
+            continue
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        if nan or inf:
-            what = " and ".join(f"{k} {kind}" for k, kind in ((nan, "NaN"), (inf, "Inf")) if k)
-            found[name] = f"{name} ({what} of {t.numel()} values)"
-        elif name.endswith("running_var") and bool((t < 0).any()):
-            found[name] = f"{name} ({int((t < 0).sum())} negative of {t.numel()} values)"
+        what = " and ".join(f"{k} {kind}" for k, kind in ((nan, "NaN"), (inf, "Inf")) if k)
+        found[name] = f"{name} ({what} of {t.numel()} values)"
     return list(found.values())
 
 

@@ -33,6 +33,7 @@ class BlockReport:
     kernel: tuple[int, int] | None  # merged kernel size (of the first conv, when it becomes several)
     reason: str  # why it was not merged, or where it was split from its neighbours
     kernels: tuple[tuple[int, int], ...] = ()  # one per conv the block becomes
+    convs: tuple[str, ...] = ()  # module paths of the block's convs (node names where a weight is computed)
 
     @property
     def outputs(self) -> int:
@@ -46,13 +47,15 @@ class Report:
 
     model: str
     blocks: tuple[BlockReport, ...]
-    left_out: tuple[tuple[str, str], ...] = field(default=())  # (node, reason) of linear ops not merged
+    # (conv module path or node, reason) of convs in no block and of linear ops not merged
+    left_out: tuple[tuple[str, str], ...] = field(default=())
     joins: int = 0  # sums/concats of tensors from different sources (residual adds): not blocks
     warnings: tuple[str, ...] = field(default=())  # what merge/prepare would refuse (NaN/Inf values, ...)
     lone_bns: int = 0  # BatchNorms in linear regions without a conv: nothing to fold them into
     bns_after_linear: int = 0  # of those, BatchNorms that read a linear layer's output (through reshapes)
     front_end: str = "fx"  # the capture front end that produced the graph: "fx" or "export"
     capture_note: str = ""  # why the export front end was used (FX's reason), if it was a fallback
+    outside_blocks: tuple[str, ...] = field(default=())  # the model's convs in no block (in left_out)
 
     @property
     def merged(self) -> tuple[BlockReport, ...]:
@@ -71,11 +74,13 @@ class Report:
         each = "into one conv each" if all(b.outputs == 1 for b in self.merged) else "(one conv each, or one per " \
                                                                                       "concatenated branch)"
         lines = [f"{self.model}: {len(self.merged)} of {len(self.blocks)} blocks merged {each}, "
-                 f"{sum(b.num_convs for b in self.merged)} convs -> {sum(b.outputs for b in self.merged)}"]
+                 f"{sum(b.num_convs for b in self.merged)} convs -> {sum(b.outputs for b in self.merged)}"
+                 + (f"; {len(self.outside_blocks)} convs in no block stay as they are, in float (listed below)"
+                    if self.outside_blocks else "")]
         for r in rows:
             lines.append("  ".join(_clip(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
-        for node, reason in self.left_out:
-            lines.append(f"  not merged: {node}: {reason}")
+        for reason, nodes in _grouped(self.left_out):
+            lines.append(f"  not merged: {', '.join(nodes)}: {reason}")
         if not self.blocks and not self.left_out:
             lines.append("  (no 2-d convolutions: nothing to merge)")
         for warning in self.warnings:
@@ -101,18 +106,30 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis, warnings: Sequence[str] = ()) -> Report:
-    """The report of one analysis of a canonical graph (``warnings``: what merge/prepare would refuse)."""
-    blocks = tuple(_block_report(gm, b, analysis.linear) for b in analysis.blocks)
+def _grouped(left_out: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Entries with the same reason together (the convs inside one module kept whole), in order."""
+    groups: dict[str, list[str]] = {}
+    for node, reason in left_out:
+        groups.setdefault(reason, []).append(node)
+    return list(groups.items())
+
+
+def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis, warnings: Sequence[str] = (),
+                 convs: Sequence[str] = ()) -> Report:
+    """The report of one analysis of a canonical graph (``warnings``: what merge/prepare would refuse;
+    ``convs``: the module paths of the model's convs, each of which the report accounts for)."""
+    blocks = tuple(_block_report(gm, b, analysis.linear, set(convs)) for b in analysis.blocks)
     in_blocks = {n for b in analysis.blocks for n in (b.region.entry, *b.region.nodes)}
     given = " ".join(b.reason for b in blocks)  # notes a block already shows as its reason
-    left_out = tuple((n.target if n.op == "call_module" else n.name, r) for n, r in analysis.notes.items()
-                     if n not in in_blocks and r not in given)
+    left_out = [(_node_name(gm, n), r) for n, r in analysis.notes.items() if n not in in_blocks and r not in given]
+    accounted = {c for b in blocks for c in b.convs} | {name for name, _ in left_out}
+    outside = [c for c in convs if c not in {c for b in blocks for c in b.convs}]
+    left_out += [(c, _why_outside(gm, c)) for c in outside if c not in accounted]
     in_block_regions = {b.region for b in analysis.blocks}
     lone = [n for r in analysis.regions if r not in in_block_regions for n in r.nodes if n.target is batch_norm]
     after_linear = sum(_reads_a_linear(n.args[0]) for n in lone)
-    return Report(model_name, blocks, left_out, len(analysis.joins), tuple(warnings), lone_bns=len(lone),
-                  bns_after_linear=after_linear)
+    return Report(model_name, blocks, tuple(left_out), len(analysis.joins), tuple(warnings), lone_bns=len(lone),
+                  bns_after_linear=after_linear, outside_blocks=tuple(outside))
 
 
 _RESHAPES = frozenset({"permute", "transpose", "flatten", "reshape", "view", "contiguous", "movedim", "squeeze",
@@ -129,11 +146,72 @@ def _reads_a_linear(node: fx.Node, depth: int = 4) -> bool:
     return isinstance(node.args[0], fx.Node) and _reads_a_linear(node.args[0], depth - 1)
 
 
-def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp]) -> BlockReport:
-    convs = block.parts or ((block.conv,) if block.conv is not None else ())
-    kernels = tuple(tuple(int(s) for s in c.weight.shape[2:]) for c in convs)
+def _node_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node as the report names it: a conv by its module path, a module call by the module."""
+    if node.op == "call_module":
+        return node.target
+    if node.target in _CONV_FUNCTIONS and len(node.args) > 1:
+        return _weight_owner(gm, node.args[1]) or node.name
+    return node.name
+
+
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                   torch.conv2d)
+
+
+def _weight_owner(gm: fx.GraphModule, weight: object) -> str:
+    """``a.b`` for a weight read as ``get_attr a.b.weight`` ("" for a computed weight)."""
+    if isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(fetch_attr(gm, weight.target),
+                                                                             torch.Tensor):
+        return weight.target.rpartition(".")[0]
+    return ""
+
+
+def _why_outside(gm: fx.GraphModule, conv: str) -> str:
+    """Why a conv module of the model is in no block (the graph has no note on it)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and conv.startswith(node.target + "."):
+            module = gm.get_submodule(node.target)
+            why = gm.meta.get("repq_leaf_reasons", {}).get(node.target, "it is called as one module, not traced into")
+            return (f"inside {type(module).__name__} {node.target!r}, kept as one module: {why}; "
+                    "not merged or quantized, it stays float")
+    if any(n.op == "get_attr" and n.target.startswith(conv + ".") for n in gm.graph.nodes):
+        return "its weight is read, but not by a conv of a block: left as it is"
+    return "not called by forward() (no op of the captured graph uses it)"
+
+
+def _conv_modules(gm: fx.GraphModule, weight: object, known: set[str]) -> list[str]:
+    """The conv modules whose parameters a (possibly computed) conv weight is made of, e.g. the
+    module of a weight standardized in forward (timm's ScaledStdConv2d). ``known``: the model's conv
+    module paths (a GraphModule keeps only the parameters its graph reads, not their modules)."""
+    owner = _weight_owner(gm, weight)
+    if owner or not isinstance(weight, fx.Node):
+        return [owner] if owner else []
+    found, stack, seen = [], [weight], set()
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "get_attr":
+                path = arg.target.rpartition(".")[0]
+                if path in known and path not in found:
+                    found.append(path)
+            elif arg.op != "placeholder":
+                stack.append(arg)
+    return found
+
+
+def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, LinearOp],
+                  known: set[str]) -> BlockReport:
+    merged = block.parts or ((block.conv,) if block.conv is not None else ())
+    kernels = tuple(tuple(int(s) for s in c.weight.shape[2:]) for c in merged)
+    convs = tuple(dict.fromkeys(c for op in block.ops if op.is_conv
+                                for c in (_conv_modules(gm, op.node.args[1], known) or [op.node.name])))
     return BlockReport(block.name, describe(gm, block.region.exit, block.region.entry, linear),
-                       block.num_convs, block.merged, kernels[0] if kernels else None, block.reason, kernels)
+                       block.num_convs, block.merged, kernels[0] if kernels else None, block.reason, kernels,
+                       convs)
 
 
 def describe(gm: fx.GraphModule, node: fx.Node, entry: fx.Node, linear: dict[fx.Node, LinearOp]) -> str:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import repq_fx
 from repq_fx.capture import capture
 from repq_fx.examples import blocks as B
+from repq_fx.examples.networks import ConvBuilder, ResNet18
 
 REL_TOL = 1e-9
 SPATIAL = (11, 13)
@@ -582,7 +583,7 @@ def test_network_of_blocks() -> None:
 
 def test_explain_says_which_front_end() -> None:
     block = _calibrated(DBBStyle(8, 16, 3), 8)
-    report = repq_fx.explain(block)  # no example_inputs: made from the first conv's in_channels
+    report = repq_fx.explain(block)  # no example_inputs: made up, its channels found by running the model
     assert report.front_end == "export"
     text = str(report)
     assert "torch.export" in text and "symbolic tracing failed" in text, text
@@ -906,3 +907,145 @@ def test_export_failure_is_a_capture_error_with_both_reasons() -> None:
     assert "torch.fx could not trace" in message and "torch.export" in message
     with pytest.raises(repq_fx.CaptureError, match="torch.export"):
         repq_fx.merge(DataDependent(), capture="export")
+
+
+# ---------------------------------------------------------------------------
+# The made-up example input (issue 12, item 8).
+# ---------------------------------------------------------------------------
+
+class OREPAStyleBuilder(ConvBuilder):
+    """ResNet-18 units as :class:`OREPAStyle` (kernels generated from parameters, no ``nn.Conv2d``), as
+    the OREPA repository builds its ResNets; only the projection shortcuts are ``nn.Conv2d`` modules."""
+
+    def conv_bn(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                padding: int = 0) -> nn.Module:
+        return OREPAStyle(in_channels, out_channels, kernel_size, stride)
+
+
+def test_made_up_input_of_a_grouped_block_has_its_input_channels() -> None:
+    """Regression: without example_inputs, the export front end took the channel count from the first
+    conv-like parameter in registration order, OREPA's ``[O, I/groups, k, k]`` kernel: 4 channels for a
+    16-channel block with groups=4, and the capture failed."""
+    block = _calibrated(OREPAStyle(16, 16, 3, groups=4), 16)
+    x = _input(16)
+    for capture_mode in ("export", "auto"):
+        merged = repq_fx.merge(block, capture=capture_mode)
+        with torch.no_grad():
+            assert _rel_err(merged(x), block(x)) <= REL_TOL
+    assert len(repq_fx.explain(block, capture="export").merged) == 1
+    qmodel = repq_fx.prepare(block, capture="export")
+    repq_fx.disable_fake_quant(qmodel)
+    with torch.no_grad():
+        assert _rel_err(qmodel.eval()(x), block(x)) <= REL_TOL
+
+
+def test_made_up_input_of_a_network_has_its_stems_channels() -> None:
+    """Regression: a ResNet of OREPA-style units on 3-channel images, whose first ``nn.Conv2d`` in
+    registration order is a 16-channel projection shortcut: the made-up input had 16 channels."""
+    model = _calibrated(ResNet18(OREPAStyleBuilder(), in_channels=3, num_blocks=(1, 1, 1, 1)), 3)
+    assert next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels == 16
+    merged = repq_fx.merge(model, capture="export")
+    x = _input(3)
+    with torch.no_grad():
+        assert _rel_err(merged(x), model(x)) <= REL_TOL
+    report = repq_fx.explain(model, capture="export")
+    assert len(report.merged) == 1 + 4 * 2 + 3, str(report)  # stem, 4 blocks of two units, 3 projections
+
+
+class FlatInput(nn.Module):
+    """Takes flat vectors and reshapes them into 3x4x4 images: no image input can be guessed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x.view(x.shape[0], 3, 4, 4)))
+
+
+def test_an_input_that_cannot_be_made_up_asks_for_example_inputs() -> None:
+    """Regression: the error named ``concrete_args`` (not a parameter of the public API) and said
+    nothing of the made-up input; it must say to pass ``example_inputs``."""
+    model = FlatInput().double().eval()
+    for entry in (repq_fx.merge, repq_fx.explain, repq_fx.prepare):
+        with pytest.raises(repq_fx.CaptureError, match="example_inputs") as info:
+            entry(model, capture="export")
+        assert "concrete_args" not in str(info.value)
+    merged = repq_fx.merge(model, example_inputs=(torch.randn(2, 48, dtype=torch.float64),), capture="export")
+    x = torch.randn(5, 48, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel_err(merged(x), model(x)) <= REL_TOL
+
+
+def test_fx_failure_message_points_at_public_parameters() -> None:
+    """Regression: the FX failure (also shown when the export fallback fails) told the user to "pass
+    concrete_args", which no repq_fx function takes; it names capture='export' with example_inputs, and
+    concrete_args only as torch.fx.symbolic_trace's own parameter."""
+    block = _calibrated(OREPAStyle(8, 8, 3), 8)
+    with pytest.raises(repq_fx.CaptureError, match="example_inputs") as info:
+        repq_fx.merge(block, capture="fx")
+    message = str(info.value)
+    assert "capture='export'" in message
+    assert message.count("concrete_args") == message.count("torch.fx.symbolic_trace(model, concrete_args=")
+
+
+# ---------------------------------------------------------------------------
+# In-place ops without a second trace (issue 12, item 8: export speed).
+# ---------------------------------------------------------------------------
+
+class InPlaceUnits(nn.Module):
+    """In-place ops the export front end rewrites itself: ReLU(inplace), ``+=`` on a fresh sum,
+    BatchNorm batch counters (train mode), in-place dropout, and the head's flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.0, inplace=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.b(x)
+        y += x
+        y = self.drop(self.act(y))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class WriteIntoView(nn.Module):
+    """A slice assignment (a write into a view): needs functionalization by the second trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y[:, :2] = y[:, :2] * 2
+        return y
+
+
+def _structure(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    return [(n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
+            for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("make, second_trace", [(InPlaceUnits, False), (WriteIntoView, True)],
+                         ids=["in-place-units", "write-into-view"])
+def test_in_place_ops_rewritten_without_a_second_trace(make, second_trace: bool, mode: str, monkeypatch) -> None:
+    """The program is only traced a second time (``run_decompositions``) where the rewrite of its
+    in-place ops does not suffice; the canonical graph is the one the second trace gives, and it
+    computes the model."""
+    from repq_fx.capture import export_frontend
+    from repq_fx.capture.in_place import remove_in_place_ops
+
+    model = _calibrated(make(), 4).train(mode == "train")
+    x = _input(4)
+    ep = torch.export.export(copy.deepcopy(model), (x,), strict=False)
+    assert remove_in_place_ops(ep, model) is not second_trace
+    light = capture(model, (x,), front_end="export", mode=mode)
+    monkeypatch.setattr(export_frontend, "remove_in_place_ops", lambda ep, root: False)
+    retraced = capture(model, (x,), front_end="export", mode=mode)
+    assert _structure(light) == _structure(retraced)
+    with torch.no_grad():
+        assert _rel_err(light.eval()(x), model.eval()(x)) <= REL_TOL

@@ -112,3 +112,80 @@ def test_mse_init_keeps_a_3bit_repvgg_close_to_float():
             errors[init] = float((qmodel.eval()(x) - ref).norm() / ref.norm())
     # measured: mse 0.147, minmax 0.248 (random init; trained kernels have heavier centre taps)
     assert errors["mse"] < 0.75 * errors["minmax"], errors
+
+
+def _plain_mse_symmetric_scale(w, quant_min, quant_max, per_channel=True):
+    """The search written as plainly as possible: every ratio over the whole weight at once."""
+    rows = w.detach().float().reshape(w.shape[0] if per_channel else 1, -1)
+    amax = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    best_scale, best_err = amax / quant_max, torch.full_like(amax, float("inf"))
+    for r in torch.arange(RATIOS, 0, -1, dtype=torch.float32) / RATIOS:
+        scale = (amax * r / quant_max).clamp_min(torch.finfo(torch.float32).tiny)
+        q = (rows * scale.reciprocal().unsqueeze(1)).round().clamp(quant_min, quant_max) * scale.unsqueeze(1)
+        err = (q - rows).square().sum(dim=1)
+        better = err < best_err
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    return best_scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), channels=st.integers(1, 9),
+       taps=st.sampled_from([(1, 1), (3, 3), (5, 5)]), in_channels=st.integers(1, 40),
+       tile=st.sampled_from([7, 64, 300, 1 << 19]))
+def test_symmetric_search_in_tiles_is_the_plain_search(bits, seed, channels, taps, in_channels, tile):
+    """The search runs tile by tile (so a large weight stays in cache) and stops at the first ratio
+    whose clipping error alone exceeds the best error (issue 12 item 10); per output channel it picks
+    exactly the step of the plain whole-tensor search, at any tile size (a row longer than a tile is
+    summed in parts)."""
+    from unittest import mock
+
+    from repq_fx.quant import range_init
+
+    with mock.patch.object(range_init, "TILE", tile):
+        _check_tiled_search(bits, seed, channels, taps, in_channels, tile)
+
+
+def _check_tiled_search(bits, seed, channels, taps, in_channels, tile):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(channels, in_channels, *taps, generator=g)
+    w[:, :, taps[0] // 2, taps[1] // 2] *= 8.0  # a heavy centre tap, as in merged RepVGG kernels
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    row = w[0].numel()
+    if row <= tile:  # whole rows per tile: the same float sums, so the same step, bit for bit
+        assert torch.equal(mse_symmetric_scale(w, qmin, qmax), _plain_mse_symmetric_scale(w, qmin, qmax))
+    else:  # a row summed in parts: equal up to float32 summation order, so compare the errors reached
+        got, plain = mse_symmetric_scale(w, qmin, qmax), _plain_mse_symmetric_scale(w, qmin, qmax)
+        for c in range(channels):
+            assert _sq_error(w[c], float(got[c]), 0, qmin, qmax) <= _sq_error(w[c], float(plain[c]), 0, qmin, qmax) * (
+                1 + 1e-5) + 1e-12
+    got, plain = mse_symmetric_scale(w, qmin, qmax, False), _plain_mse_symmetric_scale(w, qmin, qmax, False)
+    assert _sq_error(w, float(got), 0, qmin, qmax) <= _sq_error(w, float(plain), 0, qmin, qmax) * (1 + 1e-5) + 1e-12
+
+
+def _plain_mse_affine_range(samples, lo, hi, quant_min, quant_max):
+    """The activation search written plainly: every ratio, no pruning."""
+    values = samples.detach().float().reshape(-1)
+    best = (float("inf"), max((hi - lo) / (quant_max - quant_min), 1e-8), 0)
+    for r in (torch.arange(RATIOS, 0, -1, dtype=torch.float32) / RATIOS).tolist():
+        step = max((hi - lo) * r / (quant_max - quant_min), 1e-8)
+        zero_point = int(min(max(quant_min - round(lo * r / step), quant_min), quant_max))
+        q = (values * (1.0 / step)).round_().add_(zero_point).clamp_(quant_min, quant_max)
+        err = float(q.sub_(zero_point).mul_(step).sub_(values).square_().sum())
+        if err < best[0]:
+            best = (err, step, zero_point)
+    return best[1], best[2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), size=st.integers(1, 5000),
+       shape=st.sampled_from(["relu", "gauss", "tail", "outliers", "constant"]))
+def test_affine_search_skips_only_ratios_that_cannot_win(bits, seed, size, shape):
+    """The activation search skips ratios whose clipping error alone exceeds the best error found
+    (issue 12 item 10); it picks exactly the step and zero point of trying every ratio."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, generator=g)
+    x = {"relu": x.clamp(min=0), "gauss": x, "tail": x.abs() ** 3 - 0.1, "constant": torch.full_like(x, 0.25),
+         "outliers": torch.cat([x, torch.full((3,), 40.0)])}[shape]
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    qmax = 2 ** bits - 1
+    assert mse_affine_range(x, lo, hi, 0, qmax) == _plain_mse_affine_range(x, lo, hi, 0, qmax)

@@ -671,9 +671,10 @@ def _mean(ctx: _Context, node: fx.Node, a: dict) -> Any:
     return new
 
 
-@_rewrite("view", "_unsafe_view", "reshape")
+@_rewrite("view", "_unsafe_view", "reshape", "flatten")
 def _flatten(ctx: _Context, node: fx.Node, a: dict) -> Any:
-    # view(x, [N, C*H*W]) with N = x.shape[0] -> torch.flatten(x, 1) (what x.flatten(1) became)
+    # view(x, [N, C*H*W]) with N = x.shape[0] -> torch.flatten(x, 1) (what x.flatten(1) became);
+    # flatten.using_ints(x, 1) where the program was not decomposed (see in_place.py) likewise
     x, val = a["self"], node.meta.get("val")
     xval = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not (isinstance(val, torch.Tensor) and isinstance(xval, torch.Tensor)) or val.dim() != 2 or xval.dim() < 2:

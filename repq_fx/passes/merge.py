@@ -50,7 +50,7 @@ def _replace_with_conv(gm: fx.GraphModule, block: Block, dtype: torch.dtype,
         conv = to_module(params, dtype=dtype)
         if device is not None:
             conv = conv.to(device)
-        target = free_module_path(gm, f"{block.name}.reparam_conv" if block.name else "reparam_conv")
+        target = free_module_path(gm, f"{block.module_scope}.reparam_conv" if block.module_scope else "reparam_conv")
         gm.add_submodule(target, conv)
         with gm.graph.inserting_before(exit_):
             outputs.append(gm.graph.call_module(target, (entry,)))
@@ -77,7 +77,7 @@ def _replace_with_linear(gm: fx.GraphModule, block: Block, dtype: torch.dtype, d
     with torch.no_grad():
         linear.weight.copy_(p.weight.detach()[:, :, 0, 0])
         linear.bias.copy_(p.bias.detach() if p.bias is not None else torch.zeros(p.out_channels))
-    target = free_module_path(gm, f"{block.name}.reparam_linear" if block.name else "reparam_linear")
+    target = free_module_path(gm, f"{block.module_scope}.reparam_linear" if block.module_scope else "reparam_linear")
     gm.add_submodule(target, linear)
     exit_ = block.region.exit
     with gm.graph.inserting_before(exit_):

@@ -113,7 +113,7 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     widths = {block.region.exit: entry_channels(gm, block.region, analysis.linear, numeric)
               for block in analysis.blocks if block.merged}
     for block in analysis.blocks:
-        if not block.merged or _skipped(block.name, config):
+        if not block.merged or _skipped(block.name, config) or _skipped(block.module_scope, config):
             continue
         for conv in _emit_block(gm, block, analysis, emitter, numeric, config, replaced, widths[block.region.exit]):
             quantized.append((conv, block.name))
@@ -142,7 +142,7 @@ def _emit_block(gm, block: Block, analysis: Analysis, emitter: Emitter, numeric:
     entry = replaced.get(region.entry, region.entry)
     values = SymValues(gm, emitter, numeric, config.bn_mode)
     values.entry = entry
-    base = (block.name or "block").replace(".", "_")
+    base = (block.module_scope or "block").replace(".", "_")
     with gm.graph.inserting_before(region.exit):
         merged = evaluate(region, analysis.linear, values, channels)
         params = finalized(merged)
@@ -168,7 +168,7 @@ def _emit_conv(gm: fx.GraphModule, block: Block, emitter: Emitter, config: QConf
         bias._rename(f"{base}_merged_bias")
     elif isinstance(bias, torch.Tensor):
         bias = emitter.constant(bias)
-    quant_path = free_module_path(gm, f"{block.name}.weight_fake_quant" if block.name else "weight_fake_quant")
+    quant_path = free_module_path(gm, f"{block.module_scope}.weight_fake_quant" if block.module_scope else "weight_fake_quant")
     gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, params.out_channels,
                                                  config.weight_quantizer == "lsq", config.per_channel,
                                                  config.step_init))

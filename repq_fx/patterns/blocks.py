@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,6 +59,13 @@ class Block:
     conv: ConvParams | None  # the merged conv (numeric, eval-mode statistics)
     reason: str = ""  # why it was split or left alone; "" when merged without refusals
     parts: tuple[ConvParams, ...] = ()  # one conv per concatenated branch, in channel order (conv is None)
+    scope: str | None = None  # module path new modules go under, when ``name`` was made unique (else ``name``)
+
+    @property
+    def module_scope(self) -> str:
+        """Where merge/prepare put the block's new modules: the module it lives under. Not ``name``
+        once that names a conv (a new module inside the conv would keep the conv alive) or has ``@k``."""
+        return self.name if self.scope is None else self.scope
 
     @property
     def merged(self) -> bool:
@@ -457,7 +465,7 @@ def find_blocks(gm: fx.GraphModule, values: NumericValues | None = None) -> Anal
                 parts = final
                 reason = "; ".join(filter(None, [PARTS_REASON, reason]))
         blocks.append(Block(block_name(region, gm), region, region_ops, conv, reason, parts))
-    return Analysis(blocks, linear, regions, notes, joins)
+    return Analysis(unique_names(blocks, gm), linear, regions, notes, joins)
 
 
 _CONV_ND_FUNCTIONS = (F.conv1d, F.conv3d)
@@ -534,6 +542,44 @@ def _region_notes(region: Region, notes: dict[fx.Node, str]) -> str:
     found = [notes[n] for n in (region.entry, *region.nodes) if n in notes]
     found += [notes[u] for u in region.exit.users if u in notes]
     return "; ".join(dict.fromkeys(found))
+
+
+def unique_names(blocks: list[Block], gm: fx.GraphModule) -> list[Block]:
+    """Blocks that share a name (the convs of one module, e.g. a Fire module's squeeze and expand
+    convs, all named after it) are named after their first conv's module path instead; a name that
+    is still shared (one conv module called twice) gets ``@2``, ``@3``... in graph order.
+
+    >>> import torch.nn as nn
+    >>> from repq_fx.capture import capture
+    >>> class Two(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+    ...     def forward(self, x):
+    ...         return self.b(self.a(x).relu()).relu()
+    >>> [b.name for b in find_blocks(capture(Two())).blocks]
+    ['a', 'b']
+    """
+    counts = Counter(b.name for b in blocks)
+    names = [conv_path(gm, b) or b.name if counts[b.name] > 1 else b.name for b in blocks]
+    counts, seen = Counter(names), Counter()
+    renamed = []
+    for block, name in zip(blocks, names):
+        seen[name] += 1
+        if counts[name] > 1 and seen[name] > 1:
+            name = f"{name}@{seen[name]}"
+        renamed.append(block if name == block.name else dataclasses.replace(block, name=name, scope=block.name))
+    return renamed
+
+
+def conv_path(gm: fx.GraphModule, block: Block) -> str:
+    """The module path of the block's first conv weight ("" if the weight is computed)."""
+    for op in block.ops:
+        if op.is_conv:
+            w = op.node.args[1]
+            if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(fetch_attr(gm, w.target), torch.Tensor):
+                return w.target.rpartition(".")[0]
+    return ""
 
 
 def block_name(region: Region, gm: fx.GraphModule) -> str:
