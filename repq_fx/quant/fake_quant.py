@@ -58,10 +58,12 @@ class _LearnedFakeQuant(torch.autograd.Function):
     ``quant_min - z`` or ``quant_max - z`` where it is clipped (the input gradient is 0 there);
     summed per channel and times ``grad_factor``. (At an exact tie ``x / s = k + 1/2`` with a
     non-zero zero point PyTorch's backward kernel rounds ``z + x / s`` while its forward rounds
-    ``x / s``; here both use the forward's rounding.) Backward recomputes the rounding from ``x``
-    and uses the output ``Q(x)`` (kept alive by the conv that reads it anyway): two weight-sized
-    temporaries, eight passes; no boolean tensors (``where`` and masks run several times slower
-    than float arithmetic on the CPU).
+    ``x / s``; here both use the forward's rounding.) Backward recomputes the rounding and ``Q(x)``
+    from ``x``, the one tensor saved (as PyTorch's fused ops do): the output belongs to the model,
+    which may change it in place (``ReLU6(inplace=True)`` after a quantized conv, as a conv's or a
+    BatchNorm's output may be changed). Two input-sized temporaries, ten passes (the two extra ones
+    rebuild ``Q(x)``: as fast as keeping it, measured, since a third temporary would cost more); no
+    boolean tensors (``where`` and masks run several times slower than float arithmetic on the CPU).
     """
 
     @staticmethod
@@ -76,16 +78,16 @@ class _LearnedFakeQuant(torch.autograd.Function):
         if zp is not None:
             y.sub_(zp)
         y.mul_(s)
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x)  # not y: the model may modify its output in place
         ctx.scale_shape = scale.shape
         ctx.quant_range, ctx.grad_factor = (quant_min, quant_max), grad_factor
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, y = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         quant_min, quant_max = ctx.quant_range
-        _, zp, inv = ctx.grid
+        s, zp, inv = ctx.grid
         q = x * inv
         q.round_()
         if zp is not None:
@@ -94,6 +96,10 @@ class _LearnedFakeQuant(torch.autograd.Function):
         inside = torch.eq(q, clipped, out=q)  # 1.0 where round(x/s) + z is in range, else 0.0
         dscale = None
         if ctx.needs_input_grad[1]:
+            # Q(x) as the forward computed it, bit for bit, in the clamped buffer
+            if zp is not None:
+                clipped.sub_(zp)
+            y = clipped.mul_(s)
             # s * (step gradient): Q(x) - x inside the range, Q(x) = (quant_min/max - z) s where clipped
             scaled = torch.addcmul(y, x, inside, value=-1, out=clipped)
             if ctx.scale_shape.numel() > 1:
