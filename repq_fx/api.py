@@ -211,23 +211,36 @@ def lower(qmodel: fx.GraphModule) -> fx.GraphModule:
     return lower_graph(qmodel)
 
 
-def export_onnx(lowered: fx.GraphModule, example_inputs: Sequence[Any] | torch.Tensor, path: str) -> "onnx.ModelProto":
+def export_onnx(lowered: fx.GraphModule, example_inputs: Sequence[Any] | torch.Tensor, path: str,
+                target: str | None = None, check: bool = False) -> "onnx.ModelProto":
     """Write ``lowered`` (from :func:`lower`) as a QDQ ONNX model that ONNX Runtime runs in int8.
 
     Quantized convs become ``DequantizeLinear`` (int8 weight, int32 bias) -> ``Conv``, activation
     quantizers ``QuantizeLinear`` -> ``DequantizeLinear``; ONNX Runtime fuses them into
     ``QLinearConv``. The batch dimension is dynamic. Returns the ``onnx.ModelProto``.
 
+    ``target`` (default: the ``QConfig.target`` the model was prepared with) is the integer scheme
+    written (:mod:`repq_fx.targets`); weights its kernels cannot compute exactly on every CPU are
+    refused with a :class:`~repq_fx.errors.SaturationError`. ``check=True`` runs the file in ONNX
+    Runtime on ``example_inputs`` and raises :class:`~repq_fx.errors.ExportCheckError` unless
+    99.9 % of the outputs are within one quantization step of ``lowered``'s.
+
     >>> import torch, torch.nn as nn, tempfile, os
     >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     >>> _ = calibrate(qmodel, [torch.randn(2, 3, 8, 8)])
     >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-    >>> export_onnx(lower(qmodel), (torch.randn(1, 3, 8, 8),), path).graph.input[0].name
+    >>> export_onnx(lower(qmodel), (torch.randn(1, 3, 8, 8),), path, check=True).graph.input[0].name
     'input'
     """
     from .export.onnx_qdq import export_qdq  # onnx is an optional dependency
 
-    return export_qdq(lowered, example_inputs, path)
+    model = export_qdq(lowered, example_inputs, path, target=target)
+    if check:
+        from .export.parity import check_onnx_runtime
+
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        check_onnx_runtime(path, lowered, inputs)
+    return model
 
 
 def enable_fake_quant(qmodel: torch.nn.Module) -> None:

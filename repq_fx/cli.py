@@ -25,6 +25,7 @@ from .capture import FRONT_ENDS
 from .config import QConfig
 from .errors import RepQError
 from .models import SPEC_FORMS, resolve_model
+from .targets import DEFAULT_TARGET
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -130,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A", help="without --ckpt: weight/activation "
                    "bits (default: 8/8)")
     p.add_argument("--calib-batches", type=int, default=4, help="without --ckpt: random calibration batches")
+    _add_target_option(p, "without --ckpt: ", default=None)
     p.add_argument("--check", action="store_true", help="run the file in ONNX Runtime next to the lowered "
-                   "PyTorch model: agreement, and the integer ops of ORT's optimized graph")
+                   "PyTorch model: agreement, and the integer ops of ORT's optimized graph; exit 1 unless "
+                   "99.9 %% of the outputs are within one quantization step")
     p.set_defaults(run=_export)
     _add_train_parser(commands)
     _add_eval_parser(commands)
@@ -195,6 +198,15 @@ ends with the same weights as an uninterrupted run.
 """
 
 
+def _add_target_option(p: argparse.ArgumentParser, when: str, default: str | None = DEFAULT_TARGET) -> None:
+    from .targets import TARGETS
+
+    lines = "; ".join(f"{t.name}: exact on {t.exact_on}" for t in TARGETS.values())
+    p.add_argument("--target", choices=sorted(TARGETS), default=default,
+                   help=f"{when}the runtime whose integer scheme is trained (default: {DEFAULT_TARGET}; "
+                   f"a checkpoint's own with --ckpt). {lines}")
+
+
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     from .train import DATASETS, METHODS
 
@@ -223,6 +235,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--step-lr-scale", type=float, help="learning rate of the LSQ steps relative to --lr "
                    "(default: 1 with sgd, 0.01 with adam)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    _add_target_option(p, "quantized methods: ")
     p.add_argument("--calib-batches", type=int, default=8, help="training batches that set activation ranges "
                    "before quantized training (default: 8)")
     p.add_argument("--compile", action="store_true", help="train the model compiled with repq_fx.compile "
@@ -361,7 +374,7 @@ def _train(args: argparse.Namespace) -> int:
                          weight_decay=args.weight_decay, optimizer=args.optimizer,
                          step_lr_scale=args.step_lr_scale, subset=args.subset,
                          seed=args.seed, calib_batches=args.calib_batches, from_ckpt=args.from_ckpt,
-                         test_subset=args.test_subset)
+                         test_subset=args.test_subset, target=args.target)
     try:
         run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                      progress=args.progress, compile=args.compile)
@@ -457,16 +470,17 @@ def _export(args: argparse.Namespace) -> int:
         model = resolve_model(args.model).eval()
         size = args.input_size or _default_size(model)
         w, a = args.bits
-        qmodel = _calibrated(model, QConfig(weight_bits=w, act_bits=a), size, args.calib_batches)
+        qmodel = _calibrated(model, QConfig(weight_bits=w, act_bits=a, target=args.target or DEFAULT_TARGET), size,
+                             args.calib_batches)
         print(f"note: {args.model} calibrated on {args.calib_batches} random batches (no --ckpt): the file is right "
               "for latency and structure, not for accuracy")
     lowered = repq_fx.lower(qmodel)
     example = torch.randn(1, *size)
-    repq_fx.export_onnx(lowered, (example,), args.out)
+    repq_fx.export_onnx(lowered, (example,), args.out, target=args.target)
     print(f"wrote {args.out}: {lowered.lowered_layers} int8 layers, input 1x{'x'.join(map(str, size))} "
-          "(batch dynamic)")
+          f"(batch dynamic), target {args.target or lowered.repq_target}")
     if args.check:
-        _check_onnx(args.out, lowered, torch.randn(8, *size))
+        return _check_onnx(args.out, lowered, torch.randn(8, *size))
     return 0
 
 
@@ -670,19 +684,18 @@ def _ms(seconds: float) -> str:
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
 
 
-def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor) -> None:
-    from .export.runtime import optimized_ops, session
-    from .quant.lowered import QuantizeDequantize
+def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor) -> int:
+    """ONNX Runtime against the lowered model on ``x``: 0 when they agree, else 1 with the reason on stderr."""
+    from .errors import ExportCheckError
+    from .export.parity import check_onnx_runtime
 
-    ops = optimized_ops(path)
-    out = session(path).run(None, {"input": x.numpy()})[0]
-    with torch.no_grad():
-        ref = lowered(x).numpy()
-    step = float([m for m in lowered.modules() if isinstance(m, QuantizeDequantize)][-1].scale)
-    within = float((abs(out - ref) <= step * 1.001).mean()) * 100
-    print(f"ONNX Runtime vs lowered PyTorch on {x.shape[0]} random inputs: {within:.2f} % of outputs within one "
-          f"step ({step:.3g}); ORT optimized graph: {ops.get('QLinearConv', 0)} QLinearConv, "
-          f"{ops.get('QGemm', 0)} QGemm, {ops.get('Conv', 0)} float Conv")
+    try:
+        parity = check_onnx_runtime(path, lowered, (x,))
+    except ExportCheckError as e:
+        print(f"check failed: {e}", file=sys.stderr)
+        return 1
+    print(f"ONNX Runtime vs lowered PyTorch on {x.shape[0]} random inputs: {parity}")
+    return 0
 
 
 def _timm_check(args: argparse.Namespace) -> int:

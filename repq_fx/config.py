@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
+from .targets import DEFAULT_TARGET, LEGACY_TARGET, get_target
 
 QUANTIZERS = ("lsq", "minmax")
 STEP_INITS = ("mse", "minmax")
@@ -32,7 +33,8 @@ class QConfig:
     bn_mode: str = "batch"  # BN inside blocks in train mode: "batch" (RepQ-BN), "estimate" (RepQ-BNEst), "running"
     first_last_bits: int | None = 8  # bits of the first and last quantized layer; None: the common widths
     skip: tuple[str, ...] = ()  # module names (and everything under them) left in float
-    version: int = 1  # format version of this config in checkpoints
+    target: str = DEFAULT_TARGET  # the runtime whose integer scheme is trained (repq_fx.targets.TARGETS)
+    version: int = 2  # format version of this config in checkpoints (2: target)
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits"):
@@ -43,6 +45,7 @@ class QConfig:
             _check_choice(name, getattr(self, name), QUANTIZERS)
         _check_choice("bn_mode", self.bn_mode, BN_MODES)
         _check_choice("step_init", self.step_init, STEP_INITS)
+        get_target(self.target)
         if not isinstance(self.per_channel, bool):
             raise ConfigError(f"QConfig.per_channel must be True or False; got {self.per_channel!r}")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -61,11 +64,20 @@ class QConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QConfig":
+        """Inverse of :meth:`to_dict`. A version-1 config (written before ``target`` existed) gets the
+        target whose grid it was trained on.
+
+        >>> QConfig.from_dict({"weight_bits": 8, "version": 1}).target
+        'onnxruntime-vnni'
+        """
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"QConfig has no field(s) {sorted(unknown)}; known: {sorted(known)}")
         values = dict(data)
+        if values.get("version", 1) < 2 and "target" not in values:
+            values["target"] = LEGACY_TARGET  # trained before targets: full-range int8 weights
+            values["version"] = 2
         if "skip" in values:
             values["skip"] = tuple(values["skip"])
         return cls(**values)

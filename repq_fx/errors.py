@@ -54,6 +54,14 @@ class ExportError(RepQError):
     """A lowered graph holds an operation the ONNX exporter has no rule for."""
 
 
+class SaturationError(ExportError):
+    """Integer weights the target runtime's kernels cannot compute exactly (16-bit pair sums overflow)."""
+
+
+class ExportCheckError(ExportError):
+    """The exported file, run in its runtime, disagrees with the lowered PyTorch model."""
+
+
 class AlreadyPreparedError(RepQError):
     """The model already carries fake quantizers (``repq_fx.prepare`` or ``torch.ao.quantization``)."""
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import QConfig
+from .targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
 from .errors import CheckpointError, ConfigError, RepQError
 
 __all__ = [
@@ -58,7 +59,7 @@ METHODS = ("fp", "repq-bn", "repq-bnest", "lsq", "ptq")
 QUANTIZED = ("repq-bn", "repq-bnest", "lsq", "ptq")
 DATASETS = ("fashion-mnist", "sr")
 # Fields that must agree between a checkpoint and the run that resumes it.
-RESUME_FIELDS = ("model", "data", "method", "bits", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
+RESUME_FIELDS = ("model", "data", "method", "bits", "target", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
                  "step_lr_scale", "subset", "seed", "scale", "lr_patch")
 
 
@@ -92,6 +93,7 @@ class TrainConfig:
     scale: int = 2  # SR
     lr_patch: int = 32  # SR: LR training patch size
     test_subset: int | None = None  # evaluate on fewer test images (quick runs)
+    target: str = DEFAULT_TARGET  # quantized methods: the runtime's integer scheme (QConfig.target)
 
     def __post_init__(self) -> None:
         self.bits = tuple(self.bits)
@@ -101,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"data must be one of {', '.join(DATASETS)}; got {self.data!r}")
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0; got {self.epochs}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
         if self.optimizer not in (None, "sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam'; got {self.optimizer!r}")
         task = _example_task(self.model)
@@ -152,9 +156,10 @@ class TrainConfig:
             raise ConfigError("method 'fp' has no QConfig")
         w, a = self.bits
         if self.method == "ptq":
-            return QConfig(weight_bits=w, act_bits=a, weight_quantizer="minmax", act_quantizer="minmax")
+            return QConfig(weight_bits=w, act_bits=a, weight_quantizer="minmax", act_quantizer="minmax",
+                           target=self.target)
         bn_mode = "estimate" if self.method == "repq-bnest" else "batch"
-        return QConfig(weight_bits=w, act_bits=a, bn_mode=bn_mode)
+        return QConfig(weight_bits=w, act_bits=a, bn_mode=bn_mode, target=self.target)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what ``torch.load(weights_only=True)`` reads back).
@@ -169,15 +174,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`~repq_fx.errors.CheckpointError`.
+        A config written before targets existed trained full-range int8 weights: its target says so.
 
         >>> TrainConfig.from_dict({"model": "m:N", "bits": [4, 4]}).bits
         (4, 4)
+        >>> TrainConfig.from_dict({"model": "m:N"}).target
+        'onnxruntime-vnni'
         """
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"the checkpoint's config has unknown fields {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{"target": LEGACY_TARGET, **data})
 
 
 def _example_task(spec: str) -> str | None:

@@ -303,7 +303,7 @@ def test_checkpoint_of_other_bit_widths_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
     w4 = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4))
     w8 = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=8, act_bits=8))
-    with pytest.raises(RuntimeError, match=r"grid \[-8, 7\] \(4 bits\).*\[-128, 127\] \(8 bits\)"):
+    with pytest.raises(RuntimeError, match=r"grid \[-8, 7\] \(4 bits\).*\[-64, 64\] \(8 bits\)"):
         w8.load_state_dict(w4.state_dict(), strict=False)
     w4_again = repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4))
     w4_again.load_state_dict(w4.state_dict())  # same grids: loads
@@ -320,3 +320,15 @@ def test_checkpoint_written_before_quant_range_existed_still_loads():
     for key in [k for k in old._metadata if "fake_quant" in k]:
         old._metadata[key]["version"] = 1
     repq_fx.prepare(model, repq_fx.QConfig(weight_bits=4, act_bits=4)).load_state_dict(old)  # strict
+
+
+def test_checkpoint_of_another_target_is_refused_naming_the_target():
+    """The target is part of the trained grid: full-range int8 weights (onnxruntime-vnni) must not load
+    into a model prepared for ONNX Runtime's default scheme (|w| <= 64 behind 8-bit inputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    vnni = repq_fx.prepare(model, repq_fx.QConfig(target="onnxruntime-vnni"))
+    default = repq_fx.prepare(model, repq_fx.QConfig())
+    with pytest.raises(RuntimeError, match=r"\[-128, 127\].*\[-64, 64\].*target"):
+        default.load_state_dict(vnni.state_dict())
+    repq_fx.prepare(model, repq_fx.QConfig(target="onnxruntime-vnni")).load_state_dict(vnni.state_dict())

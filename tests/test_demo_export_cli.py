@@ -31,9 +31,11 @@ def test_export_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
         assert word in out
 
 
-def test_export_a_trained_repq_checkpoint(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("bits", [(4, 4), (8, 8)])
+def test_export_a_trained_repq_checkpoint(fake_fmnist: Path, capsys: pytest.CaptureFixture[str], bits) -> None:
+    # a trained network: end to end too, ORT gives the lowered model's outputs (checked layer by layer)
     fp = _train(fake_fmnist, "fp")
-    q = _train(fake_fmnist, "repq-bn", from_ckpt=str(fp), bits=(4, 4))
+    q = _train(fake_fmnist, "repq-bn", from_ckpt=str(fp), bits=bits)
     out = fake_fmnist / "q.onnx"
     assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
                      "--check"]) == 0

@@ -6,6 +6,7 @@ test uses the real data and skips without it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -327,10 +328,12 @@ def test_example_network_and_data_must_fit(tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.parametrize("method", ["fp", "repq-bnest"])
 def test_compiled_training_trains_the_same_model(fake_fmnist: Path, method: str) -> None:
     # --compile changes the speed, not the run: the same steps on the same batches, so the same
-    # weights up to float rounding (fused kernels round differently). RepQ-BNEst at 8 bits: a
-    # rounding difference can move a value across a quantizer's rounding boundary, so its loss is
-    # compared rather than every weight.
-    config = _small(method, subset=64, test_subset=20, epochs=1)
+    # weights up to float rounding (fused kernels round differently). Float: one SGD step (32 images,
+    # batch 32), whose update differs by rounding only (gradients measured within 5e-6 of eager, in
+    # norm); over more steps the training dynamics of this tiny net amplify rounding ~1000x, by an
+    # amount that depends on the CPU's kernels. RepQ-BNEst at 8 bits: a rounding difference can move a
+    # value across a quantizer's rounding boundary, so its loss is compared rather than every weight.
+    config = _small(method, subset=32 if method == "fp" else 64, test_subset=20, epochs=1)
     eager, compiled = fake_fmnist / f"{method}-eager.pt", fake_fmnist / f"{method}-compiled.pt"
     lines: list[str] = []
     got = run_training(config, compiled, log=lines.append, progress=False, compile=True)
@@ -340,5 +343,10 @@ def test_compiled_training_trains_the_same_model(fake_fmnist: Path, method: str)
     a, b = load_checkpoint(compiled)["model"], load_checkpoint(eager)["model"]
     assert a.keys() == b.keys()
     if method == "fp":
-        far = [k for k in a if a[k].is_floating_point() and not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6)]
+        start = fake_fmnist / "fp-start.pt"
+        run_training(dataclasses.replace(config, epochs=0), start, log=_quiet, progress=False)
+        init = load_checkpoint(start)["model"]
+        trained = [k for k in a if a[k].is_floating_point() and "running" not in k and not torch.equal(b[k], init[k])]
+        assert trained
+        far = [k for k in trained if float((a[k] - b[k]).norm()) > 1e-4 * float((b[k] - init[k]).norm())]
         assert not far, far[:5]

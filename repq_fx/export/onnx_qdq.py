@@ -22,7 +22,9 @@ that ONNX Runtime fuses into integer kernels:
 """
 from __future__ import annotations
 
+import json
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,10 +39,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..capture import norm
 from ..capture.graph_utils import fetch_attr
-from ..errors import ExportError
+from ..errors import ExportError, SaturationError
+from ..targets import DEFAULT_TARGET, Target, get_target
+from .saturation import int16_pair_overflows
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 
 OPSET = 21
+TENSOR_NAMES = "repq_fx.tensor_names"  # metadata key: JSON {FX node name: ONNX tensor name}
 
 Rule = Callable[["_Builder", fx.Node, list], str]
 MODULE_RULES: dict[type, Rule] = {}
@@ -69,6 +74,7 @@ class _Builder:
     """Collects ONNX nodes and initializers while the graph is walked."""
 
     gm: fx.GraphModule
+    weight_container: str = "int8"  # "uint8": weights stored as w + 128 with zero point 128 (u8u8 kernels)
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     names: dict = field(default_factory=dict)
@@ -99,22 +105,33 @@ class _Builder:
             for i, name in enumerate(n.input):
                 if name == old:
                     n.input[i] = new
+        for node, name in self.names.items():
+            if name == old:
+                self.names[node] = new
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
 
 
 def export_qdq(lowered: fx.GraphModule, example_inputs: Sequence[torch.Tensor], path: str | None = None,
-               input_names: Sequence[str] | None = None) -> onnx.ModelProto:
-    """The QDQ ONNX model of ``lowered`` (checked with ``onnx.checker``); saved to ``path`` if given."""
+               input_names: Sequence[str] | None = None, target: str | None = None) -> onnx.ModelProto:
+    """The QDQ ONNX model of ``lowered`` (checked with ``onnx.checker``); saved to ``path`` if given.
+
+    ``target`` (a name in :data:`repq_fx.targets.TARGETS`; default: the one the model was prepared
+    for) sets how weights are stored. A weight grid the target's kernels cannot compute exactly is
+    refused (:class:`~repq_fx.errors.SaturationError`, naming the layers) or, for a target that is
+    exact only on some CPUs, exported with a warning that says which.
+    """
     if not isinstance(lowered, fx.GraphModule):
         raise ExportError(f"export_onnx() needs the GraphModule returned by repq_fx.lower; got "
                           f"{type(lowered).__name__}")
+    scheme = get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET))
+    _check_pair_sums(lowered, scheme)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     lowered = lowered.eval()
     with torch.no_grad():
         ShapeProp(lowered).propagate(*example_inputs)
-    b = _Builder(lowered)
+    b = _Builder(lowered, weight_container=scheme.weight_container)
     inputs, outputs = [], []
     placeholders = [n for n in lowered.graph.nodes if n.op == "placeholder"]
     names = list(input_names or (["input"] if len(placeholders) == 1 else [p.name for p in placeholders]))
@@ -141,10 +158,31 @@ def export_qdq(lowered: fx.GraphModule, example_inputs: Sequence[torch.Tensor], 
     graph = helper.make_graph(b.nodes, "repq_fx", inputs, outputs, b.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="repq_fx")
     model.ir_version = 10
+    # which ONNX tensor holds each FX node's value: how repq_fx.export.parity checks layer by layer
+    helper.set_model_props(model, {TENSOR_NAMES: json.dumps({n.name: v for n, v in b.names.items()})})
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         onnx.save(model, path)
     return model
+
+
+def _check_pair_sums(lowered: fx.GraphModule, scheme: Target) -> None:
+    """Refuse (or, for a VNNI-only target, warn about) int8 weights whose 16-bit pair sums can overflow."""
+    if scheme.weight_container != "int8":
+        return  # u8u8 kernels multiply in 16 bits and accumulate in 32: no pair sums to saturate
+    overflows = int16_pair_overflows(lowered)
+    if not overflows:
+        return
+    listed = "; ".join(str(o) for o in overflows[:3]) + (f"; and {len(overflows) - 3} more" if len(overflows) > 3
+                                                         else "")
+    if scheme.int16_pair_sums:
+        raise SaturationError(
+            f"{len(overflows)} int8 layers can overflow the 16-bit pair sums of ONNX Runtime's u8s8 kernels on x86 "
+            f"CPUs without VNNI ({listed}), so target {scheme.name!r} would run them wrong there. Prepare the model "
+            "with QConfig(target='onnxruntime') to train the narrower grid, or export these weights with "
+            "target='onnxruntime-u8u8' (exact on every CPU, slower) or 'onnxruntime-vnni' (exact only on VNNI CPUs)")
+    warnings.warn(f"target {scheme.name!r}: {len(overflows)} int8 layers are exact only on {scheme.exact_on} "
+                  f"({listed})", RuntimeWarning, stacklevel=3)
 
 
 def _rule_for(b: _Builder, node: fx.Node) -> Rule:
@@ -205,9 +243,13 @@ def _qdq(b: _Builder, node: fx.Node, args: list) -> str:
 
 def _dequantized_params(b: _Builder, node: fx.Node, m: QuantizedConv2d | QuantizedLinear) -> tuple[str, str | None]:
     out = m.weight.shape[0]
-    w = b.const(f"{node.name}_weight_int8", m.weight.cpu().numpy())
     w_scale = b.const(f"{node.name}_weight_scale", m.weight_scale.cpu().numpy().astype(np.float32))
-    w_zero = b.const(f"{node.name}_weight_zero_point", np.zeros(out, dtype=np.int8))
+    if b.weight_container == "uint8":  # the same values, shifted onto uint8 (zero point 128)
+        w = b.const(f"{node.name}_weight_uint8", (m.weight.cpu().numpy().astype(np.int16) + 128).astype(np.uint8))
+        w_zero = b.const(f"{node.name}_weight_zero_point", np.full(out, 128, dtype=np.uint8))
+    else:
+        w = b.const(f"{node.name}_weight_int8", m.weight.cpu().numpy())
+        w_zero = b.const(f"{node.name}_weight_zero_point", np.zeros(out, dtype=np.int8))
     weight = b.add("DequantizeLinear", [w, w_scale, w_zero], f"{node.name}_weight", axis=0)
     if m.bias is None:
         return weight, None

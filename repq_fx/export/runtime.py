@@ -24,6 +24,16 @@ def session(path: str, threads: int = 1):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def session_from_bytes(model: bytes, threads: int = 1):
+    """:func:`session` of a serialized model held in memory."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def optimized_ops(path: str) -> collections.Counter:
     """Op types of the graph ONNX Runtime runs for ``path`` after its optimisations (fusions included)."""
     import onnx
@@ -38,4 +48,4 @@ def optimized_ops(path: str) -> collections.Counter:
         return collections.Counter(n.op_type for n in graph.node)
 
 
-__all__ = ["session", "optimized_ops"]
+__all__ = ["session", "session_from_bytes", "optimized_ops"]

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..capture.graph_utils import fetch_attr, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError, StepCollapsedWarning
+from ..targets import DEFAULT_TARGET
 from ..quant.bn_stats import branch_statistics, input_moments
 from ..quant.fake_quant import STEP_FLOOR, ActFakeQuant, WeightFakeQuant, collapse_message, fake_quantizers
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
@@ -90,6 +91,8 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     gm.lowered_layers = lowered
+    config = getattr(qmodel, "repq_config", None)
+    gm.repq_target = getattr(config, "target", DEFAULT_TARGET)  # the integer scheme export writes
     return gm.eval()
 
 

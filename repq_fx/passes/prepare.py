@@ -29,6 +29,7 @@ from ..algebra import AffineConv, NoMatch, ops, to_conv
 from ..algebra.kernels import embed_add
 from ..config import QConfig
 from ..errors import ConfigError
+from ..targets import get_target
 from ..capture.graph_utils import fetch_attr, free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, find_blocks
 from ..quant.bn_stats import block_statistics, bn_fold, branch_statistics, input_moments
@@ -309,10 +310,11 @@ def _insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig)
                 if user.target in (branch_statistics, input_moments):
                     user.update_arg(0, inputs[x])
         node.update_arg(0, inputs[x])
-    for node, _ in quantized:  # weights of the first and last layers
-        if node in first or node in last:
-            wq = gm.get_submodule(node.args[1].target)
-            wq.set_bits(bits_of(node)[0])
+    target = get_target(config.target)
+    for node, _ in quantized:  # each weight grid: its bit width, narrowed by the target for its input's range
+        wq, aq = gm.get_submodule(node.args[1].target), gm.get_submodule(node.args[0].target)
+        bits = bits_of(node)[0]
+        wq.set_grid(bits, *target.weight_range(bits, aq.quant_max))
 
 
 def _reads_model_input(node: fx.Node) -> bool:

@@ -219,7 +219,8 @@ class _FakeQuant(nn.Module):
             error_msgs.append(
                 f"{prefix[:-1] or 'quantizer'}: the checkpoint was trained on the grid [{lo}, {hi}] "
                 f"({(hi - lo + 1).bit_length() - 1} bits) but this model quantizes to [{self.quant_min}, "
-                f"{self.quant_max}] ({self.bits} bits); prepare the model with the checkpoint's QConfig")
+                f"{self.quant_max}] ({self.bits} bits); prepare the model with the checkpoint's QConfig "
+                "(its bit widths and target)")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

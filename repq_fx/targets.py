@@ -1,0 +1,100 @@
+"""Deployment targets: the integer scheme a runtime executes exactly, fixed before training.
+
+QAT trains exactly one integer grid, so the grid the runtime's kernels compute must be
+chosen in ``QConfig(target=...)`` before training (torch.ao calls these backend configs).
+A target says how weights are stored and which weight values a layer may use given the
+bit width of its input.
+
+The hazard that shapes the ONNX Runtime default: on x86 CPUs without VNNI (AVX2, and
+AVX-512 without VNNI), ONNX Runtime's u8s8 convolution and GEMM kernels multiply uint8
+activations by int8 weights with ``VPMADDUBSW``, which adds each *pair* of products in a
+16-bit register and saturates. With 8-bit activations (up to 255) and full-range int8
+weights (down to -128) a pair reaches ``2 * 255 * 128 = 65280``, far beyond 32767, and
+the layer silently computes something else. ``"onnxruntime"`` therefore limits every
+weight to ``|w| <= 32767 // (2 * a_max)`` where ``a_max`` is the largest integer the layer's
+input can take: 64 for 8-bit inputs (what ONNX Runtime's own ``reduce_range`` does), no
+limit for inputs of 7 bits or fewer. The limit is part of the trained grid, so the model
+that runs is the model that trained; :mod:`repq_fx.export.saturation` checks it statically.
+
+>>> get_target("onnxruntime").weight_range(bits=8, input_max=255)
+(-64, 64)
+>>> get_target("onnxruntime").weight_range(bits=8, input_max=15)   # 4-bit input: no limit
+(-128, 127)
+>>> get_target("onnxruntime-u8u8").weight_range(bits=8, input_max=255)
+(-128, 127)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+INT16_MAX = 32767
+
+
+@dataclass(frozen=True)
+class Target:
+    """The integer scheme of one runtime (one row of :data:`TARGETS`)."""
+
+    name: str
+    summary: str  # one line for --help and error messages
+    weight_container: str  # "int8", or "uint8": stored as w + 128 with zero point 128 (u8u8 kernels)
+    int16_pair_sums: bool  # the runtime may add two products in 16 bits (u8s8 kernels without VNNI)
+    exact_on: str  # the CPUs on which the runtime computes this grid exactly
+
+    def weight_range(self, bits: int, input_max: int) -> tuple[int, int]:
+        """The integer range of a layer's weights: symmetric ``bits`` bits, narrowed where 16-bit pair
+        sums of ``input_max * |w|`` could overflow."""
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if self.int16_pair_sums:
+            limit = INT16_MAX // (2 * max(int(input_max), 1))
+            lo, hi = max(lo, -limit), min(hi, limit)
+        return lo, hi
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Add a target to :data:`TARGETS` (a name already there is replaced).
+
+    >>> t = register_target(Target("my-npu", "an NPU with int32 accumulators", "int8", False, "my NPU"))
+    >>> get_target("my-npu").summary
+    'an NPU with int32 accumulators'
+    >>> del TARGETS["my-npu"]
+    """
+    TARGETS[target.name] = target
+    return target
+
+
+register_target(Target(
+    "onnxruntime", "ONNX Runtime u8s8 (QLinearConv/QGemm): uint8 activations, int8 weights kept small enough "
+    "that no 16-bit pair sum overflows (|w| <= 64 behind 8-bit activations)", "int8", True,
+    "every CPU: x86 with or without VNNI, ARM"))
+register_target(Target(
+    "onnxruntime-u8u8", "ONNX Runtime u8u8: full-range 8-bit weights stored as uint8 (zero point 128); "
+    "exact everywhere, slower kernels", "uint8", False, "every CPU: x86 with or without VNNI, ARM"))
+register_target(Target(
+    "onnxruntime-vnni", "ONNX Runtime u8s8 with full-range int8 weights: exact only where the kernels "
+    "accumulate in 32 bits", "int8", False,
+    "x86 with AVX512-VNNI or AVX-VNNI, and ARM (wrong on other x86 CPUs: 16-bit pair sums saturate)"))
+
+DEFAULT_TARGET = "onnxruntime"
+# the grid every model was trained on before targets existed (full-range int8 weights)
+LEGACY_TARGET = "onnxruntime-vnni"
+
+
+def get_target(name: str) -> Target:
+    """The registered target ``name``; an unknown name is a :class:`~repq_fx.errors.ConfigError`.
+
+    >>> get_target("tflite")
+    Traceback (most recent call last):
+    ...
+    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', 'onnxruntime-vnni'; got 'tflite'
+    """
+    if name not in TARGETS:
+        raise ConfigError(f"QConfig.target must be one of {', '.join(repr(t) for t in TARGETS)}; got {name!r}")
+    return TARGETS[name]
+
+
+__all__ = ["Target", "TARGETS", "DEFAULT_TARGET", "LEGACY_TARGET", "get_target", "register_target"]
