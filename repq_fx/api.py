@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 from .batches import forward_inputs
 from .capture import capture as _capture
-from .checks import check_graph, check_model, graph_warnings
+from .checks import check_graph, check_model, graph_warnings, unwrap_parallel
 from .config import QConfig
 from .errors import ConfigError, NotPreparedError, RepQError
 from .passes.lower import lower_graph
@@ -46,6 +46,7 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     block   branches        convs  merged  reason
     <root>  conv3x3 -> bn   1      -> 3x3
     """
+    model = unwrap_parallel(model, "explain")
     check_model(model, "explain")
     gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
@@ -61,6 +62,7 @@ def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     The result equals ``model.eval()``; ``model`` itself is not modified. It is returned in eval mode.
     ``capture``: ``"auto"`` | ``"fx"`` | ``"export"`` (see :func:`explain`); export captures in eval mode.
     """
+    model = unwrap_parallel(model, "merge")
     check_model(model, "merge")
     gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
@@ -88,6 +90,7 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
     config = config or QConfig()
     if not isinstance(config, QConfig):
         raise ConfigError(f"config must be a repq_fx.QConfig; got {type(config).__name__}")
+    model = unwrap_parallel(model, "prepare")
     check_model(model, "prepare")
     gm = _capture(model, example_inputs, front_end=capture, mode="train")
     analysis = find_blocks(gm)
