@@ -9,8 +9,10 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+import itertools
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -18,8 +20,9 @@ import torch.fx as fx
 if TYPE_CHECKING:
     import onnx
 
+from .batches import forward_inputs
 from .capture import capture as _capture
-from .checks import check_graph, check_model, graph_warnings
+from .checks import check_graph, check_model, graph_warnings, unwrap_parallel
 from .config import QConfig
 from .errors import ConfigError, NotPreparedError, RepQError
 from .passes.lower import lower_graph
@@ -44,6 +47,7 @@ def explain(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     block   branches        convs  merged  reason
     <root>  conv3x3 -> bn   1      -> 3x3
     """
+    model = unwrap_parallel(model, "explain")
     check_model(model, "explain")
     gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
@@ -60,6 +64,7 @@ def merge(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     The result equals ``model.eval()``; ``model`` itself is not modified. It is returned in eval mode.
     ``capture``: ``"auto"`` | ``"fx"`` | ``"export"`` (see :func:`explain`); export captures in eval mode.
     """
+    model = unwrap_parallel(model, "merge")
     check_model(model, "merge")
     gm = _capture(model, example_inputs, front_end=capture, mode="eval")
     analysis = find_blocks(gm)
@@ -87,6 +92,7 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
     config = config or QConfig()
     if not isinstance(config, QConfig):
         raise ConfigError(f"config must be a repq_fx.QConfig; got {type(config).__name__}")
+    model = unwrap_parallel(model, "prepare")
     check_model(model, "prepare")
     gm = _capture(model, example_inputs, front_end=capture, mode="train")
     # blocks found in the model's own dtype, as prepare_graph emits them (float64 is for merge's exactness)
@@ -99,9 +105,38 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
 
 
 def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
-    """Initialise activation ranges from data (float activations, eval mode); returns batches seen.
+    """Fit every quantizer's step to data; returns the number of batches seen.
 
-    ``batches`` yields input tensors, or tuples/lists whose first item is the input.
+    Activation ranges come from the float activations of ``batches`` (fake quant off), then each
+    weight step from the weights of one more forward, in the mode ``qmodel`` is in when called:
+    train mode (a model about to be trained: BN batch statistics, the merged weights training will
+    quantize) or eval mode (a trained model quantized after training: running statistics). The two
+    differ most on a freshly initialised model, whose running statistics (0 and 1) say nothing about
+    its activations: steps fitted in eval mode there clip most of what training computes, and one SGD
+    step can push a weight step below zero. BN running statistics, other buffers outside the
+    quantizers and the random number generator are left as they were.
+
+    Each batch becomes ``forward``'s inputs by the first rule that fits (``k``: the number of inputs
+    ``forward`` requires; see :mod:`repq_fx.batches`): a Tensor is the one input; a dict gives keyword
+    inputs; a tuple or list whose first item is a tuple, list or dict is ``(inputs, target, ...)``;
+    any other tuple or list gives its first ``k`` items as the inputs and leaves the rest (targets)
+    out. A batch that fits no rule raises :class:`RepQError` saying what forward takes.
+
+    >>> import torch, torch.nn as nn
+    >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> data = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))]   # (input, target) pairs
+    >>> calibrate(qmodel, data)
+    1
+    >>> class TwoInputs(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.rgb, self.depth = nn.Conv2d(3, 8, 3), nn.Conv2d(1, 8, 3)
+    ...     def forward(self, rgb, depth):
+    ...         return self.rgb(rgb) + self.depth(depth)
+    >>> qmodel = prepare(TwoInputs())
+    >>> rgb, depth, target = torch.randn(4, 3, 8, 8), torch.randn(4, 1, 8, 8), torch.zeros(4)
+    >>> calibrate(qmodel, [(rgb, depth), (rgb, depth, target), {"rgb": rgb, "depth": depth}, ((rgb, depth), target)])
+    4
     """
     acts = [q for q in fake_quantizers(qmodel) if isinstance(q, ActFakeQuant)]
     if not acts:
@@ -111,40 +146,57 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
         raise NotPreparedError("calibrate() needs a model returned by repq_fx.prepare (no fake quantizers found)")
     quantizers = fake_quantizers(qmodel)
     enabled = [bool(q.enabled) for q in quantizers]
-    was_training = qmodel.training
+    mode = qmodel.training
     seen = 0
-    try:
-        for q in quantizers:
-            q.enable(False)
-            q.reset()  # ranges and steps come from these batches only
-        for q in acts:
-            q.set_observing(True)
-        qmodel.eval()
-        with torch.no_grad():
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    with _model_state_kept(qmodel), torch.no_grad():
+        try:
+            for q in quantizers:
+                q.enable(False)
+                q.reset()  # ranges and steps come from these batches only
+            for q in acts:
+                q.set_observing(True)
             for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                qmodel(x)
+                inputs = forward_inputs(qmodel, batch)
+                qmodel(*inputs[0], **inputs[1])
                 seen += 1
                 if max_batches is not None and seen >= max_batches:
                     break
-    finally:
-        for q in acts:
-            q.set_observing(False)
-        for q, on in zip(quantizers, enabled):
-            q.enable(on)
-        qmodel.train(was_training)
-    if seen == 0:
-        raise RepQError("calibrate() got no batches: pass an iterable of input tensors (or (input, target) tuples)")
-    for q in acts:
-        if torch.isfinite(q.min_val):
-            q.init_from_range()
-    with torch.no_grad():  # weight steps from the current weights
-        qmodel.eval()
-        try:
-            qmodel(x)
         finally:
-            qmodel.train(was_training)
+            for q in acts:
+                q.set_observing(False)
+            for q, on in zip(quantizers, enabled):
+                q.enable(on)
+        if inputs is None:
+            raise RepQError("calibrate() got no batches: pass an iterable of input tensors (or (input, target) "
+                            "tuples, tuples of inputs, dicts of keyword inputs)")
+        for q in acts:
+            if torch.isfinite(q.min_val):
+                q.init_from_range()
+        try:  # weight steps from the weights of this mode; activation steps stay as just set
+            for q in acts:
+                q.train(False)
+            qmodel(*inputs[0], **inputs[1])
+        finally:
+            qmodel.train(mode)
     return seen
+
+
+@contextlib.contextmanager
+def _model_state_kept(qmodel: torch.nn.Module) -> Iterator[None]:
+    """Buffers outside the fake quantizers (BN running statistics, ...) and the random number
+    generators as they were on entry, whatever forwards run inside (train mode updates them)."""
+    inside = {id(t) for q in fake_quantizers(qmodel) for t in q.buffers()}
+    kept = [(b, b.detach().clone()) for b in qmodel.buffers() if id(b) not in inside]
+    cuda = sorted({t.device.index or 0 for t in itertools.chain(qmodel.parameters(), qmodel.buffers())
+                   if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in kept:
+                    buffer.copy_(value)
 
 
 def lower(qmodel: fx.GraphModule) -> fx.GraphModule:

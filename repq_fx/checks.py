@@ -4,7 +4,7 @@ Each check raises a :class:`~repq_fx.errors.RepQError` subclass whose message na
 and says what to do, instead of a stack trace from inside FX or a silently wrong model:
 
 - :func:`check_model`: already prepared (by repq_fx or ``torch.ao.quantization``), or with
-  uninitialized lazy parameters;
+  uninitialized lazy parameters; :func:`unwrap_parallel`: the model inside ``DataParallel``/DDP;
 - :func:`non_finite` / :func:`check_finite`: NaN/Inf in a parameter, a BN statistic or any tensor a
   block's merged weight is computed from, and negative BN running variances;
 - :func:`warn_sync_batch_norm`: SyncBatchNorm inside blocks in a multi-process run.
@@ -31,6 +31,30 @@ from .errors import AlreadyPreparedError, CaptureError, InvalidModelError, NonFi
 from .quant.fake_quant import fake_quantizers
 
 _BN = nn.modules.batchnorm._BatchNorm
+
+
+def unwrap_parallel(model: nn.Module, entry: str) -> nn.Module:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` (with a warning), else ``model``.
+
+    Tracing the wrapper would trace its scatter/gather code, not the model, and fail far from the
+    cause. The result of ``entry`` is then a plain module named like the inner one (no ``module.``
+    prefix): wrap it again for data-parallel training.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     inner = unwrap_parallel(nn.DataParallel(nn.Conv2d(3, 8, 3)), "prepare")
+    >>> type(inner).__name__, str(caught[0].message)[:68]
+    ('Conv2d', 'prepare(): the model is wrapped in DataParallel; working on its .mod')
+    """
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if not isinstance(model, wrappers):
+        return model
+    kind = type(model).__name__
+    warnings.warn(f"{entry}(): the model is wrapped in {kind}; working on its .module ({type(model.module).__name__})"
+                  f". The result is not wrapped and its parameter names have no 'module.' prefix: wrap it in "
+                  f"{kind} again to train it in parallel", UserWarning, stacklevel=3)
+    return unwrap_parallel(model.module, entry)
 
 
 def check_model(model: nn.Module, entry: str) -> None:
@@ -200,4 +224,4 @@ def _modules_read(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[tuple[st
     return out
 
 
-__all__ = ["check_model", "check_graph", "graph_warnings", "check_finite", "non_finite", "block_tensors", "warn_sync_batch_norm"]
+__all__ = ["unwrap_parallel", "check_model", "check_graph", "graph_warnings", "check_finite", "non_finite", "block_tensors", "warn_sync_batch_norm"]

@@ -99,13 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="the whole job on Fashion-MNIST: float training, RepQ QAT, int8 ONNX Runtime",
                             description=DEMO_DESCRIPTION, epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fp-epochs", type=int, default=4, help="float training epochs (default: 4)")
-    p.add_argument("--qat-epochs", type=int, default=1, help="RepQ QAT epochs (default: 1)")
+    p.add_argument("--fp-epochs", type=_at_least(0), default=4, help="float training epochs (default: 4)")
+    p.add_argument("--qat-epochs", type=_at_least(0), default=1, help="RepQ QAT epochs (default: 1)")
     p.add_argument("--method", choices=("repq-bn", "repq-bnest"), default="repq-bn", help="RepQ variant "
                    "(default: repq-bn)")
     p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A", help="weight/activation bits (default: 8/8)")
-    p.add_argument("--subset", type=int, metavar="N", help="train on N images only (quick runs)")
-    p.add_argument("--test-subset", type=int, metavar="N", help="test on the first N images only")
+    p.add_argument("--subset", type=_at_least(1), metavar="N", help="train on N images only (quick runs)")
+    p.add_argument("--test-subset", type=_at_least(1), metavar="N", help="test on the first N images only")
     p.add_argument("--workdir", default=".demo", help="checkpoints and ONNX files (default: .demo)")
     p.add_argument("--fresh", action="store_true", help="retrain even if --workdir holds finished runs")
     _add_runtime_options(p)
@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                    "1x28x28 for Fashion-MNIST checkpoints, the timm model's own, else 3x224x224")
     p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A", help="without --ckpt: weight/activation "
                    "bits (default: 8/8)")
-    p.add_argument("--calib-batches", type=int, default=4, help="without --ckpt: random calibration batches")
+    p.add_argument("--calib-batches", type=_at_least(1), default=4, help="without --ckpt: random calibration "
+                   "batches")
     _add_target_option(p, "without --ckpt: ", default=None)
     p.add_argument("--check", action="store_true", help="run the file in ONNX Runtime next to the lowered "
                    "PyTorch model: agreement, and the integer ops of ORT's optimized graph; exit 1 unless "
@@ -217,12 +218,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    "examples:ECBSR, timm:repvgg_a0")
     p.add_argument("--data", choices=DATASETS, help="data set (default: sr for examples:ECBSR, else fashion-mnist)")
     p.add_argument("--method", choices=METHODS, default="fp", help="how to train (default: fp; see above)")
-    p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A",
-                   help="weight/activation bits of quantized methods, e.g. 4/4, 8/4 or W4A8 (default: 8/8)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (default: 10; ptq ignores it)")
-    p.add_argument("--subset", type=int, metavar="N", help="train on a fixed random N images (fashion-mnist) or "
-                   "N patches per epoch (sr), for quick runs")
-    p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images only")
+    p.add_argument("--bits", type=_bits, metavar="W/A", help="weight/activation bits of quantized methods, e.g. "
+                   "4/4, 8/4 or W4A8 (default: 8/8; refused with --method fp)")
+    p.add_argument("--epochs", type=_at_least(0), default=10, help="epochs (default: 10; ptq ignores it)")
+    p.add_argument("--subset", type=_at_least(1), metavar="N", help="train on a fixed random N images "
+                   "(fashion-mnist) or N patches per epoch (sr), for quick runs")
+    p.add_argument("--test-subset", type=_at_least(1), metavar="N", help="evaluate on the first N test images "
+                   "only")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file, rewritten after every epoch")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same command line)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
@@ -230,14 +232,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    "the same MODEL; what quantized methods should start from")
     p.add_argument("--lr", type=float, help="initial learning rate (default: by data and method, see above)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: by data and method)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: 128 fashion-mnist, 16 sr)")
+    p.add_argument("--batch-size", type=_at_least(1), help="batch size (default: 128 fashion-mnist, 16 sr)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: sgd for fashion-mnist, adam for sr")
     p.add_argument("--step-lr-scale", type=float, help="learning rate of the LSQ steps relative to --lr "
                    "(default: 1 with sgd, 0.01 with adam)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     _add_target_option(p, "quantized methods: ")
-    p.add_argument("--calib-batches", type=int, default=8, help="training batches that set activation ranges "
-                   "before quantized training (default: 8)")
+    p.add_argument("--calib-batches", type=_at_least(1), default=8, help="training batches that set activation "
+                   "ranges before quantized training (default: 8)")
     p.add_argument("--compile", action="store_true", help="train the model compiled with repq_fx.compile "
                    "(torch.compile, inductor): faster steps after a compilation of seconds to minutes; "
                    "evaluation and checkpoints use the same weights, uncompiled")
@@ -257,7 +259,7 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="model spec the checkpoint was trained for (checked)")
     p.add_argument("--data", choices=DATASETS, help="data set (checked against the checkpoint; default: its own)")
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint written by `repq-fx train`")
-    p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images only")
+    p.add_argument("--test-subset", type=_at_least(1), metavar="N", help="evaluate on the first N test images only")
     _add_runtime_options(p)
     p.set_defaults(run=_eval)
 
@@ -324,7 +326,7 @@ def _add_capture_option(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_at_least(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -367,10 +369,13 @@ def _default_data(model: str) -> str:
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, run_training
 
+    if args.method == "fp" and args.bits is not None:
+        raise RepQError(f"--bits {args.bits[0]}/{args.bits[1]} does nothing with --method fp (float training): "
+                        "drop --bits, or pick a quantized method (--method repq-bn, repq-bnest, lsq or ptq)")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(model=args.model, data=args.data or _default_data(args.model), method=args.method,
-                         bits=args.bits, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         bits=args.bits or (8, 8), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, optimizer=args.optimizer,
                          step_lr_scale=args.step_lr_scale, subset=args.subset,
                          seed=args.seed, calib_batches=args.calib_batches, from_ckpt=args.from_ckpt,
@@ -465,10 +470,10 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.ckpt:
         qmodel, saved = _restore_quantized(args.ckpt, args.model, "export")
-        size = args.input_size or _data_size(saved.data)
+        size = args.input_size or _data_size(saved)
     else:
         model = resolve_model(args.model).eval()
-        size = args.input_size or _default_size(model)
+        size = args.input_size or _example_size(args.model) or _default_size(model)
         w, a = args.bits
         qmodel = _calibrated(model, QConfig(weight_bits=w, act_bits=a, target=args.target or DEFAULT_TARGET), size,
                              args.calib_batches)
@@ -496,9 +501,14 @@ def _restore_quantized(path: str, model: str, command: str) -> tuple[nn.Module, 
     return qmodel, saved
 
 
-def _data_size(data: str) -> tuple[int, ...]:
-    """The input shape (without the batch) of a `repq-fx train` data set."""
-    return (1, 28, 28) if data == "fashion-mnist" else (1, 32, 32)
+def _data_size(saved: TrainConfig) -> tuple[int, ...]:
+    """The input shape (without the batch) of the model of a `repq-fx train` run: its data's images, with
+    as many channels as the model's first conv takes (a torchvision model on Fashion-MNIST: 3)."""
+    from .train import float_model, input_channels
+
+    if saved.data != "fashion-mnist":
+        return (1, 32, 32)
+    return (input_channels(float_model(saved)) or 1, 28, 28)
 
 
 def _calibrated(model: nn.Module, config: QConfig, size: tuple[int, ...], batches: int, batch: int = 4,
@@ -525,7 +535,7 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
     qmodel, saved = _restore_quantized(args.ckpt, args.model, "bench") if args.ckpt else (None, None)
-    size = args.input_size or (_data_size(saved.data) if saved else _example_size(args.model) or BENCH_SIZE)
+    size = args.input_size or (_data_size(saved) if saved else _example_size(args.model) or BENCH_SIZE)
     out = _probe(model, size)
 
     def head(bits: tuple[int, int]) -> str:
@@ -708,7 +718,7 @@ def _timm_check(args: argparse.Namespace) -> int:
     header = ("model", "blocks merged", "convs (ours)", "convs (timm)", "rel. err vs original",
               "rel. err vs timm", "time ours / timm")
     rows, ok = [], True
-    for name in tqdm(args.models, desc="repq-fx demo", unit="model"):
+    for name in tqdm(args.models, desc="timm-check", unit="model", leave=False):
         model = resolve_model(f"timm:{name}").double()
         _calibrate_bn(model, torch.randn(CALIBRATION_SHAPE, dtype=torch.float64))
         x = torch.randn(1, *_default_size(model), dtype=torch.float64)
@@ -783,12 +793,22 @@ def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _size(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: ``CxHxW`` (channels, height, width; no batch) as a tuple of 3 positive ints.
+
+    >>> _size("1x28x28")
+    (1, 28, 28)
+    >>> _size("28x28")
+    Traceback (most recent call last):
+      ...
+    argparse.ArgumentTypeError: '28x28' is not CxHxW (channels x height x width, without the batch), e.g. 1x28x28 or 3x224x224
+    """
     try:
         size = tuple(int(d) for d in text.lower().split("x"))
     except ValueError:
         size = ()
-    if len(size) < 2 or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 3x224x224 (CxHxW, without the batch)")
+    if len(size) != 3 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CxHxW (channels x height x width, without the batch), "
+                                         "e.g. 1x28x28 or 3x224x224")
     return size
 
 

@@ -72,3 +72,7 @@ class InvalidModelError(RepQError, ValueError):
 
 class NonFiniteError(InvalidModelError):
     """NaN or Inf in a parameter or BN statistic (or a negative running variance); the message names it."""
+
+
+class StepCollapsedWarning(UserWarning):
+    """A learned quantization step was pushed to or below zero by training and is held at the floor."""

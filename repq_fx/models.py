@@ -23,12 +23,13 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
 from .errors import RepQError
 
-__all__ = ["ModelSpecError", "RESOLVERS", "SPEC_FORMS", "resolve_model"]
+__all__ = ["ModelSpecError", "RESOLVERS", "SPEC_FORMS", "TAKES_OPTIONS", "resolve_model"]
 
 SPEC_FORMS = "timm:NAME, torchvision:NAME, examples:NAME or package.module:Class"
 
@@ -37,18 +38,28 @@ class ModelSpecError(RepQError, ValueError):
     """A model spec is malformed or names no model; the message says which and lists the accepted forms."""
 
 
-def _timm(name: str) -> nn.Module:
+def _timm(name: str, **options: Any) -> nn.Module:
     timm = _import("timm", "pip install 'repq_fx[timm]'")
     if not timm.is_model(name):
         raise ModelSpecError(f"timm has no model {name!r}{_did_you_mean(name, timm.list_models())}")
-    return timm.create_model(name, pretrained=False)
+    return _with_options(lambda: timm.create_model(name, pretrained=False, **options), f"timm's {name}", options)
 
 
-def _torchvision(name: str) -> nn.Module:
+def _torchvision(name: str, **options: Any) -> nn.Module:
     models = _import("torchvision", "pip install torchvision").models
     if name not in models.list_models():
         raise ModelSpecError(f"torchvision has no model {name!r}{_did_you_mean(name, models.list_models())}")
-    return models.get_model(name, weights=None)
+    return _with_options(lambda: models.get_model(name, weights=None, **options), f"torchvision's {name}", options)
+
+
+def _with_options(build: Callable[[], nn.Module], what: str, options: dict[str, Any]) -> nn.Module:
+    try:
+        return build()
+    except TypeError as e:
+        if not options:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ModelSpecError(f"{what} cannot be built with {given} ({e})") from None
 
 
 def _examples(name: str) -> nn.Module:
@@ -63,18 +74,24 @@ def _examples(name: str) -> nn.Module:
 
 
 # prefix -> function(NAME) -> nn.Module. Add an entry to teach the CLI a new model source.
-RESOLVERS: dict[str, Callable[[str], nn.Module]] = {
+RESOLVERS: dict[str, Callable[..., nn.Module]] = {
     "timm": _timm,
     "torchvision": _torchvision,
     "examples": _examples,
 }
 
 
-def resolve_model(spec: str) -> nn.Module:
+# the prefixes whose factories take options (``num_classes=10``, timm's ``in_chans=1``, ...)
+TAKES_OPTIONS = ("timm", "torchvision")
+
+
+def resolve_model(spec: str, **options: Any) -> nn.Module:
     """Build the model that ``spec`` names (see the module docstring for the forms).
 
+    ``options`` go to the factory of a ``timm:`` or ``torchvision:`` spec (``num_classes=10``,
+    timm's ``in_chans=1``); other specs are built without arguments and take none.
     Raises :class:`ModelSpecError` (one line, naming what was wrong) for a malformed
-    spec, an unknown model, or a model that cannot be built without arguments.
+    spec, an unknown model, a model that cannot be built without arguments, or options it refuses.
 
     >>> type(resolve_model("examples:RepVGGNet")).__name__
     'RepVGGNet'
@@ -83,8 +100,13 @@ def resolve_model(spec: str) -> nn.Module:
     if not sep or not prefix or not name:
         raise ModelSpecError(f"bad model spec {spec!r}: expected PREFIX:NAME; accepted forms: {SPEC_FORMS}")
     resolver = RESOLVERS.get(prefix)
+    if options and prefix not in TAKES_OPTIONS:
+        raise ModelSpecError(f"{spec} is built without arguments; only {' and '.join(TAKES_OPTIONS)} specs take "
+                             f"options such as {', '.join(options)}")
     try:
-        return resolver(name) if resolver else _dotted(prefix, name)
+        if resolver is None:
+            return _dotted(prefix, name)
+        return resolver(name, **options) if options else resolver(name)
     except ModelSpecError as e:
         raise ModelSpecError(f"bad model spec {spec!r}: {e}; accepted forms: {SPEC_FORMS}") from None
 

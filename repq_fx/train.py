@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,8 @@ from .targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
 from .errors import CheckpointError, ConfigError, RepQError
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "DATASETS", "METHODS", "TrainConfig", "build_model", "cosine_schedule", "evaluate",
+    "CHECKPOINT_FORMAT", "DATASETS", "METHODS", "TrainConfig", "build_model", "cosine_schedule", "data_note",
+    "evaluate", "float_model",
     "evaluate_classifier", "evaluate_sr", "input_channels", "load_checkpoint", "make_loaders", "make_optimizer", "parse_bits",
     "restore", "run_eval", "run_training", "save_checkpoint", "train_one_epoch",
 ]
@@ -94,6 +95,7 @@ class TrainConfig:
     lr_patch: int = 32  # SR: LR training patch size
     test_subset: int | None = None  # evaluate on fewer test images (quick runs)
     target: str = DEFAULT_TARGET  # quantized methods: the runtime's integer scheme (QConfig.target)
+    fit_data: bool = True  # timm/torchvision: build with the data's classes and channels (see build_model)
 
     def __post_init__(self) -> None:
         self.bits = tuple(self.bits)
@@ -175,6 +177,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`~repq_fx.errors.CheckpointError`.
         A config written before targets existed trained full-range int8 weights: its target says so.
+        One written before ``fit_data`` built timm/torchvision models with their defaults (1000 classes).
 
         >>> TrainConfig.from_dict({"model": "m:N", "bits": [4, 4]}).bits
         (4, 4)
@@ -185,7 +188,7 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"the checkpoint's config has unknown fields {sorted(unknown)}")
-        return cls(**{"target": LEGACY_TARGET, **data})
+        return cls(**{"target": LEGACY_TARGET, "fit_data": False, **data})
 
 
 def _example_task(spec: str) -> str | None:
@@ -233,9 +236,8 @@ def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = Non
     'GraphModule'
     """
     import repq_fx
-    from .models import resolve_model
 
-    model = resolve_model(config.model)
+    model = float_model(config)
     if float_state is not None:
         _load_state(model, float_state, config.from_ckpt or "the float checkpoint")
     if not config.quantized:
@@ -244,6 +246,76 @@ def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = Non
         model = repq_fx.merge(model.eval())
     qmodel = repq_fx.prepare(model, config.qconfig())
     return qmodel.train()
+
+
+FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE = 10, (1, 28, 28)
+
+
+def float_model(config: TrainConfig) -> nn.Module:
+    """The float model of ``config.model``, fitted to the data.
+
+    On Fashion-MNIST (``fit_data``, the default) a timm spec is built with ``num_classes=10,
+    in_chans=1`` and a torchvision spec with ``num_classes=10`` (its grey input is repeated to the
+    3 channels it takes, see :func:`data_note`); any model must then map a batch of 1x28x28 images
+    (or 3x28x28 when its first conv takes 3 channels) to 10 logits, or
+    :class:`~repq_fx.errors.ConfigError` says why it cannot train on the data. Checkpoints written
+    before ``fit_data`` rebuild the factory's defaults (1000 classes, 3 channels).
+
+    >>> float_model(TrainConfig(model="examples:RepVGGNet")).linear.out_features
+    10
+    """
+    from .models import resolve_model
+
+    options: dict[str, Any] = {}
+    prefix = config.model.partition(":")[0]
+    if config.fit_data and config.data == "fashion-mnist" and prefix in ("timm", "torchvision"):
+        options = {"num_classes": FASHION_MNIST_CLASSES, **({"in_chans": 1} if prefix == "timm" else {})}
+    try:
+        model = resolve_model(config.model, **options)
+    except RepQError as e:
+        raise ConfigError(f"{e}; {config.model} cannot be fitted to {config.data}'s "
+                          f"{FASHION_MNIST_CLASSES} classes of grey images") from None
+    if config.fit_data and config.data == "fashion-mnist":
+        _check_fits_fashion_mnist(model, config.model)
+    return model
+
+
+def _check_fits_fashion_mnist(model: nn.Module, spec: str) -> None:
+    channels = input_channels(model) or 1
+    x = torch.zeros(2, channels, *FASHION_MNIST_SIZE[1:])
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{spec} cannot run on Fashion-MNIST's {channels}x28x28 images ({type(e).__name__}: "
+                          f"{first}); pick a model that takes small images") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, FASHION_MNIST_CLASSES):
+        shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(f"{spec} maps a batch of 2 Fashion-MNIST images to {shape}, not [2, "
+                          f"{FASHION_MNIST_CLASSES}] logits: give it a {FASHION_MNIST_CLASSES}-class head (a model "
+                          "built without arguments keeps its own; timm and torchvision specs get num_classes=10)")
+
+
+def data_note(config: TrainConfig) -> str | None:
+    """What fitting the model to the data changed, for the run's log (None if nothing).
+
+    >>> data_note(TrainConfig(model="torchvision:resnet18"))
+    'note: torchvision:resnet18 built with num_classes=10 for Fashion-MNIST; its first conv takes 3 channels, so each grey image is repeated 3 times'
+    """
+    prefix = config.model.partition(":")[0]
+    if config.data != "fashion-mnist" or prefix not in ("timm", "torchvision"):
+        return None
+    if not config.fit_data:
+        return (f"note: {config.model} as its factory builds it (a checkpoint from before fit_data); grey images "
+                "are repeated to its input channels")
+    if prefix == "timm":
+        return f"note: {config.model} built with num_classes=10, in_chans=1 for Fashion-MNIST"
+    return (f"note: {config.model} built with num_classes=10 for Fashion-MNIST; its first conv takes 3 channels, "
+            "so each grey image is repeated 3 times")
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -453,11 +525,9 @@ def evaluate(model: nn.Module, config: TrainConfig, test_loader: Iterable, *, de
 
 def _channel_adapter(config: TrainConfig) -> Callable[[Tensor], Tensor] | None:
     """Grey Fashion-MNIST into a model whose first conv wants 3 channels (timm/torchvision): repeat it."""
-    from .models import resolve_model
-
     if config.data != "fashion-mnist" or config.model.startswith("examples:"):
         return None
-    if input_channels(resolve_model(config.model)) == 3:
+    if input_channels(float_model(config)) == 3:
         return lambda x: x.expand(-1, 3, -1, -1)
     return None
 
@@ -578,7 +648,9 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
     ckpt = None
     if resume and out.exists():
         ckpt = load_checkpoint(out)
-        _check_resumable(out, TrainConfig.from_dict(ckpt["config"]), config)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        _check_resumable(out, saved, config)
+        config = replace(config, fit_data=saved.fit_data)  # the model it was built as
     elif out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists; pass --resume to continue that run, or --overwrite to replace it")
     elif resume:
@@ -598,15 +670,21 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
                 raise CheckpointError(f"--from {config.from_ckpt} must be a float (method fp) checkpoint of "
                                       f"{config.model}; it is method {saved.method!r} of {saved.model!r}")
             float_state = source["model"]
+            config = replace(config, fit_data=saved.fit_data)  # the model the float run built
         elif config.quantized:
             log("note: quantizing a randomly initialised model; pass --from FP_CKPT to start from trained weights")
         model = build_model(config, float_state)
+        note = data_note(config)
+        if note:
+            log(note)
     model.to(device)
     adapter = _channel_adapter(config)
     if ckpt is None and config.quantized:
         import repq_fx
 
-        batches = ((adapter(x) if adapter else x).to(device) for x, _ in islice(train_loader, config.calib_batches))
+        calibration = _progress(islice(train_loader, config.calib_batches), "calibrate", progress,
+                                total=min(config.calib_batches, _len(train_loader) or config.calib_batches))
+        batches = ((adapter(x) if adapter else x).to(device) for x, _ in calibration)
         repq_fx.calibrate(model, batches)
 
     optimizer = make_optimizer(model, config)
@@ -636,12 +714,14 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
                                input_transform=adapter)
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch + 1, "loss": loss, "seconds": seconds,
-                        **evaluate(model, config, test_loader, device=device, input_transform=adapter)})
+                        **evaluate(model, config, test_loader, device=device, progress=progress,
+                                   input_transform=adapter)})
         _save_run(out, model, optimizer, scheduler, epoch + 1, config, history)
         log(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4f}  {_metric_text(history[-1])}  "
             f"lr {optimizer.param_groups[0]['lr']:.2e}  {seconds:.1f} s")
     if not history:  # ptq or --epochs 0: the calibrated model as it is
-        history.append({"epoch": 0, **evaluate(model, config, test_loader, device=device, input_transform=adapter)})
+        history.append({"epoch": 0, **evaluate(model, config, test_loader, device=device, progress=progress,
+                                                input_transform=adapter)})
         _save_run(out, model, optimizer, scheduler, 0, config, history)
         log(f"{config.method} {config.bits[0]}/{config.bits[1]} without training: {_metric_text(history[-1])}")
     elif start_epoch >= config.epochs:

@@ -96,3 +96,95 @@ def test_resolve_model_errors_name_the_problem(spec: str, says: str) -> None:
 def test_resolve_model_registry_is_extensible(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(models.RESOLVERS, "mine", lambda name: RepVGGNet(num_classes=int(name)))
     assert resolve_model("mine:3").linear.out_features == 3
+
+
+# ---------------------------------------------------------------------------
+# Errors a user meets (issue 12, item 9).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["explain", "merge", "export", "bench"])
+def test_input_size_without_channels_is_one_short_line(command: str, tmp_path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--input-size 28x28`` was accepted as a 2-d size and failed deep in the model: a traceback and
+    a 2,400-character message. It is a usage error now, naming the format."""
+    extra = ["--out", str(tmp_path / "m.onnx")] if command == "export" else []
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "examples:RepVGGNet", "--input-size", "28x28", *extra])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'28x28' is not CxHxW" in err and "1x28x28" in err
+    assert "Traceback" not in err and len(err) < 600
+
+
+def _warned_prepare(wrapped: nn.Module, kind: str) -> torch.fx.GraphModule:
+    import repq_fx
+
+    with pytest.warns(UserWarning, match=rf"prepare\(\): the model is wrapped in {kind}; working on its "
+                                         r".module \(RepVGGNet\).*wrap it in"):
+        return repq_fx.prepare(wrapped)
+
+
+def _same_prepared(qmodel: torch.fx.GraphModule, model: nn.Module) -> None:
+    import repq_fx
+
+    assert not any(k.startswith("module.") for k in qmodel.state_dict())
+    reference = repq_fx.prepare(model)
+    assert qmodel.state_dict().keys() == reference.state_dict().keys()
+    repq_fx.disable_fake_quant(qmodel)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(qmodel.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_data_parallel_model_is_unwrapped_with_a_warning() -> None:
+    """``prepare(nn.DataParallel(model))`` raised a CaptureError about an "input size 64" the user never
+    gave (the export fallback tracing DataParallel's scatter); explain, merge and prepare now work on
+    ``.module`` and say so."""
+    import repq_fx
+
+    torch.manual_seed(0)
+    model = RepVGGNet()
+    wrapped = nn.DataParallel(model)
+    _same_prepared(_warned_prepare(wrapped, "DataParallel"), model)
+    with pytest.warns(UserWarning, match="explain"):
+        assert "9 of 9 blocks merged" in str(repq_fx.explain(wrapped))
+    with pytest.warns(UserWarning, match="merge"):
+        merged = repq_fx.merge(wrapped)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(merged(x), model.eval()(x), atol=1e-5)
+
+
+def test_distributed_data_parallel_model_is_unwrapped_with_a_warning(tmp_path) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = RepVGGNet()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        _same_prepared(_warned_prepare(wrapped, "DistributedDataParallel"), model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_timm_check_progress_is_labelled_timm_check(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The bar said "repq-fx demo" and stayed on screen after the table (printed twice)."""
+    tqdm = pytest.importorskip("tqdm")
+    pytest.importorskip("timm")
+    bars: list[dict] = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    monkeypatch.setattr(cli, "_default_size", lambda model: (3, 32, 32))  # quick: a small input
+    assert cli.main(["timm-check", "--models", "repvgg_a0"]) == 0
+    assert [b.get("desc") for b in bars] == ["timm-check"] and bars[0].get("leave") is False
+    assert "repq-fx demo" not in capsys.readouterr().err

@@ -75,3 +75,11 @@ def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch
     again = run_demo(DemoConfig(fp_epochs=1, qat_epochs=1, workdir=str(fake_fmnist / "demo"), latency_runs=5),
                      log=lines.append, progress=False)
     assert again["qat_top1"] == figures["qat_top1"]
+
+
+def test_export_without_checkpoint_uses_the_example_networks_input_size(tmp_path: Path, capsys) -> None:
+    """Without --ckpt and --input-size, export fed 3x224x224 into the 1-channel example network; it
+    uses the example's own input size now, as ``bench`` does."""
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export", "examples:RepVGGNet", "--out", str(out), "--calib-batches", "1"]) == 0
+    assert "input 1x1x28x28" in capsys.readouterr().out and out.is_file()

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,94 @@ def test_compiled_training_trains_the_same_model(fake_fmnist: Path, method: str)
         assert trained
         far = [k for k in trained if float((a[k] - b[k]).norm()) > 1e-4 * float((b[k] - init[k]).norm())]
         assert not far, far[:5]
+
+
+# ---------------------------------------------------------------------------
+# Errors a user meets (issue 12, item 9).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value", [("--subset", "0"), ("--test-subset", "-3"), ("--batch-size", "0"),
+                                           ("--calib-batches", "0"), ("--epochs", "-1")])
+def test_counts_below_their_minimum_are_usage_errors(option: str, value: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --subset 0`` ended in a raw ValueError from the sampler."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "examples:RepVGGNet", option, value, "--out", str(tmp_path / "x.pt"), "--no-progress"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and f"'{value}' is not a whole number >=" in err
+
+
+def test_bits_with_float_training_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--method fp --bits 4/4`` trained a float model and ignored the bits without a word."""
+    out = tmp_path / "x.pt"
+    assert cli.main(["train", "examples:RepVGGNet", "--bits", "4/4", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--bits 4/4 does nothing with --method fp" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_timm_and_torchvision_specs_are_fitted_to_fashion_mnist() -> None:
+    """A timm/torchvision spec trained on Fashion-MNIST kept its 1000-class (and 3-channel) model."""
+    from repq_fx.train import _channel_adapter, data_note, float_model
+
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    timm_model = float_model(TrainConfig(model="timm:resnet10t"))
+    assert timm_model.get_classifier().out_features == 10 and timm_model.conv1[0].in_channels == 1
+    assert _channel_adapter(TrainConfig(model="timm:resnet10t")) is None
+    assert "num_classes=10, in_chans=1" in data_note(TrainConfig(model="timm:resnet10t"))
+    tv_model = float_model(TrainConfig(model="torchvision:resnet18"))
+    assert tv_model.fc.out_features == 10
+    adapter = _channel_adapter(TrainConfig(model="torchvision:resnet18"))
+    assert adapter(torch.zeros(2, 1, 28, 28)).shape == (2, 3, 28, 28)
+    # a run written before fit_data existed rebuilds the model it trained
+    legacy = TrainConfig.from_dict({"model": "timm:resnet10t"})
+    assert not legacy.fit_data and float_model(legacy).get_classifier().out_features == 1000
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("torchvision.models:resnet18", r"maps a batch of 2 Fashion-MNIST images to \[2, 1000\], not \[2, 10\] logits"),
+    ("timm:vit_tiny_patch16_224", r"cannot run on Fashion-MNIST's 1x28x28 images"),
+])
+def test_a_model_that_cannot_fit_fashion_mnist_is_refused_clearly(spec: str, says: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip(spec.partition(":")[0].partition(".")[0])
+    out = tmp_path / "x.pt"
+    assert cli.main(["train", spec, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(says, err), err
+    assert not out.exists()
+
+
+def test_timm_spec_trains_on_fashion_mnist(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("timm")
+    out = fake_fmnist / "timm.pt"
+    assert cli.main(["train", "timm:resnet10t", "--epochs", "1", "--subset", "64", "--test-subset", "50",
+                     "--batch-size", "32", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "note: timm:resnet10t built with num_classes=10, in_chans=1 for Fashion-MNIST" in text
+    model, ckpt = restore(out)
+    assert ckpt["config"]["fit_data"] is True and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_train_shows_progress_while_calibrating_and_evaluating(fake_fmnist: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train`` calibrated and evaluated 10k test images with no progress shown."""
+    from repq_fx import train
+
+    shown: list[tuple[str, int | None]] = []
+    real = train._progress
+
+    def recording(iterable, desc, enabled, total=None):
+        if enabled:
+            shown.append((desc, total))
+        return real(iterable, desc, enabled, total)
+
+    monkeypatch.setattr(train, "_progress", recording)
+    run_training(_small("repq-bn", epochs=1, subset=64, test_subset=40), fake_fmnist / "q.pt", progress=True,
+                 log=_quiet)
+    descs = [d for d, _ in shown]
+    assert ("calibrate", 2) in shown and descs.count("eval") == 1 and "epoch 1/1" in descs
+    assert descs.index("calibrate") < descs.index("epoch 1/1") < descs.index("eval")

@@ -18,6 +18,7 @@ else (ReLU, pooling, adds, float layers left out by ``skip``) stays as it was.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from ..capture.graph_utils import fetch_attr, free_module_path
-from ..errors import NotCalibratedError, NotPreparedError, RepQError
+from ..errors import NotCalibratedError, NotPreparedError, RepQError, StepCollapsedWarning
 from ..targets import DEFAULT_TARGET, get_target
 from ..quant.bn_stats import branch_statistics, input_moments
-from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
+from ..quant.fake_quant import STEP_FLOOR, ActFakeQuant, WeightFakeQuant, collapse_message, fake_quantizers
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 
 _INT32 = torch.iinfo(torch.int32)
@@ -61,9 +62,10 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``qmodel`` with one integer module per quantized conv/linear, in eval mode."""
     _check_lowerable(qmodel)
     gm = copy.deepcopy(qmodel).eval()
-    for q in fake_quantizers(gm):
-        if q.learned:  # what the next forward would do to a step an optimizer pushed below zero
-            q._keep_step_positive()
+    with torch.no_grad():
+        for q in fake_quantizers(gm):
+            if q.learned:  # what the next forward would do to a step an optimizer pushed below zero
+                q.scale.clamp_(min=STEP_FLOOR)
     folder = _WeightFolder(gm)
     target = getattr(getattr(qmodel, "repq_config", None), "target", DEFAULT_TARGET)
     container = get_target(target).weight_container
@@ -116,6 +118,13 @@ def _check_lowerable(qmodel: nn.Module) -> None:
         if bool(bad.any()):
             raise RepQError(f"quantizer {n!r} has a step size that is not a positive finite number "
                             f"({m.scale[bad][:3].tolist()}); training diverged or the state_dict is corrupt")
+    collapsed = [(n, m) for n, m in quantizers if m.learned and bool((m.scale <= STEP_FLOOR).any())]
+    if collapsed:  # lowered as trained (the deploy model is exactly the trained one), but not silently
+        names = [n for n, _ in collapsed]
+        more = f" (also: {', '.join(names[1:4])}{', ...' if len(names) > 4 else ''})" if len(names) > 1 else ""
+        warnings.warn("lower(): " + collapse_message(collapsed[0][1], "went to or below zero in training and is "
+                                                     "at the floor", path=names[0]) + more,
+                      StepCollapsedWarning, stacklevel=3)
 
 
 _LAYERS = (F.conv2d, F.linear)
@@ -151,8 +160,8 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", con
             bias_scale = (s_x * step).double()
             bias_q = torch.round(b.detach().double() / bias_scale)
             if bool((bias_q.abs() > _INT32.max).any()):
-                raise RepQError(f"bias of {_label(node)} does not fit int32 at scale s_x * s_w: the input step "
-                                f"{float(s_x):.3g} is too small for a bias up to {float(b.abs().max()):.3g}")
+                raise RepQError(_bias_overflow_message(_layer_label(gm, weight_node), b.detach().double(),
+                                                       float(s_x), step.double()))
             bias_int = bias_q.to(torch.int32)
     layer: nn.Module
     if is_conv:
@@ -170,6 +179,33 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", con
     node.args, node.kwargs = (node.args[0],), {}
 
 
+def _bias_overflow_message(layer: str, bias: torch.Tensor, s_x: float, s_w: torch.Tensor) -> str:
+    """Which channel's bias overflows int32 at ``s_x * s_w``, and which of the two steps is the odd one.
+
+    >>> print(_bias_overflow_message("head", torch.tensor([0.5, 3.0, 0.1]), 0.02, torch.tensor([0.005, 1e-8, 0.01])))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    bias of head does not fit int32 at scale s_x * s_w: channel 1 has bias 3 and s_x * s_w = 0.02 * 1e-08;
+    its weight step is 5e+05x smaller than the layer's median weight step (0.005): the weight step of that
+    channel collapsed in training
+    """
+    ratio = bias.abs() / (s_x * s_w)
+    c = int(ratio.argmax())
+    text = (f"bias of {layer} does not fit int32 at scale s_x * s_w: channel {c} has bias {float(bias[c]):.3g} and "
+            f"s_x * s_w = {s_x:.3g} * {float(s_w[c]):.3g}")
+    for which, step in (("weight step of that channel", float(s_w[c])), ("input step", s_x)):
+        if step <= STEP_FLOOR:
+            return (f"{text}; the {which} collapsed in training: an optimizer update pushed it to or below zero "
+                    f"and it is held at {STEP_FLOOR:.3g} (see the StepCollapsedWarning). Lower the learning rate "
+                    "of the steps (parameters named '...fake_quant.scale') and calibrate in the mode you train in")
+    median = float(torch.quantile(s_w.double(), 0.5))
+    if float(s_w[c]) * 1000 < median:
+        return (f"{text}; its weight step is {median / float(s_w[c]):.3g}x smaller than the layer's median weight "
+                f"step ({median:.3g}): the weight step of that channel collapsed in training")
+    return (f"{text}: the steps are too small for this bias (a bias that large next to the weights usually means "
+            "training diverged); retrain with a lower learning rate, or leave the layer in float with "
+            "QConfig(skip=(...))")
+
+
 def _conv_args(node: fx.Node) -> dict[str, Any]:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = dict(bias=None, stride=1, padding=0, dilation=1, groups=1)
@@ -182,6 +218,26 @@ def _conv_args(node: fx.Node) -> dict[str, Any]:
 def _linear_args(node: fx.Node) -> dict[str, Any]:
     values = {"bias": None, **dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
     return values
+
+
+def _layer_label(gm: fx.GraphModule, quantizer: fx.Node) -> str:
+    """A weight quantizer's layer as the user knows it: the block's path, or the parameters its
+    weight is computed from (``'weight_fake_quant_1' (weight from 2.weight)``)."""
+    block = quantizer.target.rpartition(".")[0]
+    if block:
+        return block
+    params, stack, seen = [], [quantizer], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and n.target.rpartition(".")[2] in ("weight", "weight_orig"):
+            params.append(n.target)
+        stack.extend(n.all_input_nodes)
+    if not params:
+        return repr(quantizer.target)
+    return f"{quantizer.target!r} (weight from {', '.join(sorted(params)[:3])}{', ...' if len(params) > 3 else ''})"
 
 
 def _label(node: fx.Node) -> str:

@@ -129,6 +129,9 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     gm.graph.eliminate_dead_code()
     _snapshot_running_stats(gm)
     gm.delete_all_unused_submodules()
+    for path, module in gm.named_modules():  # so that a quantizer's warnings can name it
+        if isinstance(module, (ActFakeQuant, WeightFakeQuant)):
+            module.path = path
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -39,13 +39,16 @@ tensor([[ 0.9700, -0.5543],
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 
+from ..errors import StepCollapsedWarning
 from .range_init import mse_affine_range, mse_symmetric_scale
 
 STEP_INITS = ("mse", "minmax")
+STEP_FLOOR = torch.finfo(torch.float32).eps  # a learned step is never below this (see _keep_step_positive)
 SAMPLES_PER_BATCH = 1 << 16  # activation values kept per observed batch for the MSE search
 MAX_SAMPLES = 1 << 19
 
@@ -58,10 +61,12 @@ class _LearnedFakeQuant(torch.autograd.Function):
     ``quant_min - z`` or ``quant_max - z`` where it is clipped (the input gradient is 0 there);
     summed per channel and times ``grad_factor``. (At an exact tie ``x / s = k + 1/2`` with a
     non-zero zero point PyTorch's backward kernel rounds ``z + x / s`` while its forward rounds
-    ``x / s``; here both use the forward's rounding.) Backward recomputes the rounding from ``x``
-    and uses the output ``Q(x)`` (kept alive by the conv that reads it anyway): two weight-sized
-    temporaries, eight passes; no boolean tensors (``where`` and masks run several times slower
-    than float arithmetic on the CPU).
+    ``x / s``; here both use the forward's rounding.) Backward recomputes the rounding and ``Q(x)``
+    from ``x``, the one tensor saved (as PyTorch's fused ops do): the output belongs to the model,
+    which may change it in place (``ReLU6(inplace=True)`` after a quantized conv, as a conv's or a
+    BatchNorm's output may be changed). Two input-sized temporaries, ten passes (the two extra ones
+    rebuild ``Q(x)``: as fast as keeping it, measured, since a third temporary would cost more); no
+    boolean tensors (``where`` and masks run several times slower than float arithmetic on the CPU).
     """
 
     @staticmethod
@@ -76,16 +81,16 @@ class _LearnedFakeQuant(torch.autograd.Function):
         if zp is not None:
             y.sub_(zp)
         y.mul_(s)
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x)  # not y: the model may modify its output in place
         ctx.scale_shape = scale.shape
         ctx.quant_range, ctx.grad_factor = (quant_min, quant_max), grad_factor
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, y = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         quant_min, quant_max = ctx.quant_range
-        _, zp, inv = ctx.grid
+        s, zp, inv = ctx.grid
         q = x * inv
         q.round_()
         if zp is not None:
@@ -94,6 +99,10 @@ class _LearnedFakeQuant(torch.autograd.Function):
         inside = torch.eq(q, clipped, out=q)  # 1.0 where round(x/s) + z is in range, else 0.0
         dscale = None
         if ctx.needs_input_grad[1]:
+            # Q(x) as the forward computed it, bit for bit, in the clamped buffer
+            if zp is not None:
+                clipped.sub_(zp)
+            y = clipped.mul_(s)
             # s * (step gradient): Q(x) - x inside the range, Q(x) = (quant_min/max - z) s where clipped
             scaled = torch.addcmul(y, x, inside, value=-1, out=clipped)
             if ctx.scale_shape.numel() > 1:
@@ -221,10 +230,19 @@ class _FakeQuant(nn.Module):
         self._set_flag("enabled", on)
 
     def _keep_step_positive(self) -> None:
-        """A learned step that an optimizer step pushed to or below zero is clamped to float32 eps
-        (as torch.ao's learnable fake quant does): a negative step would flip the grid."""
+        """A learned step that an optimizer step pushed to or below zero is clamped to :data:`STEP_FLOOR`
+        (as torch.ao's learnable fake quant does: a negative step would flip the grid) and, in eager
+        mode on the CPU (where reading it costs nothing), reported with a :class:`StepCollapsedWarning`
+        naming the quantizer. ``lower`` warns about a step at the floor on every device, and names it as
+        the cause when a bias then overflows int32."""
         with torch.no_grad():
-            self.scale.clamp_(min=torch.finfo(torch.float32).eps)
+            if self.scale.device.type == "cpu" and not torch.compiler.is_compiling():
+                smallest = float(self.scale.min())
+                if smallest <= 0:
+                    warnings.warn(collapse_message(self, f"was pushed to {smallest:.3g} by the last optimizer step "
+                                                         "and is held at the floor"), StepCollapsedWarning,
+                                  stacklevel=4)
+            self.scale.clamp_(min=STEP_FLOOR)
 
     def reset(self) -> None:
         """Forget the step: it is set again from the next data (or weights) seen."""
@@ -375,6 +393,26 @@ class ActFakeQuant(_FakeQuant):
             return y.to(x.dtype)
         return torch.fake_quantize_per_tensor_affine(
             x, self.scale.float(), self.zero_point.to(torch.int32), self.quant_min, self.quant_max)
+
+
+def collapse_message(quantizer: _FakeQuant, event: str, path: str | None = None) -> str:
+    """Why a learned step at :data:`STEP_FLOOR` breaks its layer and what to do; ``event``: what happened.
+
+    >>> q = WeightFakeQuant(bits=4, channels=3); q.path = "stem.weight_fake_quant"
+    >>> q.scale.data[:2] = STEP_FLOOR
+    >>> print(collapse_message(q, "is at the floor"))   # doctest: +ELLIPSIS
+    stem.weight_fake_quant: the learned step of 2 of 3 channels is at the floor (1.19e-07), so ...
+    """
+    path = path or getattr(quantizer, "path", "") or type(quantizer).__name__
+    if quantizer.scale.numel() > 1:
+        low = int((quantizer.scale.detach() <= STEP_FLOOR).sum())
+        where = f"{max(low, 1)} of {quantizer.scale.numel()} channels"
+    else:
+        where = "the tensor"
+    return (f"{path}: the learned step of {where} {event} ({STEP_FLOOR:.3g}), so every value there quantizes "
+            "to an end of the grid. An optimizer update was larger than the step itself (a step cannot go "
+            "below zero): lower the learning rate of the steps (parameters named '...fake_quant.scale'), "
+            "and calibrate in the mode you train in (repq_fx.calibrate on the model in train mode)")
 
 
 def fake_quantizers(model: nn.Module) -> list[_FakeQuant]:
