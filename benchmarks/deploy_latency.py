@@ -284,6 +284,44 @@ def optimized_ops_with(path: str, config: dict[str, str] | None) -> "collections
         return collections.Counter(n.op_type for n in onnx.load(os.path.join(tmp, "o.onnx")).graph.node)
 
 
+def kernel_times(files: dict[str, str], configs: dict[str, dict[str, str]], feeds: dict, runs: int,
+                 threads: int) -> dict[str, float]:
+    """Per file: the sum over its int8 layers (QLinearConv, QGemm) of each node's median kernel time (ms),
+    from ONNX Runtime's profiler, the files' runs interleaved (first 10 runs of each left out). Whole-model
+    medians of near-identical graphs can differ by a few % with the order and placement of sessions; the
+    kernels' own times say whether the int8 work differs."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in files.items():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.log_severity_level = 3
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tmp, f"profile{len(sessions)}")
+            for key, value in configs.get(name, {}).items():
+                options.add_session_config_entry(key, value)
+            sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(10 + runs):
+            for s in sessions.values():
+                s.run(None, feeds)
+        out = {}
+        for name, s in sessions.items():
+            with open(s.end_profiling()) as f:
+                events = json.load(f)
+            per_node = collections.defaultdict(list)
+            for e in events:
+                if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                        and e["args"].get("op_name") in ("QLinearConv", "QGemm")):
+                    per_node[e["name"]].append(e["dur"])
+            out[name] = sum(statistics.median(v[10:]) for v in per_node.values()) / 1e3
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The machine.
 # ---------------------------------------------------------------------------
@@ -334,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch float model and the lowered model (exact integer simulation)")
     parser.add_argument("--no-check", action="store_true", help="skip the layer-by-layer exactness check")
+    parser.add_argument("--kernel-profile", type=int, default=0, metavar="RUNS",
+                        help="also profile RUNS interleaved runs per int8 file and report the int8 kernels' time")
     parser.add_argument("--no-x64-quant-precision", action="store_true",
                         help="do not add the full-range files run with ORT's session.x64quantprecision=1")
     args = parser.parse_args(argv)
@@ -405,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     times = round_robin(runners, args.rounds, warmup=args.warmup, repeat=args.runs)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    int8_files = {name: path for name, path in files.items() if name != "ort float (timm merged)"}
+    kernels = kernel_times(int8_files, configs, feeds, args.kernel_profile, args.threads) if args.kernel_profile else {}
 
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, repq_fx {_git()}, torch {torch.__version__}, "
           f"onnxruntime {__import__('onnxruntime').__version__}, timm {timm.__version__}")
@@ -413,13 +455,21 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.runs} runs (medians), exactness on {len(check)} other images\n")
     base = med["ort float (timm merged)"]
     recommended = med.get(RECOMMENDED)
-    print(f"| ONNX file | ORT runs (QLinearConv / QGemm / float Conv) | median latency | vs float | vs {RECOMMENDED} |")
-    print("|---|---|---:|---:|---:|")
+    profiled = "| int8 kernels (profiler) | vs the same |" if kernels else ""
+    print(f"| ONNX file | ORT runs (QLinearConv / QGemm / float Conv) | median latency | vs float | vs {RECOMMENDED} "
+          f"{profiled}")
+    print("|---|---|---:|---:|---:|" + ("---:|---:|" if kernels else ""))
     for name, path in files.items():
         ops = optimized_ops_with(path, configs.get(name))
         what = f"{ops.get('QLinearConv', 0)} / {ops.get('QGemm', 0)} / {ops.get('Conv', 0) + ops.get('FusedConv', 0)}"
         vs_rec = f"{med[name] / recommended:.2f}x" if recommended else ""
-        print(f"| {name} | {what} | {med[name]:.2f} ms | {med[name] / base:.2f}x | {vs_rec} |")
+        kernel = ""
+        if kernels and name in kernels:
+            kernel = (f" {kernels[name]:.2f} ms | "
+                      + (f"{kernels[name] / kernels[RECOMMENDED]:.2f}x |" if RECOMMENDED in kernels else " |"))
+        elif kernels:
+            kernel = " | |"
+        print(f"| {name} | {what} | {med[name]:.2f} ms | {med[name] / base:.2f}x | {vs_rec} |{kernel}")
     for name in runners:
         if name.startswith("torch"):
             print(f"| {name} | | {med[name]:.2f} ms | {med[name] / med['torch timm merged (float)']:.2f}x of torch float | |")
@@ -441,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ratio = med["repq_fx onnxruntime"] / recommended
         print(f"\nrepq_fx onnxruntime / {RECOMMENDED}: {ratio:.2f}x "
               f"(goal <= {LATENCY_GOAL}x: {'met' if ratio <= LATENCY_GOAL else 'missed'})")
+        if RECOMMENDED in kernels and "repq_fx onnxruntime" in kernels:
+            print(f"the same, int8 kernels only (profiler): "
+                  f"{kernels['repq_fx onnxruntime'] / kernels[RECOMMENDED]:.3f}x")
     if "repq_fx onnxruntime-u8u8" in med and "repq_fx onnxruntime" in med:
         print(f"repq_fx onnxruntime-u8u8 / repq_fx onnxruntime: "
               f"{med['repq_fx onnxruntime-u8u8'] / med['repq_fx onnxruntime']:.2f}x")
