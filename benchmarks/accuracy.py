@@ -20,12 +20,16 @@ repq-bn         RepQ with exact batch statistics of the branch BNs (``bn_mode="b
 repq-bnest      RepQ-BNEst: BN statistics estimated from input moments (``bn_mode="estimate"``)
 ==============  =====================================================================================
 
-First and last layer stay at 8 bits in every method. Nets: ``RepVGGNet`` (the small RepVGG of
+First and last layer stay at 8 bits in every method. Every method quantized by repq_fx (all but
+``fp`` and ``torchao``) trains the integer grid of a deployment target (``--targets``, default
+``onnxruntime``: ``QConfig.target``, see ``repq_fx.targets``); the target is part of a job's identity,
+so one results file can hold the same cell for several targets. Lines written before targets
+existed trained full-range int8 weights: they count as ``onnxruntime-vnni``. Nets: ``RepVGGNet`` (the small RepVGG of
 ``fmnist-baseline.md``) and ``ACResNet18`` on Fashion-MNIST (top-1 %, 10k test images), ``ECBSR``
 (M4C16, x2) on the scikit-image photographs (PSNR on Y, dB).
 
 Results are appended to a JSON-lines file (``--out``, default ``benchmarks/out/accuracy.jsonl``),
-one line per (net, method, bits, seed) and budget (float epochs, QAT epochs, subset); a rerun
+one line per (net, method, bits, seed, target) and budget (float epochs, QAT epochs, subset); a rerun
 skips what is there, and checkpoints under ``benchmarks/out/ckpt`` let an interrupted training
 run continue. At the end (or with ``--report-only``) it prints a markdown table (mean ± std over
 seeds where there are several) and writes a matplotlib plot.
@@ -34,6 +38,7 @@ seeds where there are several) and writes a matplotlib plot.
     .venv/bin/python benchmarks/accuracy.py --preset full             # the whole grid of issue 6
     .venv/bin/python benchmarks/accuracy.py --preset session --report-only
     .venv/bin/python benchmarks/accuracy.py --nets RepVGGNet --methods ptq repq-bn --bits W4A4 --seeds 0 1 2
+    .venv/bin/python benchmarks/accuracy.py --methods repq-bn --bits W8A8 --targets onnxruntime onnxruntime-u8u8
 
 Several processes may share one results file: each claims a job before running it (a claim file
 under ``ckpt/claims`` naming its pid; a dead process's claim is taken over) and the float
@@ -64,6 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repq_fx.targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
 from repq_fx.train import (TrainConfig, cosine_schedule, evaluate, make_loaders, make_optimizer, parse_bits,
                            run_training, train_one_epoch)
 
@@ -83,6 +89,9 @@ METHOD_LABELS = {
     "repq-bnest": "RepQ-BNEst",
 }
 BITS = ("W8A8", "W4A8", "W8A4", "W4A4", "W3A8", "W3A3")
+# methods whose integer grid is repq_fx's QConfig, hence set by a deployment target (fp is float;
+# torch.ao's per-branch QAT has its own FakeQuantize grid)
+TARGETED_METHODS = ("ptq", "lsq", "qarepvgg-ptq", "repq-bn", "repq-bnest")
 
 
 @dataclass(frozen=True)
@@ -157,26 +166,59 @@ class Job:
     method: str
     bits: str  # "FP" for method fp
     seed: int
+    target: str | None = None  # the deployment target of a TARGETED_METHODS job (default: DEFAULT_TARGET)
+
+    def __post_init__(self) -> None:
+        # one spelling per job, the one its result line gets (record_target): None where no target applies
+        wanted = (self.target or DEFAULT_TARGET) if self.method in TARGETED_METHODS else None
+        object.__setattr__(self, "target", wanted)
 
     def key(self, budget: Budget) -> tuple:
-        return (self.net, self.method, self.bits, self.seed, budget.fp(self.net), budget.qat_epochs, budget.subset,
-                budget.test_subset)
+        return (self.net, self.method, self.bits, self.seed, self.target, budget.fp(self.net), budget.qat_epochs,
+                budget.subset, budget.test_subset)
+
+
+def record_target(rec: dict[str, Any]) -> str | None:
+    """The deployment target a result line was trained for: its ``target``, or for a line of a targeted
+    method written before targets existed the grid it trained (full-range int8: ``onnxruntime-vnni``).
+
+    >>> record_target({"method": "repq-bn"}), record_target({"method": "repq-bn", "target": "onnxruntime"})
+    ('onnxruntime-vnni', 'onnxruntime')
+    >>> record_target({"method": "torchao"}) is None
+    True
+    """
+    if rec["method"] not in TARGETED_METHODS:
+        return None
+    return rec.get("target") or LEGACY_TARGET
 
 
 def record_key(rec: dict[str, Any]) -> tuple:
-    return (rec["net"], rec["method"], rec["bits"], rec["seed"], rec["fp_epochs"], rec["qat_epochs"], rec.get("subset"),
-            rec.get("test_subset"))
+    return (rec["net"], rec["method"], rec["bits"], rec["seed"], record_target(rec), rec["fp_epochs"],
+            rec["qat_epochs"], rec.get("subset"), rec.get("test_subset"))
+
+
+def record_cell(rec: dict[str, Any]) -> tuple:
+    """(net, method, bits, seed, target): what a line measured, budget aside."""
+    return (rec["net"], rec["method"], rec["bits"], rec["seed"], record_target(rec))
 
 
 def make_jobs(nets: Sequence[str], methods: Sequence[str], bits: Sequence[str], seeds: Sequence[int],
-              multi_seed_bits: Sequence[str], registry: dict[str, NetSpec] | None = None) -> list[Job]:
-    """Jobs in priority order: the float runs, every (bits, method) at the first seed, then the other seeds.
+              multi_seed_bits: Sequence[str], registry: dict[str, NetSpec] | None = None,
+              targets: Sequence[str] = (DEFAULT_TARGET,)) -> list[Job]:
+    """Jobs in priority order: the float runs, every (bits, method, target) at the first seed, then the
+    other seeds. Methods outside :data:`TARGETED_METHODS` run once, whatever the targets.
 
     >>> [(j.method, j.bits, j.seed) for j in make_jobs(["RepVGGNet"], ["fp", "ptq"], ["W8A8", "W4A4"], [0, 1], ["W4A4"])]
     [('fp', 'FP', 0), ('ptq', 'W8A8', 0), ('ptq', 'W4A4', 0), ('ptq', 'W4A4', 1)]
+    >>> [(j.method, j.target) for j in make_jobs(["RepVGGNet"], ["torchao", "lsq"], ["W8A8"], [0], [],
+    ...                                          targets=["onnxruntime", "onnxruntime-u8u8"])]
+    [('torchao', None), ('lsq', 'onnxruntime'), ('lsq', 'onnxruntime-u8u8')]
     """
     registry = NETS if registry is None else registry
     jobs: list[Job] = []
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     for net in nets:
         if "fp" in methods:
             jobs.append(Job(net, "fp", "FP", 0))  # one float checkpoint, seed 0
@@ -188,7 +230,8 @@ def make_jobs(nets: Sequence[str], methods: Sequence[str], bits: Sequence[str], 
                 for m in methods:
                     if m == "fp" or (m == "qarepvgg-ptq" and registry[net].qarepvgg is None):
                         continue
-                    jobs.append(Job(net, m, b, seed))
+                    for target in (targets if m in TARGETED_METHODS else (None,)):
+                        jobs.append(Job(net, m, b, seed, target))
     return jobs
 
 
@@ -227,10 +270,7 @@ def run_job(job: Job, budget: Budget, *, nets: dict[str, NetSpec] | None = None,
     spec = nets[job.net]
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rec: dict[str, Any] = {"net": job.net, "method": job.method, "bits": job.bits, "seed": job.seed,
-                           "fp_epochs": budget.fp(job.net), "qat_epochs": budget.qat_epochs, "subset": budget.subset,
-                           "test_subset": budget.test_subset, "metric": spec.metric, "model": spec.model,
-                           "data": spec.data}
+    rec: dict[str, Any] = {**_identity(job, budget), "metric": spec.metric, "model": spec.model, "data": spec.data}
     fp_path, fp_metrics = fp_checkpoint(spec.model, spec, job.net, budget, ckpt_dir, log)
     rec["fp_value"] = fp_metrics[spec.metric]
     if job.method == "fp":
@@ -248,8 +288,10 @@ def run_job(job: Job, budget: Budget, *, nets: dict[str, NetSpec] | None = None,
             rec["qarepvgg_fp_value"] = qa_metrics[spec.metric]
         cfg = TrainConfig(model=model, data=spec.data, method=data_method, bits=parse_bits(job.bits),
                           epochs=budget.qat_epochs, seed=job.seed, from_ckpt=str(source), subset=budget.subset,
-                          test_subset=budget.test_subset)
-        out = ckpt_dir / f"{job.net}-{job.method}-{job.bits}-s{job.seed}-{_bits_tag(budget, job.net)}.pt"
+                          test_subset=budget.test_subset, target=job.target or DEFAULT_TARGET)
+        # checkpoints of the legacy grid keep the name they had before targets existed (they resume)
+        target_tag = "" if cfg.target == LEGACY_TARGET else f"-{cfg.target}"
+        out = ckpt_dir / f"{job.net}-{job.method}-{job.bits}{target_tag}-s{job.seed}-{_bits_tag(budget, job.net)}.pt"
         metrics = run_training(cfg, out, resume=True, progress=False, log=log)
         rec.update(value=metrics[spec.metric], deployable="one int conv per block", convs_per_block=1,
                    qconfig=cfg.qconfig().to_dict())
@@ -257,6 +299,16 @@ def run_job(job: Job, budget: Budget, *, nets: dict[str, NetSpec] | None = None,
     rec["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     rec["torch"] = torch.__version__
     rec["git"] = _GIT
+    return rec
+
+
+def _identity(job: Job, budget: Budget) -> dict[str, Any]:
+    """The fields of a result line that make its key (:func:`record_key`)."""
+    rec: dict[str, Any] = {"net": job.net, "method": job.method, "bits": job.bits, "seed": job.seed,
+                           "fp_epochs": budget.fp(job.net), "qat_epochs": budget.qat_epochs, "subset": budget.subset,
+                           "test_subset": budget.test_subset}
+    if job.target is not None:
+        rec["target"] = job.target
     return rec
 
 
@@ -422,9 +474,28 @@ def _cell(values: Sequence[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
+def _series(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[tuple[str, str | None, str]]:
+    """(method, target, label) of each row of a table, in ``methods`` order, one per target found; the
+    label names the target when the rows hold more than one.
+
+    >>> rows = [{"method": "repq-bn", "target": t} for t in ("onnxruntime", "onnxruntime-u8u8")]
+    >>> [label for _, _, label in _series(rows + [{"method": "torchao"}], ["torchao", "repq-bn"])]
+    ['torch.ao QAT per branch', 'RepQ-BN [onnxruntime]', 'RepQ-BN [onnxruntime-u8u8]']
+    """
+    targets = [t for t in TARGETS if any(record_target(r) == t for r in rows)]
+    out = []
+    for m in methods:
+        for t in (targets if m in TARGETED_METHODS else [None]):
+            if any(r["method"] == m and record_target(r) == t for r in rows):
+                label = METHOD_LABELS.get(m, m) + (f" [{t}]" if t is not None and len(targets) > 1 else "")
+                out.append((m, t, label))
+    return out
+
+
 def markdown_table(records: Sequence[dict[str, Any]], nets: Sequence[str], methods: Sequence[str],
                    bits: Sequence[str]) -> str:
-    """One table per net: rows are methods, columns bit widths, cells mean ± std over seeds."""
+    """One table per net: rows are methods (one per deployment target where there are several),
+    columns bit widths, cells mean ± std over seeds."""
     lines: list[str] = []
     for net in nets:
         rows = [r for r in records if r["net"] == net]
@@ -435,16 +506,15 @@ def markdown_table(records: Sequence[dict[str, Any]], nets: Sequence[str], metho
         unit = "PSNR (dB, Y)" if metric == "psnr" else "top-1 (%)"
         fp = [r["value"] for r in rows if r["method"] == "fp"]
         budget = rows[0]
+        targets = [t for t in TARGETS if any(record_target(r) == t for r in rows)]
         lines.append(f"**{net}** ({unit}; float {budget['fp_epochs']} epochs, QAT {budget['qat_epochs']} "
                      f"epoch(s){', subset %s' % budget['subset'] if budget.get('subset') else ''}; "
-                     f"float: {_cell(fp, digits)})")
+                     f"float: {_cell(fp, digits)}{'; target ' + ', '.join(targets) if targets else ''})")
         lines.append("")
         lines.append("| method | one conv per block? | " + " | ".join(bits) + " |")
         lines.append("|---|---|" + "---:|" * len(bits))
-        for m in methods:
-            mrows = [r for r in rows if r["method"] == m]
-            if not mrows:
-                continue
+        for m, target, label in _series(rows, methods):
+            mrows = [r for r in rows if r["method"] == m and record_target(r) == target]
             if m == "fp":
                 cells = [_cell([r["value"] for r in mrows], digits)] * len(bits)
                 dep = "float"
@@ -452,7 +522,6 @@ def markdown_table(records: Sequence[dict[str, Any]], nets: Sequence[str], metho
                 cells = [_cell([r["value"] for r in mrows if r["bits"] == b], digits) for b in bits]
                 deps = sorted({str(r.get("deployable")) for r in mrows})
                 dep = "yes" if deps == ["one int conv per block"] else "; ".join(deps)
-            label = METHOD_LABELS.get(m, m)
             if m == "qarepvgg-ptq":
                 qa = sorted({round(r["qarepvgg_fp_value"], 2) for r in mrows if "qarepvgg_fp_value" in r})
                 label += f" (its float: {', '.join(map(str, qa))})"
@@ -477,18 +546,20 @@ def plot(records: Sequence[dict[str, Any]], nets: Sequence[str], methods: Sequen
     for ax, net in zip(axes[0], nets):
         rows = [r for r in records if r["net"] == net]
         metric = rows[0]["metric"]
-        width = 0.8 / max(1, len(qmethods))
-        for i, m in enumerate(qmethods):
+        series = _series(rows, qmethods)
+        width = 0.8 / max(1, len(series))
+        for i, (m, target, label) in enumerate(series):
             xs, ys, es = [], [], []
             for j, b in enumerate(bits):
-                vals = [r["value"] for r in rows if r["method"] == m and r["bits"] == b]
+                vals = [r["value"] for r in rows
+                        if r["method"] == m and record_target(r) == target and r["bits"] == b]
                 if vals:
                     mean, std, _ = summarize(vals)
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(mean)
                     es.append(std or 0.0)
             if xs:
-                bars = ax.bar(xs, ys, width, yerr=es, capsize=2, label=METHOD_LABELS.get(m, m))
+                bars = ax.bar(xs, ys, width, yerr=es, capsize=2, label=label)
                 ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
         fp = [r["value"] for r in rows if r["method"] == "fp"]
         if fp:
@@ -529,25 +600,27 @@ def run_benchmark(jobs: Sequence[Job], budget: Budget, out: Path, *, nets: dict[
             break
         claim = _claim(job, budget, ckpt_dir)
         if claim is None:
-            log(f"[{i + 1}/{len(todo)}] {job.net} {job.method} {job.bits} seed {job.seed}: another worker runs it")
+            log(f"[{i + 1}/{len(todo)}] {_describe(job)}: another worker runs it")
             continue
         if job.key(budget) in {record_key(r) for r in load_results(out) if r.get("value") is not None}:
             claim.unlink(missing_ok=True)  # finished by another worker meanwhile
             continue
-        log(f"[{i + 1}/{len(todo)}] {job.net} {job.method} {job.bits} seed {job.seed}")
+        log(f"[{i + 1}/{len(todo)}] {_describe(job)}")
         try:
             rec = run_job(job, budget, nets=nets, ckpt_dir=ckpt_dir, log=log)
         except Exception as e:  # recorded, not fatal: the table says what failed
             log(traceback.format_exc())
-            rec = {"net": job.net, "method": job.method, "bits": job.bits, "seed": job.seed,
-                   "fp_epochs": budget.fp(job.net), "qat_epochs": budget.qat_epochs, "subset": budget.subset,
-                   "test_subset": budget.test_subset, "value": None, "error": f"{type(e).__name__}: {e}"[:500]}
+            rec = {**_identity(job, budget), "value": None, "error": f"{type(e).__name__}: {e}"[:500]}
         append_result(out, rec)
         claim.unlink(missing_ok=True)
         new.append(rec)
         if rec.get("value") is not None:
             log(f"  -> {rec['metric']} {rec['value']:.2f} (float {rec['fp_value']:.2f})  {rec['seconds']:.0f} s")
     return new
+
+
+def _describe(job: Job) -> str:
+    return f"{job.net} {job.method} {job.bits} seed {job.seed}" + (f" target {job.target}" if job.target else "")
 
 
 def _claim(job: Job, budget: Budget, ckpt_dir: Path) -> Path | None:
@@ -598,6 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qat-epochs", type=int, help="QAT epochs of every quantized method")
     parser.add_argument("--subset", type=int, help="training images (Fashion-MNIST) / patches per epoch (SR)")
     parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=[DEFAULT_TARGET],
+                        help="deployment targets (QConfig.target) of the methods quantized by repq_fx, each its own "
+                             f"job (default {DEFAULT_TARGET}; lines written before targets existed count as "
+                             f"{LEGACY_TARGET})")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results, JSON lines (default {DEFAULT_OUT})")
     parser.add_argument("--ckpt-dir", type=Path, default=DEFAULT_CKPT)
@@ -618,20 +695,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     subset=args.subset if args.subset is not None else preset.subset,
                     test_subset=args.test_subset if args.test_subset is not None else preset.test_subset)
     torch.set_num_threads(args.threads)
-    jobs = make_jobs(nets, methods, bits, seeds, multi)
+    jobs = make_jobs(nets, methods, bits, seeds, multi, targets=args.targets)
     if not args.report_only:
         run_benchmark(jobs, budget, args.out, ckpt_dir=args.ckpt_dir, stop_at=_parse_stop(args.stop_at))
     records = _select(load_results(args.out), budget, nets)
-    wanted = {(j.net, j.method, j.bits, j.seed) for j in jobs}
-    records = [r for r in records if (r["net"], r["method"], r["bits"], r["seed"]) in wanted]
+    wanted = {(j.net, j.method, j.bits, j.seed, j.target) for j in jobs}
+    records = [r for r in records if record_cell(r) in wanted]
     bits = tuple(b for b in BITS if b in bits) + tuple(b for b in bits if b not in BITS)  # table order
     print()
     print(markdown_table(records, nets, methods, bits))
     ok = {record_key(r) for r in records}
     failed = [r for r in load_results(args.out) if r.get("error") and record_key(r) not in ok
-              and (r["net"], r["method"], r["bits"], r["seed"]) in wanted]
+              and record_cell(r) in wanted]
     for r in failed:
-        print(f"failed: {r['net']} {r['method']} {r['bits']} seed {r['seed']}: {r['error']}")
+        target = record_target(r)
+        print(f"failed: {r['net']} {r['method']} {r['bits']} seed {r['seed']}{' target ' + target if target else ''}: "
+              f"{r['error']}")
     path = plot(records, nets, methods, bits, args.plot or HERE / f"accuracy-{args.preset}.png")
     if path:
         print(f"plot: {path}")

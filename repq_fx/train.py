@@ -616,8 +616,11 @@ def restore(path: str | os.PathLike[str], model_spec: str | None = None,
 
 def _check_resumable(path: Path, saved: TrainConfig, config: TrainConfig) -> None:
     a, b = saved.resolved(), config.resolved()
+    # a float run has no integer grid: its target (the default, or onnxruntime-vnni when the checkpoint
+    # predates targets) says nothing about it
+    names = RESUME_FIELDS if a.quantized or b.quantized else tuple(n for n in RESUME_FIELDS if n != "target")
     diffs = [f"{name}: checkpoint {getattr(a, name)!r}, now {getattr(b, name)!r}"
-             for name in RESUME_FIELDS if getattr(a, name) != getattr(b, name)]
+             for name in names if getattr(a, name) != getattr(b, name)]
     if diffs:
         raise CheckpointError(f"cannot resume {path}: it is another run ({'; '.join(diffs)}); rerun the command "
                               "that wrote it with --resume, or write to another --out")

@@ -50,3 +50,34 @@ def test_core_runs_resumes_and_reports(fake_fmnist: Path, small_repvgg: None) ->
     assert "| RepQ-BN | yes |" in table and "torch.ao QAT per branch" in table
     png = bench.plot(records, ["tiny"], bench.METHODS, ["W4A4"], fake_fmnist / "acc.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_target_is_part_of_a_jobs_identity(tmp_path: Path) -> None:
+    """A W8A8 cell trained for onnxruntime-u8u8 is not the onnxruntime one; a line written before targets
+    existed counts as onnxruntime-vnni (the full-range grid it trained); torch.ao has no target."""
+    import datetime
+
+    bench = _load_bench()
+    budget = bench.Budget(fp_epochs={"*": 5}, qat_epochs=1)
+    common = {"net": "RepVGGNet", "bits": "W8A8", "seed": 0, "fp_epochs": 5, "qat_epochs": 1, "subset": None,
+              "test_subset": None, "value": 91.0, "metric": "top1"}
+    out = tmp_path / "results.jsonl"
+    for extra in ({"method": "repq-bn"}, {"method": "repq-bn", "target": "onnxruntime-u8u8"},
+                  {"method": "torchao"}):
+        bench.append_result(out, {**common, **extra})
+
+    def left(targets: list[str]) -> list[str]:
+        jobs = bench.make_jobs(["RepVGGNet"], ["torchao", "repq-bn"], ["W8A8"], [0], [], targets=targets)
+        logs: list[str] = []
+        past = datetime.datetime.now() - datetime.timedelta(hours=1)  # count what is left, run nothing
+        assert bench.run_benchmark(jobs, budget, out, stop_at=past, log=logs.append, ckpt_dir=tmp_path) == []
+        return logs
+
+    assert left(["onnxruntime-vnni", "onnxruntime-u8u8"])[0].startswith("3 of 3 jobs already in")
+    assert left(["onnxruntime"])[0].startswith("1 of 2 jobs already in")  # torchao done, repq-bn not
+    assert bench.Job("RepVGGNet", "repq-bn", "W8A8", 0).target == "onnxruntime"  # the default, as recorded
+    assert bench.Job("RepVGGNet", "torchao", "W8A8", 0, "onnxruntime").target is None
+
+    records = bench._select(bench.load_results(out), budget, ["RepVGGNet"])
+    table = bench.markdown_table(records, ["RepVGGNet"], bench.METHODS, ["W8A8"])
+    assert "| RepQ-BN [onnxruntime-u8u8] | " in table and "| RepQ-BN [onnxruntime-vnni] | " in table

@@ -203,6 +203,33 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(fake_fmnist: Path
                                        for i, h in enumerate(b["metrics"]["history"])]
 
 
+def test_a_float_checkpoint_from_before_targets_resumes(fake_fmnist: Path) -> None:
+    """A float run has no integer grid: a float checkpoint written before targets existed (its config
+    reads back as target onnxruntime-vnni) is the same run as today's float config, whose target is the
+    default. benchmarks/accuracy.py resumes its float checkpoint this way before every QAT job."""
+    path = fake_fmnist / "fp-old.pt"
+    config = _small(subset=64, test_subset=20, epochs=1)
+    run_training(config, path, log=_quiet, progress=False)
+    ckpt = load_checkpoint(path)
+    del ckpt["config"]["target"]  # what a checkpoint written before targets existed holds
+    save_checkpoint(path, ckpt)
+    assert TrainConfig.from_dict(load_checkpoint(path)["config"]).target == "onnxruntime-vnni"
+    lines: list[str] = []
+    run_training(config, path, resume=True, log=lines.append, progress=False)
+    assert any("has finished all 1 epochs" in line for line in lines), lines
+
+
+def test_a_quantized_run_of_another_target_does_not_resume(fake_fmnist: Path) -> None:
+    """The target is the trained grid: a quantized checkpoint of another target is another run."""
+    fp, path = fake_fmnist / "fp.pt", fake_fmnist / "q.pt"
+    run_training(_small(subset=64, test_subset=20, epochs=1), fp, log=_quiet, progress=False)
+    config = _small("ptq", subset=64, test_subset=20, from_ckpt=str(fp), target="onnxruntime-u8u8")
+    run_training(config, path, log=_quiet, progress=False)
+    with pytest.raises(CheckpointError, match="target: checkpoint 'onnxruntime-u8u8', now 'onnxruntime'"):
+        run_training(dataclasses.replace(config, target="onnxruntime"), path, resume=True, log=_quiet,
+                     progress=False)
+
+
 def test_resume_a_finished_run_and_a_different_run(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = fake_fmnist / "run.pt"
     args = ["train", "repq_fx.examples.blocks:RepVGGNet", "--epochs", "1", "--subset", "64", "--batch-size", "32",
