@@ -1,0 +1,864 @@
+"""The model zoo: every stage of repq_fx on torchvision and timm models nobody here picked.
+
+Issues 12 and 13 are judged by this table. Per model, each stage runs in order and records whether
+it succeeded, its seconds, and what it measured; a failing stage records the exception type, the
+first line of its message and the deepest repq_fx frame, and the stages that do not need its result
+still run (so one bug does not hide the next):
+
+1. ``explain``: blocks merged / total, convs in merged blocks, duplicate block names, what is left out.
+2. ``merge``: the model converted to float64, ``merge(model64)`` vs ``model64.eval()`` on the same
+   input, relative error (max |diff| / max |expected| over every output tensor; target <= 1e-9), and
+   the conv2d calls each one runs.
+3. ``prepare``: ``prepare(model, QConfig())`` (the defaults), then ``repq_fx.calibrate`` on a few
+   random batches.
+4. ``train``: 2 SGD steps (lr 1e-3) in train mode, loss = mean of squares over every tensor of the
+   output (tuples, dicts and namedtuples included); the loss must stay finite. Counts learned steps
+   that training pushed to the float32-eps floor (issue 12 item 5).
+5. ``lower``: ``lower(qmodel)`` vs ``qmodel.eval()`` on the same input: max |diff| in output
+   quantization steps, and argmax agreement for classification outputs (2-d ``[batch, classes]``);
+   conv2d calls the lowered model still runs in float (outside ``QuantizedConv2d``), next to the
+   convs ``explain`` lists as not merged.
+6. ``export``: ``export_onnx`` and ONNX Runtime (CPU EP, 1 thread): ORT's optimized graph must hold
+   one ``QLinearConv`` per ``QuantizedConv2d`` call and no float ``Conv``/``FusedConv``; ORT's
+   output vs the lowered model: share of outputs within one output step, and the max in steps.
+7. ``latency`` (only with ``--latency``): ORT int8 vs ORT float32 of ``repq_fx.merge(model)``
+   (``repq_fx.export.float_onnx``), batch 1, 1 thread, median of round-robin timed runs.
+
+Inputs are ``randn`` images, ``--size`` square (64 by default), or the size timm's ``pretrained_cfg``
+fixes (``fixed_input_size``, e.g. LeViT's attention biases), or :data:`SIZE_OVERRIDES`. Models are
+built with random weights (``pretrained=False``). Their BN running statistics are then set from
+random batches (:func:`calibrate_bn`): a freshly initialised BN has running mean 0 and variance 1
+whatever its input really is, so activations grow or shrink by the layer's actual gain at every BN
+and a deep random network's output is dominated by a few channels or overflows; with statistics
+from data, every BN normalises what it really sees, as in a trained network. BN weights are then
+multiplied by ``--bn-gain`` (1.0: no damping; the network stays as chaotic as random networks are).
+
+Each model runs in a fresh subprocess with ``--timeout`` seconds (``--in-process`` to debug);
+progress goes to stderr (tqdm), the markdown table to stdout; ``--json`` appends the raw records,
+``--markdown FILE`` appends the table to FILE, ``--from-json`` prints the table of earlier records.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo.py --json zoo.jsonl
+    .venv/bin/python benchmarks/zoo.py --models torchvision:resnet18 timm:repvgg_a0 --size 32 --stages explain merge
+    .venv/bin/python benchmarks/zoo.py --models timm:repvgg_a0 --latency
+    .venv/bin/python benchmarks/zoo.py --from-json zoo.jsonl --markdown RESULTS-zoo.md
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+import repq_fx
+from repq_fx.bench import round_robin
+from repq_fx.export.float_onnx import export_float
+from repq_fx.export.runtime import optimized_ops, session
+from repq_fx.models import resolve_model
+from repq_fx.quant.fake_quant import fake_quantizers
+from repq_fx.quant.lowered import QuantizeDequantize, QuantizedConv2d
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
+               "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet", "convnext_tiny", "densenet121"]
+TIMM = ["resnet18d", "efficientnet_b0", "ghostnetv2_100", "mobilevit_xs", "levit_128s", "convnext_atto",
+        "regnetx_002", "repvit_m0_9", "repvgg_d2se",
+        # one of each family the README lists as supported
+        "repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1", "ghostnetv3_050", "lcnetv2_small"]
+MODELS = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
+
+STAGES = ("explain", "merge", "prepare", "train", "lower", "export", "latency")
+DEFAULT_STAGES = STAGES[:-1]
+# stage -> the stages whose results it needs (it is skipped when one of them failed)
+NEEDS: dict[str, tuple[str, ...]] = {"explain": (), "merge": (), "prepare": (), "train": ("prepare",),
+                                     "lower": ("prepare",), "export": ("lower",), "latency": ("export",)}
+
+# spec -> input size, for models whose timm pretrained_cfg does not say what they need. Empty today:
+# every model above runs at 64x64 except LeViT, whose cfg fixes 224.
+SIZE_OVERRIDES: dict[str, int] = {}
+
+WITHIN = 1.001  # "within one step": |diff| <= 1 step, with room for the float rounding of the division
+
+
+# ---------------------------------------------------------------------------
+# Models and inputs
+# ---------------------------------------------------------------------------
+
+def build_model(spec: str) -> nn.Module:
+    """The model ``spec`` names (``timm:NAME``, ``torchvision:NAME``, ...), random weights, eval mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's "weights=None" init notices
+        return resolve_model(spec).eval()
+
+
+def input_size(spec: str, model: nn.Module, size: int) -> int:
+    """``size``, unless timm fixes the model's input size (``fixed_input_size``) or it is overridden.
+
+    >>> input_size("torchvision:resnet18", nn.Identity(), 64)
+    64
+    """
+    if spec in SIZE_OVERRIDES:
+        return SIZE_OVERRIDES[spec]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    return size
+
+
+def calibrate_bn(model: nn.Module, shape: Sequence[int], gain: float = 1.0, batches: int = 3,
+                 seed: int = 0) -> nn.Module:
+    """Each BN's running statistics := those of its own input in eval mode on ``batches`` random
+    batches, with every BN before it already set; then BN weights times ``gain``. Eval mode.
+
+    One eval-mode forward: a pre-hook sets each BN's statistics from the input it receives, before
+    it normalises it. (Statistics gathered in train mode, as ``tests/quantized_models.py`` does, are
+    those of train-mode activations, which differ from what the BN sees in eval mode; the mismatch
+    compounds with depth: timm repvgg_a0 at 32x32 then reached activations of 1e4 to 1e6 in eval mode,
+    and its 8-bit output grid rounded every logit to 0.) Statistics of the eval-mode input make every
+    BN output have mean ``beta`` and variance ``gamma**2`` on this data, as in a trained network.
+
+    >>> _ = torch.manual_seed(0)
+    >>> m = calibrate_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (8, 3, 8, 8))
+    >>> y = m(torch.randn(8, 3, 8, 8)).detach()
+    >>> bool(y.mean().abs() < 0.2 and (y.var() - 1).abs() < 0.2), m.training
+    (True, False)
+    """
+    def set_statistics(bn: nn.modules.batchnorm._BatchNorm, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        bn.running_mean.copy_(x.mean(dims))
+        bn.running_var.copy_(x.var(dims))
+
+    g = torch.Generator().manual_seed(seed)
+    data = torch.cat([torch.randn(*shape, generator=g) for _ in range(batches)])
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    handles = [bn.register_forward_pre_hook(set_statistics) for bn in norms]
+    try:
+        with torch.no_grad():
+            model.eval()(data)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for bn in norms:
+            if bn.weight is not None:
+                bn.weight.mul_(gain)
+    return model.eval()
+
+
+def tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple, list, dict, namedtuple), in pytree order.
+
+    >>> [t.shape for t in tensors({"a": torch.zeros(2), "b": (torch.zeros(3), None)})]
+    [torch.Size([2]), torch.Size([3])]
+    """
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def square_loss(output: Any) -> torch.Tensor:
+    """Sum over the output's floating tensors of their mean square (a loss for any output structure).
+
+    >>> float(square_loss((torch.ones(2), torch.full((3,), 2.0))))
+    5.0
+    """
+    return sum(t.float().square().mean() for t in tensors(output) if t.is_floating_point())
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """max |actual - expected| / max |expected| over every tensor of two outputs of the same structure.
+
+    >>> relative_error((torch.tensor([1.0, 2.0]),), (torch.tensor([1.0, 4.0]),))
+    0.5
+    """
+    a, e = tensors(actual), tensors(expected)
+    if len(a) != len(e):
+        raise ZooCheckError(f"the outputs have {len(a)} and {len(e)} tensors")
+    diff = max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, e))
+    scale = max(float(y.double().abs().max()) for y in e)
+    return diff / scale if scale else diff
+
+
+class ZooCheckError(AssertionError):
+    """A stage ran but what it produced is wrong (a mismatch, a NaN loss): recorded like an exception."""
+
+
+# ---------------------------------------------------------------------------
+# Counting convs and reading quantization steps
+# ---------------------------------------------------------------------------
+
+class ConvCalls(TorchFunctionMode):
+    """Counts the conv2d calls of a forward (modules and functions alike), and those of them made
+    inside a ``QuantizedConv2d`` (the integer conv simulates its arithmetic with a float conv2d)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.total = self.quantized = self.quantized_modules = 0
+        self._depth = 0
+        self._handles = []
+        for m in model.modules():
+            if isinstance(m, QuantizedConv2d):
+                self._handles.append(m.register_forward_pre_hook(self._enter))
+                self._handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, *_: Any) -> None:
+        self._depth += 1
+        self.quantized_modules += 1
+
+    def _leave(self, *_: Any) -> None:
+        self._depth -= 1
+
+    @property
+    def float_convs(self) -> int:
+        return self.total - self.quantized
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.conv2d or func is torch.conv2d:
+            self.total += 1
+            self.quantized += self._depth > 0
+        return func(*args, **(kwargs or {}))
+
+
+def count_convs(model: nn.Module, x: torch.Tensor) -> ConvCalls:
+    """Run ``model(x)`` (no grad) and count its conv2d calls."""
+    with torch.no_grad(), ConvCalls(model) as calls:
+        model(x)
+    return calls
+
+
+def output_steps(lowered: fx.GraphModule) -> list[float]:
+    """The quantization step of each output tensor of a lowered model: that of the nearest
+    ``QuantizeDequantize`` upstream of it (the output quantizer, or the last one before pooling or
+    reshapes); the model's last quantizer where none is upstream. Empty if nothing is quantized."""
+    def qdq(node: fx.Node) -> QuantizeDequantize | None:
+        if node.op != "call_module":
+            return None
+        module = lowered.get_submodule(node.target)
+        return module if isinstance(module, QuantizeDequantize) else None
+
+    nodes = list(lowered.graph.nodes)
+    every = [q for q in map(qdq, nodes) if q is not None]
+    if not every:
+        return []
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    steps = []
+    for leaf in (n for n in tree_leaves(output.args[0]) if isinstance(n, fx.Node)):
+        seen, frontier, found = set(), [leaf], None
+        while frontier and found is None:  # breadth first: the nearest quantizer
+            nxt = []
+            for n in frontier:
+                if (q := qdq(n)) is not None:
+                    found = q
+                    break
+                for i in n.all_input_nodes:
+                    if i not in seen:
+                        seen.add(i)
+                        nxt.append(i)
+            frontier = nxt
+        steps.append(float((found or every[-1]).scale))
+    return steps
+
+
+def layer_steps(qmodel: fx.GraphModule, lowered: fx.GraphModule, x: torch.Tensor) -> tuple[float, str, float]:
+    """Each activation quantizer of ``lowered`` fed the prepared model's own values: (max |diff| in
+    that quantizer's steps, the worst quantizer's node name, share of outputs more than half a step off).
+
+    ``lower`` keeps node names, so every quantizer of the lowered graph whose name is in the prepared
+    graph is compared with the prepared model's value there and then passes that value on instead of
+    its own: each layer (quantizer to quantizer) is checked on identical inputs, and a difference
+    cannot grow from layer to layer. Large end-to-end differences with
+    per-layer ones within a step are the chaos of the network; a per-layer difference above a step is
+    a real mismatch of that layer.
+    """
+    prepared: dict[str, Any] = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            prepared[n.name] = value.clone() if isinstance(value, torch.Tensor) else None  # in-place ops follow
+            return value
+
+    worst, worst_name, off, total = 0.0, "", 0, 0
+
+    class Forced(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            nonlocal worst, worst_name, off, total
+            own = super().run_node(n)
+            module = lowered.get_submodule(n.target) if n.op == "call_module" else None
+            given = prepared.get(n.name)
+            if not (isinstance(module, QuantizeDequantize) and isinstance(given, torch.Tensor)
+                    and isinstance(own, torch.Tensor) and own.shape == given.shape):
+                return own
+            diff = (own.double() - given.double()).abs() / float(module.scale)
+            if float(diff.max()) >= worst:
+                worst, worst_name = float(diff.max()), n.name
+            off += int((diff > 0.5).sum())
+            total += diff.numel()
+            return given.clone()
+
+    with torch.no_grad():
+        Record(qmodel).run(x)
+        Forced(lowered).run(x)
+    if not total:
+        raise ZooCheckError("no quantizer of the lowered model has a counterpart of the same name in the prepared one")
+    return worst, worst_name, off / total
+
+
+def in_steps(actual: Any, expected: Any, steps: Sequence[float]) -> list[torch.Tensor]:
+    """|actual - expected| / step, per output tensor (the last step for tensors beyond ``steps``)."""
+    a, e = tensors(actual), tensors(expected)
+    if len(a) != len(e):
+        raise ZooCheckError(f"the outputs have {len(a)} and {len(e)} tensors")
+    return [(x.double() - y.double()).abs().flatten() / steps[min(i, len(steps) - 1)]
+            for i, (x, y) in enumerate(zip(a, e))]
+
+
+def argmax_agreement(actual: Any, expected: Any) -> tuple[int, int] | None:
+    """(rows with the same argmax, rows) over the 2-d ``[batch, classes]`` outputs; None if there are none."""
+    same = total = 0
+    for x, y in zip(tensors(actual), tensors(expected)):
+        if x.dim() == 2 and x.shape[1] > 1 and x.is_floating_point():
+            same += int((x.argmax(1) == y.argmax(1)).sum())
+            total += x.shape[0]
+    return (same, total) if total else None
+
+
+# ---------------------------------------------------------------------------
+# Running the stages
+# ---------------------------------------------------------------------------
+
+def error_info(exc: BaseException) -> dict[str, str]:
+    """Exception type, the first line of its message, and the deepest traceback frame inside repq_fx."""
+    package = str(Path(repq_fx.__file__).resolve().parent)
+    frame = ""
+    for f in traceback.extract_tb(exc.__traceback__):
+        path = str(Path(f.filename).resolve())
+        if path.startswith(package + os.sep):
+            frame = f"repq_fx/{Path(path).relative_to(package).as_posix()}:{f.lineno} {f.name}"
+    message = str(exc).strip().splitlines()
+    return {"type": type(exc).__name__, "message": message[0][:300] if message else "", "frame": frame}
+
+
+class Stage:
+    """Times one stage, records its warnings, and turns an exception into the stage's error."""
+
+    def __init__(self, record: dict[str, Any], name: str, on_update: Callable[[dict[str, Any]], None]) -> None:
+        self.record, self.name, self.on_update = record, name, on_update
+        self.result: dict[str, Any] = {"ok": False, "seconds": None}
+
+    def __enter__(self) -> dict[str, Any]:
+        self.record["stages"][self.name] = self.result
+        self.record["running"] = self.name
+        self.on_update(self.record)
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._start = time.perf_counter()
+        return self.result
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.result["seconds"] = round(time.perf_counter() - self._start, 3)
+        self._warnings.__exit__(None, None, None)
+        messages = []
+        for w in self._caught:
+            line = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:200] if str(w.message).strip() else ''}"
+            if "repq_fx" in w.filename and line not in messages:
+                messages.append(line)
+        if messages:
+            self.result["warnings"] = messages[:5]
+        if exc is None:
+            self.result["ok"] = True
+        else:
+            self.result["error"] = error_info(exc)
+            self.result["traceback"] = "".join(traceback.format_exception(exc_type, exc, tb))[-4000:]
+        self.record["running"] = None
+        self.on_update(self.record)
+        return exc is None or isinstance(exc, Exception)  # swallow ordinary exceptions, not KeyboardInterrupt
+
+
+def run_model(spec: str, stages: Sequence[str] = DEFAULT_STAGES, size: int = 64, batch: int = 4,
+              calib_batches: int = 3, bn_gain: float = 1.0, seed: int = 0, threads: int = 1,
+              example_inputs: bool = False, latency_rounds: int = 10, latency_repeat: int = 10,
+              on_update: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+    """Run ``stages`` on the model ``spec`` names; the record of what each stage did and measured.
+
+    ``on_update(record)`` is called when a stage starts and ends (the subprocess writes the record
+    then, so a timeout still says how far the model got). ``example_inputs``: pass the input to
+    explain / merge / prepare (a new user calls them without).
+    """
+    torch.set_num_threads(threads)
+    record: dict[str, Any] = {"model": spec, "size": None, "batch": batch, "seed": seed, "bn_gain": bn_gain,
+                              "example_inputs": example_inputs, "stages": {}, "running": None}
+    state: dict[str, Any] = {}
+    torch.manual_seed(seed)
+    with Stage(record, "build", on_update):
+        model = build_model(spec)
+        record["size"] = s = input_size(spec, model, size)
+        shape = (batch, 3, s, s)
+        calibrate_bn(model, shape, gain=bn_gain, seed=seed)
+    if not record["stages"]["build"]["ok"]:
+        return _finish(record, stages)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*shape, generator=g)
+    calib = [torch.randn(*shape, generator=g) for _ in range(calib_batches)]
+    given = (x,) if example_inputs else None
+
+    def ready(stage: str) -> bool:
+        missing = [n for n in NEEDS[stage] if not record["stages"].get(n, {}).get("ok")]
+        if missing:
+            record["stages"][stage] = {"ok": False, "skipped": f"needs {', '.join(missing)}"}
+        return not missing
+
+    for stage in stages:
+        if not ready(stage):
+            continue
+        with Stage(record, stage, on_update) as out:
+            STAGE_FUNCTIONS[stage](model, x, calib, given, state, out,
+                                   latency_rounds=latency_rounds, latency_repeat=latency_repeat, threads=threads)
+        if stage == "train" and not out["ok"] and "clean_state" in state:
+            state["qmodel"].load_state_dict(state["clean_state"])  # lower the calibrated model instead
+            out["note"] = "lower ran on the calibrated model from before the failed step"
+    return _finish(record, stages)
+
+
+def _finish(record: dict[str, Any], stages: Sequence[str]) -> dict[str, Any]:
+    reached, failed = None, None
+    for stage in ("build", *stages):
+        result = record["stages"].get(stage, {})
+        if result.get("ok") and failed is None:
+            reached = stage
+        elif failed is None:
+            failed = stage
+    record["reached"] = reached
+    record["failed"] = failed
+    record.pop("running", None)
+    return record
+
+
+def stage_explain(model, x, calib, given, state, out, **_: Any) -> None:
+    report = repq_fx.explain(model, given)
+    names = [b.name for b in report.blocks]
+    out.update(blocks_merged=len(report.merged), blocks=len(report.blocks),
+               convs_in_merged=sum(b.num_convs for b in report.merged),
+               convs_in_blocks=sum(b.num_convs for b in report.blocks),
+               convs_not_merged=sum(b.num_convs for b in report.not_merged),
+               left_out=[f"{n}: {r}"[:200] for n, r in report.left_out][:10], left_out_count=len(report.left_out),
+               duplicate_block_names=len(names) - len(set(names)), front_end=report.front_end,
+               not_merged=[f"{b.name}: {b.reason}"[:200] for b in report.not_merged][:10],
+               report_warnings=list(report.warnings)[:5])
+    state["report"] = out
+
+
+def stage_merge(model, x, calib, given, state, out, **_: Any) -> None:
+    model64 = copy.deepcopy(model).double().eval()
+    x64 = x.double()
+    merged = repq_fx.merge(model64, None if given is None else (x64,))
+    with torch.no_grad():
+        expected, actual = model64(x64), merged(x64)
+    out["rel_err"] = relative_error(actual, expected)
+    out["convs_before"] = count_convs(model64, x64).total
+    out["convs_after"] = count_convs(merged, x64).total
+    if not out["rel_err"] <= 1e-9:
+        raise ZooCheckError(f"merge differs from model.eval() by {out['rel_err']:.3g} (float64; target 1e-9)")
+
+
+def stage_prepare(model, x, calib, given, state, out, **_: Any) -> None:
+    qmodel = repq_fx.prepare(model, repq_fx.QConfig(), given)
+    start = time.perf_counter()
+    repq_fx.calibrate(qmodel, calib)
+    out["calibrate_seconds"] = round(time.perf_counter() - start, 3)
+    state["qmodel"] = qmodel
+
+
+def stage_train(model, x, calib, given, state, out, **_: Any) -> None:
+    qmodel = state["qmodel"]
+    state["clean_state"] = copy.deepcopy(qmodel.state_dict())
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    losses = []
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        loss = square_loss(qmodel(calib[step % len(calib)]))
+        losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
+            raise ZooCheckError(f"the loss is {losses[-1]} at training step {step}")
+        loss.backward()
+        optimizer.step()
+    qmodel.eval()
+    out["losses"] = losses
+    floor = torch.finfo(torch.float32).eps
+    names = {id(m): n for n, m in qmodel.named_modules()}
+    collapsed = [names.get(id(q), "?") for q in fake_quantizers(qmodel)
+                 if isinstance(getattr(q, "scale", None), torch.Tensor) and bool((q.scale.detach() <= floor).any())]
+    out["steps_at_floor"] = len(collapsed)
+    out["collapsed"] = collapsed[:10]
+
+
+def stage_lower(model, x, calib, given, state, out, **_: Any) -> None:
+    qmodel = state["qmodel"].eval()
+    lowered = repq_fx.lower(qmodel)
+    with torch.no_grad():
+        expected, actual, original = qmodel(x), lowered(x), model(x)
+    out["qmodel_vs_float"] = relative_error(expected, original)
+    out["distinct_outputs"] = len(torch.cat([t.flatten() for t in tensors(expected)]).unique())
+    steps = output_steps(lowered)
+    calls = count_convs(lowered, x)
+    out["quantized_convs"] = calls.quantized_modules
+    out["float_convs"] = calls.float_convs
+    out["explain_not_merged_convs"] = (state.get("report") or {}).get("convs_not_merged")
+    if steps:
+        diffs = in_steps(actual, expected, steps)
+        out["max_steps"] = max(float(d.max()) for d in diffs)
+        out["output_step"] = steps[0]
+    out["argmax"] = argmax_agreement(actual, expected)
+    out["layer_max_steps"], out["layer_worst"], out["layer_share_off"] = layer_steps(qmodel, lowered, x)
+    state["lowered"], state["lowered_out"], state["steps"] = lowered, actual, steps
+    state["quantized_convs"] = calls.quantized_modules
+
+
+def stage_export(model, x, calib, given, state, out, threads: int = 1, **_: Any) -> None:
+    lowered = state["lowered"]
+    workdir = state.setdefault("workdir", tempfile.mkdtemp(prefix="repq_zoo_"))
+    path = os.path.join(workdir, "int8.onnx")
+    repq_fx.export_onnx(lowered, (x[:1],), path)
+    state["int8_path"] = path
+    ops = optimized_ops(path)
+    expected_qlinear = state.get("quantized_convs", count_convs(lowered, x[:1]).quantized_modules)
+    out["ops"] = {k: v for k, v in sorted(ops.items()) if k in ("QLinearConv", "Conv", "FusedConv", "QGemm",
+                                                               "Gemm", "MatMul", "QLinearMatMul")}
+    out["qlinearconv_expected"] = expected_qlinear
+    out["ops_ok"] = ops.get("QLinearConv", 0) == expected_qlinear and not ops.get("Conv") and not ops.get("FusedConv")
+    sess = session(path, threads)
+    ort_out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    lowered_out = tensors(state["lowered_out"])
+    if len(ort_out) != len(lowered_out):
+        raise ZooCheckError(f"ONNX Runtime gives {len(ort_out)} outputs, the lowered model {len(lowered_out)}")
+    steps = state["steps"] or [float("nan")]
+    diffs = torch.cat(in_steps([torch.from_numpy(o) for o in ort_out], lowered_out, steps))
+    out["ort_within_one_step"] = float((diffs <= WITHIN).double().mean())
+    out["ort_max_steps"] = float(diffs.max())
+    out["ort_argmax"] = argmax_agreement([torch.from_numpy(o) for o in ort_out], lowered_out)
+
+
+def stage_latency(model, x, calib, given, state, out, latency_rounds: int = 10, latency_repeat: int = 10,
+                  threads: int = 1, **_: Any) -> None:
+    float_path = os.path.join(state["workdir"], "float.onnx")
+    export_float(repq_fx.merge(model), (x[:1],), float_path)
+    feeds = {"input": x[:1].numpy()}
+    sessions = {"int8": session(state["int8_path"], threads), "float": session(float_path, threads)}
+    runners = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feeds["input"]}))
+               for name, s in sessions.items()}
+    times = round_robin(runners, latency_rounds, warmup=5, repeat=latency_repeat)
+    out["int8_ms"] = statistics.median(times["int8"]) * 1e3
+    out["float_ms"] = statistics.median(times["float"]) * 1e3
+    out["speedup"] = out["float_ms"] / out["int8_ms"]
+
+
+STAGE_FUNCTIONS: dict[str, Callable[..., None]] = {
+    "explain": stage_explain, "merge": stage_merge, "prepare": stage_prepare, "train": stage_train,
+    "lower": stage_lower, "export": stage_export, "latency": stage_latency,
+}
+
+
+# ---------------------------------------------------------------------------
+# One subprocess per model
+# ---------------------------------------------------------------------------
+
+def run_isolated(spec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_model` in a fresh interpreter with ``args.timeout`` seconds; a timeout or a crash
+    becomes the error of the stage that was running."""
+    with tempfile.TemporaryDirectory(prefix="repq_zoo_") as tmp:
+        path = os.path.join(tmp, "record.json")
+        command = [sys.executable, os.path.abspath(__file__), "--child", path, "--models", spec,
+                   "--stages", *args.stages, *_shared_flags(args)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+            problem = None if proc.returncode == 0 else (
+                "ChildCrash", f"the subprocess exited with code {proc.returncode}: "
+                f"{(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+        except subprocess.TimeoutExpired:
+            problem = ("Timeout", f"the model took more than --timeout {args.timeout} s")
+        record = _read(path) or {"model": spec, "stages": {}, "running": "build"}
+        record["wall_seconds"] = round(time.perf_counter() - start, 1)
+        if problem is not None:
+            # the stage that was running, or the first one that never ran (a crash between stages)
+            stage = record.get("running") or next((s for s in args.stages if s not in record["stages"]), "build")
+            elapsed = record["wall_seconds"] - sum(r.get("seconds") or 0 for r in record["stages"].values())
+            record["stages"][stage] = {"ok": False, "seconds": round(elapsed, 1),
+                                       "error": {"type": problem[0], "message": problem[1], "frame": ""}}
+            record["running"] = stage
+        if "reached" not in record or record.get("running"):
+            _finish(record, args.stages)
+        return record
+
+
+def _read(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: str, record: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, default=str)
+    os.replace(tmp, path)
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--size", str(args.size), "--batch", str(args.batch), "--bn-gain", str(args.bn_gain),
+             "--seed", str(args.seed), "--threads", str(args.threads), "--latency-rounds", str(args.latency_rounds),
+             "--latency-repeat", str(args.latency_repeat)]
+    return flags + (["--example-inputs"] if args.example_inputs else [])
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the CPU features ONNX Runtime's int8 kernels depend on."""
+    import onnxruntime
+    import timm
+    import torchvision
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "onnxruntime": onnxruntime.__version__, "machine": platform.machine(), "cpu_features": features,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+def _fmt_error(result: dict[str, Any], width: int = 90) -> str:
+    e = result.get("error")
+    if not e:
+        return ""
+    text = f"{e['type']}: {e['message']}"
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return text.replace("|", "\\|")
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    if result.get("skipped"):
+        return "skip"
+    seconds = result.get("seconds")
+    t = "?" if seconds is None else f"{seconds:.1f}"
+    return t if result.get("ok") else f"FAIL {t}"
+
+
+def checks(record: dict[str, Any]) -> list[str]:
+    """The targets of issues 12 and 13 that a record misses (a stage that crashed is not repeated here).
+
+    >>> checks({"stages": {"export": {"ok": True, "ort_within_one_step": 0.5, "ort_max_steps": 9,
+    ...                                 "ops_ok": True}}})
+    ['ORT 50.00 % within 1 step']
+    """
+    st = record["stages"]
+    ex, me, tr, lo, xp = (st.get(k, {}) for k in ("explain", "merge", "train", "lower", "export"))
+    missed = []
+    if ex.get("duplicate_block_names"):
+        missed.append(f"{ex['duplicate_block_names']} duplicate block names")
+    if ex.get("ok") and me.get("convs_before") is not None:
+        unlisted = me["convs_before"] - ex["convs_in_blocks"] - ex["left_out_count"]
+        if unlisted > 0:
+            missed.append(f"explain misses {unlisted} of {me['convs_before']} convs")
+    if tr.get("steps_at_floor"):
+        missed.append(f"{tr['steps_at_floor']} quantizers with a step at the eps floor after training")
+    if "max_steps" in lo and lo["max_steps"] > WITHIN:
+        missed.append(f"lowered vs qmodel {lo['max_steps']:.0f} steps")
+    if lo.get("argmax") and lo["argmax"][0] != lo["argmax"][1]:
+        missed.append(f"argmax {lo['argmax'][0]}/{lo['argmax'][1]}")
+    if lo.get("layer_max_steps", 0) > WITHIN:
+        missed.append(f"a layer {lo['layer_max_steps']:.0f} steps off ({lo['layer_worst']})")
+    if "float_convs" in lo and lo["float_convs"] > (lo.get("explain_not_merged_convs") or 0):
+        missed.append(f"{lo['float_convs']} float convs after lower, explain lists "
+                      f"{lo.get('explain_not_merged_convs') or 0}")
+    if "ops_ok" in xp and not xp["ops_ok"]:
+        ops = xp["ops"]
+        missed.append(f"ORT graph: {ops.get('QLinearConv', 0)} QLinearConv for {xp['qlinearconv_expected']} int8 "
+                      f"convs, {ops.get('Conv', 0) + ops.get('FusedConv', 0)} float Conv")
+    if "ort_within_one_step" in xp and xp["ort_within_one_step"] < 0.999:
+        missed.append(f"ORT {100 * xp['ort_within_one_step']:.2f} % within 1 step")
+    return missed
+
+
+def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> str:
+    """The markdown table of zoo records, then every failure with its deepest repq_fx frame.
+
+    Columns: the first stage that failed and its error; seconds per stage (``FAIL`` where it raised,
+    ``skip`` where a stage it needs failed); blocks merged / total and convs in them -> after;
+    merge's float64 relative error; the fake-quant model vs the float model (relative error: how far
+    quantization moves this random network); lowered vs ``qmodel.eval()`` end to end (max output
+    steps, argmax agreement) and per layer on identical inputs (max steps, share more than half a
+    step off); float convs run by the lowered model (convs explain lists as not merged); ONNX Runtime
+    vs lowered (share within one output step, max); ORT's optimized graph; the targets missed.
+    """
+    records = list(records)
+    shown = [s for s in stages if any(s in r["stages"] for r in records)]
+    head = ["model", "input", "reached", "first error", *[f"{s} s" for s in shown], "explain merged",
+            "merge rel err", "fake quant vs float", "lowered vs qmodel", "per layer", "float convs (explain)",
+            "ORT within 1 step", "ORT ops"]
+    if "latency" in shown:
+        head.append("ORT ms int8 / float")
+    head.append("targets missed")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    failures = []
+    for r in records:
+        st = r["stages"]
+        first = st.get(r.get("failed") or "", {})
+        ex, me, lo, xp, la = (st.get(k, {}) for k in ("explain", "merge", "lower", "export", "latency"))
+        if first.get("error"):
+            error = f"{r['failed']}: {_fmt_error(first)}"
+        else:
+            error = f"{r['failed']}: {first['skipped']}" if first.get("skipped") else ""
+        row = [r["model"], str(r.get("size") or ""), r.get("reached") or "-", error,
+               *[_cell(st.get(s)) for s in shown]]
+        row.append(f"{ex['blocks_merged']}/{ex['blocks']}, {ex['convs_in_merged']}->{ex['blocks_merged']}"
+                   if ex.get("ok") else "")
+        row.append(f"{me['rel_err']:.1e}" if "rel_err" in me else "")
+        row.append(f"{lo['qmodel_vs_float']:.2f}" if "qmodel_vs_float" in lo else "")
+        cell = f"{lo['max_steps']:.0f} steps" if "max_steps" in lo else ""
+        if lo.get("argmax"):
+            cell += f", argmax {lo['argmax'][0]}/{lo['argmax'][1]}"
+        row.append(cell)
+        row.append(f"{lo['layer_max_steps']:.0f}, {100 * lo['layer_share_off']:.2f} %" if "layer_max_steps" in lo
+                   else "")
+        row.append(f"{lo['float_convs']} ({lo.get('explain_not_merged_convs')})" if "float_convs" in lo else "")
+        row.append(f"{100 * xp['ort_within_one_step']:.2f} % ({xp['ort_max_steps']:.0f})"
+                   if "ort_within_one_step" in xp else "")
+        if "ops" in xp:
+            ops = xp["ops"]
+            row.append(("ok" if xp["ops_ok"] else "BAD") + f" {ops.get('QLinearConv', 0)}/{xp['qlinearconv_expected']}"
+                       f" QLinearConv, {ops.get('Conv', 0) + ops.get('FusedConv', 0)} Conv")
+        else:
+            row.append("")
+        if "latency" in shown:
+            row.append(f"{la['int8_ms']:.2f} / {la['float_ms']:.2f} ({la['speedup']:.2f}x)" if la.get("ok") else "")
+        row.append("; ".join(checks(r)).replace("|", "\\|"))
+        lines.append("| " + " | ".join(row) + " |")
+        for stage, result in st.items():
+            if result.get("error"):
+                e = result["error"]
+                failures.append(f"- {r['model']}, {stage}: {e['type']}: {e['message']}"
+                                + (f" ({e['frame']})" if e.get("frame") else ""))
+    if failures:
+        lines += ["", "Failures (every stage that raised; the deepest repq_fx frame in parentheses):", *failures]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=MODELS, help="model specs (default: the issue-12 list)")
+    p.add_argument("--stages", nargs="+", default=None, choices=STAGES,
+                   help=f"stages to run, in order (default: {' '.join(DEFAULT_STAGES)})")
+    p.add_argument("--latency", action="store_true", help="add the latency stage")
+    p.add_argument("--size", type=int, default=64, help="square input size (default 64)")
+    p.add_argument("--batch", type=int, default=4, help="batch size of every input (default 4)")
+    p.add_argument("--bn-gain", type=float, default=1.0, help="BN weights times this after calibration (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per model (default 1200)")
+    p.add_argument("--example-inputs", action="store_true", help="pass the input to explain/merge/prepare")
+    p.add_argument("--latency-rounds", type=int, default=10)
+    p.add_argument("--latency-repeat", type=int, default=10)
+    p.add_argument("--json", metavar="FILE", help="append one JSON record per model to FILE")
+    p.add_argument("--markdown", metavar="FILE", nargs="?", const="-",
+                   help="append the markdown table to FILE too (it is always printed)")
+    p.add_argument("--from-json", metavar="FILE", help="print the table of the records in FILE; run nothing")
+    p.add_argument("--in-process", action="store_true", help="no subprocesses (no --timeout): for debugging")
+    p.add_argument("--child", metavar="RECORD", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.stages = list(args.stages or DEFAULT_STAGES)
+    if args.latency and "latency" not in args.stages:
+        args.stages.append("latency")
+    args.stages = [s for s in STAGES if s in args.stages]  # always in pipeline order
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    options = dict(stages=args.stages, size=args.size, batch=args.batch, bn_gain=args.bn_gain, seed=args.seed,
+                   threads=args.threads, example_inputs=args.example_inputs, latency_rounds=args.latency_rounds,
+                   latency_repeat=args.latency_repeat)
+    if args.child:
+        run_model(args.models[0], on_update=lambda record: _write(args.child, record), **options)
+        return
+    if args.from_json:
+        with open(args.from_json) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        _output(table(records), args)
+        return
+    from tqdm import tqdm
+
+    env = environment()
+    records = []
+    bar = tqdm(args.models, desc="zoo", unit="model", file=sys.stderr, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(spec)
+        if args.in_process:
+            record = run_model(spec, **options)
+        else:
+            record = run_isolated(spec, args)
+        record["env"] = env
+        records.append(record)
+        failed = record.get("failed")
+        bar.write(f"{spec}: reached {record.get('reached')}" + (
+            f", {failed}: {_fmt_error(record['stages'].get(failed, {}), 200) or record['stages'].get(failed, {}).get('skipped', '')}"
+            if failed else ""), file=sys.stderr)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({k: v for k, v in record.items()}, default=str) + "\n")
+    header = (f"zoo {env['date']}: torch {env['torch']}, torchvision {env['torchvision']}, timm {env['timm']}, "
+              f"onnxruntime {env['onnxruntime']}, {env['machine']} ({', '.join(env['cpu_features']) or 'no AVX2'}); "
+              f"input {args.batch}x3x{args.size}x{args.size} unless noted, BN gain {args.bn_gain}, "
+              f"{args.threads} thread(s)\n\n")
+    _output(header + table(records, args.stages), args)
+
+
+def _output(text: str, args: argparse.Namespace) -> None:
+    print(text)
+    if args.markdown and args.markdown != "-":
+        with open(args.markdown, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
