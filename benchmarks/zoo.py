@@ -475,9 +475,20 @@ def stage_merge(model, x, calib, given, state, out, **_: Any) -> None:
     merged = repq_fx.merge(model64, None if given is None else (x64,))
     with torch.no_grad():
         expected, actual = model64(x64), merged(x64)
+    if len(tensors(actual)) != len(tensors(expected)):
+        raise ZooCheckError(f"merge(model) gives {len(tensors(actual))} output tensors in eval mode, model.eval() "
+                            f"{len(tensors(expected))}")
     out["rel_err"] = relative_error(actual, expected)
     out["convs_before"] = count_convs(model64, x64).total
     out["convs_after"] = count_convs(merged, x64).total
+    if getattr(model, "pretrained_cfg", None) is not None:  # a timm model: timm's own merge, for scale
+        from timm.utils import reparameterize_model
+
+        timm_merged = reparameterize_model(copy.deepcopy(model64)).eval()
+        out["timm_convs_after"] = count_convs(timm_merged, x64).total
+        if out["timm_convs_after"] < out["convs_before"]:
+            with torch.no_grad():
+                out["timm_rel_err"] = relative_error(timm_merged(x64), expected)
     if not out["rel_err"] <= 1e-9:
         raise ZooCheckError(f"merge differs from model.eval() by {out['rel_err']:.3g} (float64; target 1e-9)")
 
@@ -488,6 +499,27 @@ def stage_prepare(model, x, calib, given, state, out, **_: Any) -> None:
     repq_fx.calibrate(qmodel, calib)
     out["calibrate_seconds"] = round(time.perf_counter() - start, 3)
     state["qmodel"] = qmodel
+    state["floor"] = floor = steps_at_floor(qmodel)
+    out["steps_at_floor"] = len(floor)  # quantizers calibrated on a zero range (a zero-initialised branch)
+    out["at_floor"] = sorted(floor)[:10]
+
+
+def steps_at_floor(qmodel: nn.Module) -> dict[str, int]:
+    """Quantizer name -> how many of its steps are at or below float32 eps (the floor steps are clamped to).
+
+    >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False)))
+    >>> _ = repq_fx.calibrate(q, [torch.zeros(1, 3, 4, 4)])   # a zero input: a zero activation range
+    >>> sorted(steps_at_floor(q).items())
+    [('input_fake_quant', 1), ('output_fake_quant', 1)]
+    """
+    eps = torch.finfo(torch.float32).eps
+    names = {id(m): n for n, m in qmodel.named_modules()}
+    counts = {}
+    for q in fake_quantizers(qmodel):
+        scale = getattr(q, "scale", None)
+        if isinstance(scale, torch.Tensor) and int((scale.detach() <= eps).sum()):
+            counts[names.get(id(q), "?")] = int((scale.detach() <= eps).sum())
+    return counts
 
 
 def stage_train(model, x, calib, given, state, out, **_: Any) -> None:
@@ -506,12 +538,10 @@ def stage_train(model, x, calib, given, state, out, **_: Any) -> None:
         optimizer.step()
     qmodel.eval()
     out["losses"] = losses
-    floor = torch.finfo(torch.float32).eps
-    names = {id(m): n for n, m in qmodel.named_modules()}
-    collapsed = [names.get(id(q), "?") for q in fake_quantizers(qmodel)
-                 if isinstance(getattr(q, "scale", None), torch.Tensor) and bool((q.scale.detach() <= floor).any())]
-    out["steps_at_floor"] = len(collapsed)
-    out["collapsed"] = collapsed[:10]
+    before = state.get("floor", {})
+    pushed = sorted(n for n, k in steps_at_floor(qmodel).items() if k > before.get(n, 0))
+    out["pushed_to_floor"] = len(pushed)  # steps that training moved to the floor (issue 12 item 5)
+    out["pushed"] = pushed[:10]
 
 
 def stage_lower(model, x, calib, given, state, out, **_: Any) -> None:
@@ -519,7 +549,10 @@ def stage_lower(model, x, calib, given, state, out, **_: Any) -> None:
     lowered = repq_fx.lower(qmodel)
     with torch.no_grad():
         expected, actual, original = qmodel(x), lowered(x), model(x)
-    out["qmodel_vs_float"] = relative_error(expected, original)
+    if len(tensors(expected)) == len(tensors(original)):
+        out["qmodel_vs_float"] = relative_error(expected, original)
+    else:  # a target missed (prepare must equal the model in eval mode), but lowering can still be measured
+        out["output_tensors"] = [len(tensors(expected)), len(tensors(original))]
     out["distinct_outputs"] = len(torch.cat([t.flatten() for t in tensors(expected)]).unique())
     steps = output_steps(lowered)
     calls = count_convs(lowered, x)
@@ -692,12 +725,22 @@ def checks(record: dict[str, Any]) -> list[str]:
     missed = []
     if ex.get("duplicate_block_names"):
         missed.append(f"{ex['duplicate_block_names']} duplicate block names")
+    if me.get("timm_convs_after") is not None and me["convs_after"] > me["timm_convs_after"]:
+        missed.append(f"merge leaves {me['convs_after']} convs, timm's reparameterize_model {me['timm_convs_after']}")
     if ex.get("ok") and me.get("convs_before") is not None:
         unlisted = me["convs_before"] - ex["convs_in_blocks"] - ex["left_out_count"]
         if unlisted > 0:
             missed.append(f"explain misses {unlisted} of {me['convs_before']} convs")
-    if tr.get("steps_at_floor"):
-        missed.append(f"{tr['steps_at_floor']} quantizers with a step at the eps floor after training")
+    pr = st.get("prepare", {})
+    if pr.get("steps_at_floor"):
+        missed.append(f"{pr['steps_at_floor']} quantizers calibrated to the eps step (zero range)")
+    if tr.get("pushed_to_floor"):
+        missed.append(f"{tr['pushed_to_floor']} steps pushed to the eps floor by training")
+    if lo.get("output_tensors"):
+        missed.append(f"qmodel.eval() gives {lo['output_tensors'][0]} output tensors, model.eval() "
+                      f"{lo['output_tensors'][1]}")
+    if lo.get("distinct_outputs") == 1:
+        missed.append("the fake-quant output is constant (the comparisons after it are vacuous)")
     if "max_steps" in lo and lo["max_steps"] > WITHIN:
         missed.append(f"lowered vs qmodel {lo['max_steps']:.0f} steps")
     if lo.get("argmax") and lo["argmax"][0] != lo["argmax"][1]:
@@ -721,7 +764,7 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
 
     Columns: the first stage that failed and its error; seconds per stage (``FAIL`` where it raised,
     ``skip`` where a stage it needs failed); blocks merged / total and convs in them -> after;
-    merge's float64 relative error; the fake-quant model vs the float model (relative error: how far
+    merge's float64 relative error (and timm's ``reparameterize_model``'s, for timm models); the fake-quant model vs the float model (relative error: how far
     quantization moves this random network); lowered vs ``qmodel.eval()`` end to end (max output
     steps, argmax agreement) and per layer on identical inputs (max steps, share more than half a
     step off); float convs run by the lowered model (convs explain lists as not merged); ONNX Runtime
@@ -749,7 +792,8 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
                *[_cell(st.get(s)) for s in shown]]
         row.append(f"{ex['blocks_merged']}/{ex['blocks']}, {ex['convs_in_merged']}->{ex['blocks_merged']}"
                    if ex.get("ok") else "")
-        row.append(f"{me['rel_err']:.1e}" if "rel_err" in me else "")
+        cell = f"{me['rel_err']:.1e}" if "rel_err" in me else ""
+        row.append(cell + (f" (timm {me['timm_rel_err']:.1e})" if "timm_rel_err" in me else ""))
         row.append(f"{lo['qmodel_vs_float']:.2f}" if "qmodel_vs_float" in lo else "")
         cell = f"{lo['max_steps']:.0f} steps" if "max_steps" in lo else ""
         if lo.get("argmax"):
