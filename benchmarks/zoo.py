@@ -23,7 +23,8 @@ still run (so one bug does not hide the next):
 6. ``export``: ``export_onnx`` and ONNX Runtime (CPU EP, 1 thread): ORT's optimized graph must hold
    one ``QLinearConv`` per ``QuantizedConv2d`` call and no float ``Conv``/``FusedConv``; ORT's
    output vs the lowered model: share of outputs within one output step, and the max in steps; the
-   same with ORT's graph optimisations off (QDQ as float ops: tells the int8 kernel from the graph).
+   same with ORT's graph optimisations off (QDQ as float ops: tells the int8 kernel from the graph);
+   and both layer by layer on the lowered model's own integers (a wrong layer vs a chaotic network).
 7. ``latency`` (only with ``--latency``): ORT int8 vs ORT float32 of ``repq_fx.merge(model)``
    (``repq_fx.export.float_onnx``), batch 1, 1 thread, median of round-robin timed runs.
 
@@ -64,6 +65,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -641,17 +643,113 @@ def stage_export(model, x, calib, given, state, out, threads: int = 1, **_: Any)
     plain_out = [torch.from_numpy(o) for o in plain.run(None, {plain.get_inputs()[0].name: x.numpy()})]
     diffs = torch.cat(in_steps(plain_out, lowered_out, steps))
     out["ort_unoptimized_within_one_step"] = float((diffs <= WITHIN).double().mean())
+    for optimized, key in ((True, "ort_layer"), (False, "ort_unoptimized_layer")):
+        try:  # a diagnostic: if it cannot map the file, that is recorded, not the stage's failure
+            out[f"{key}_max_steps"], out[f"{key}_worst"], out[f"{key}_share_off"] = ort_layer_steps(
+                path, lowered, x, optimized, threads)
+        except Exception as e:
+            out[f"{key}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+
+
+def ort_layer_steps(path: str, lowered: fx.GraphModule, x: torch.Tensor, optimized: bool,
+                    threads: int = 1) -> tuple[float, str, float]:
+    """ONNX Runtime layer by layer on the lowered model's own integers: (max |diff| in steps, the
+    worst quantizer's node name, share of outputs off by a step or more).
+
+    Each activation ``QuantizeLinear`` of the file is matched, in graph order and by its scale, with
+    a ``QuantizeDequantize`` of ``lowered``; the subgraph from the quantizers before it (or the model
+    input) to it is cut out (``onnx.utils.Extractor``), fed the lowered model's integers there, and
+    its integers compared with the lowered model's. As :func:`layer_steps`, this tells a layer that
+    is wrong (ORT's int8 kernel saturating, a wrong export) from differences of one step that a
+    chaotic network grows end to end. ``optimized``: with ORT's fusions (the int8 kernels) or without.
+    """
+    import onnx
+    import onnx.numpy_helper
+    import onnx.shape_inference
+    import onnx.utils
+
+    values: list[tuple[str, torch.Tensor, QuantizeDequantize]] = []
+
+    class Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            module = lowered.get_submodule(n.target) if n.op == "call_module" else None
+            if isinstance(module, QuantizeDequantize):
+                ints = torch.round(value.float() / module.scale) + module.zero_point
+                values.append((n.name, ints.clamp(module.quant_min, module.quant_max), module))
+            return value
+
+    with torch.no_grad():
+        Record(lowered).run(x)
+    model = onnx.load(path)
+    inits = {t.name: t for t in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    if len(quantize) != len(values) or any(
+            abs(float(onnx.numpy_helper.to_array(inits[q.input[1]]).reshape(-1)[0]) - float(m.scale))
+            > 1e-6 * float(m.scale)
+            for q, (_, _, m) in zip(quantize, values) if q.input[1] in inits):
+        raise ZooCheckError(f"cannot match the {len(quantize)} QuantizeLinear of the file with the "
+                            f"{len(values)} quantizers of the lowered model")
+    graph_input = model.graph.input[0].name
+    boundary = {q.output[0]: i for i, q in enumerate(quantize)}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    model = onnx.shape_inference.infer_shapes(model)
+    typed = {v.name for v in model.graph.value_info}
+    for q, (_, _, module) in zip(quantize, values):  # the boundary tensors must be typed to be cut at
+        if q.output[0] not in typed:
+            elem = onnx.TensorProto.INT8 if module.quant_min < 0 else onnx.TensorProto.UINT8
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(q.output[0], elem, None))
+    extractor = onnx.utils.Extractor(model)
+    options = _session_options(threads, optimized)
+    import onnxruntime as ort
+
+    worst, worst_name, off, total = 0.0, "", 0, 0
+    for k, q in enumerate(quantize):
+        inputs, seen, stack = [], set(), list(q.input[:1])
+        while stack:  # the tensors where this layer starts: quantizer outputs or the model input
+            t = stack.pop()
+            if t in seen or t in inits:
+                continue
+            seen.add(t)
+            if t in boundary or t == graph_input:
+                inputs.append(t)
+            elif t in producer:
+                stack.extend(producer[t].input)
+        sub = extractor.extract_model(inputs, [q.output[0]])
+        session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for t in inputs:
+            if t == graph_input:
+                feeds[t] = x.numpy()
+            else:
+                ints, module = values[boundary[t]][1], values[boundary[t]][2]
+                feeds[t] = ints.numpy().astype(np.int8 if module.quant_min < 0 else np.uint8)
+        name, expected, module = values[k]
+        got = torch.from_numpy(session.run(None, feeds)[0].astype(np.int64)).clamp(module.quant_min, module.quant_max)
+        diff = (got.double() - expected.double()).abs()
+        if float(diff.max()) >= worst:
+            worst, worst_name = float(diff.max()), name
+        off += int((diff >= 1).sum())
+        total += diff.numel()
+    return worst, worst_name, off / max(total, 1)
+
+
+def _session_options(threads: int, optimized: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
 
 
 def unoptimized_session(path: str, threads: int = 1):
     """An ONNX Runtime CPU session of ``path`` with every graph optimisation off (no QLinearConv fusion)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, _session_options(threads, optimized=False), providers=["CPUExecutionProvider"])
 
 
 def stage_latency(model, x, calib, given, state, out, latency_rounds: int = 10, latency_repeat: int = 10,
@@ -817,6 +915,9 @@ def checks(record: dict[str, Any]) -> list[str]:
                       f"convs, {ops.get('Conv', 0) + ops.get('FusedConv', 0)} float Conv")
     if "ort_within_one_step" in xp and xp["ort_within_one_step"] < 0.999:
         missed.append(f"ORT {100 * xp['ort_within_one_step']:.2f} % within 1 step")
+    for key, what in (("ort_layer", "ORT int8"), ("ort_unoptimized_layer", "ORT unoptimized")):
+        if xp.get(f"{key}_max_steps", 0) > WITHIN:
+            missed.append(f"{what}: a layer {xp[f'{key}_max_steps']:.0f} steps off ({xp[f'{key}_worst']})")
     return missed
 
 
@@ -830,13 +931,14 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
     steps, argmax agreement) and per layer on identical inputs (max steps, share more than half a
     step off); float convs run by the lowered model (convs explain lists as not merged); ONNX Runtime
     vs lowered (share within one output step, max; and with ORT's graph optimisations off, where the
-    QDQ graph runs as float ops and no int8 kernel); ORT's optimized graph; the targets missed.
+    QDQ graph runs as float ops and no int8 kernel); ORT per layer on the lowered model's integers
+    (:func:`ort_layer_steps`: max steps, share off; unoptimized max); ORT's optimized graph; the targets missed.
     """
     records = list(records)
     shown = [s for s in stages if any(s in r["stages"] for r in records)]
     head = ["model", "input", "reached", "first error", *[f"{s} s" for s in shown], "explain merged",
             "merge rel err", *(["prepare fq off rel err"] if "exact" in shown else []), "fake quant vs float", "lowered vs qmodel", "per layer", "float convs (explain)",
-            "ORT within 1 step", "ORT ops"]
+            "ORT within 1 step", "ORT per layer", "ORT ops"]
     if "latency" in shown:
         head.append("ORT ms int8 / float")
     head.append("targets missed")
@@ -871,6 +973,12 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
         if "ort_unoptimized_within_one_step" in xp:
             cell += f"; unoptimized {100 * xp['ort_unoptimized_within_one_step']:.2f} %"
         row.append(cell)
+        cell = ""
+        if "ort_layer_max_steps" in xp:
+            cell = f"{xp['ort_layer_max_steps']:.0f}, {100 * xp['ort_layer_share_off']:.2f} %"
+        if "ort_unoptimized_layer_max_steps" in xp:
+            cell += f"; unoptimized {xp['ort_unoptimized_layer_max_steps']:.0f}"
+        row.append(cell or xp.get("ort_layer_error", "")[:60])
         if "ops" in xp:
             ops = xp["ops"]
             row.append(("ok" if xp["ops_ok"] else "BAD") + f" {ops.get('QLinearConv', 0)}/{xp['qlinearconv_expected']}"

@@ -77,6 +77,8 @@ def test_export_graph_fuses_and_ort_parity_is_reported(record):
     assert export["ops_ok"], export["ops"]
     # parity with ONNX Runtime depends on the CPU's int8 kernel today: only reported
     assert 0.0 <= export["ort_within_one_step"] <= 1.0 and export["ort_max_steps"] >= 0
+    for key in ("ort_layer", "ort_unoptimized_layer"):  # layer by layer, fused and unfused
+        assert export[f"{key}_max_steps"] >= 0 and 0.0 <= export[f"{key}_share_off"] <= 1.0, export.get(f"{key}_error")
 
 
 def test_table_lists_every_model_and_failure(zoo):
