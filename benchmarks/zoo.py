@@ -12,14 +12,17 @@ still run (so one bug does not hide the next):
    ``exact`` (only with ``--exact``): ``prepare(model64)`` with fake quant off vs the model in eval
    and train mode (target <= 1e-9), again after moving every parameter by the same random step.
 3. ``prepare``: ``prepare(model, QConfig())`` (the defaults), then ``repq_fx.calibrate`` on a few
-   random batches.
+   random batches; quantizers whose step calibration left at the float32-eps floor (a zero range,
+   e.g. a residual branch whose last BN weight is initialised to 0).
 4. ``train``: 2 SGD steps (lr 1e-3) in train mode, loss = mean of squares over every tensor of the
    output (tuples, dicts and namedtuples included); the loss must stay finite. Counts learned steps
    that training pushed to the float32-eps floor (issue 12 item 5).
 5. ``lower``: ``lower(qmodel)`` vs ``qmodel.eval()`` on the same input: max |diff| in output
    quantization steps, and argmax agreement for classification outputs (2-d ``[batch, classes]``);
-   conv2d calls the lowered model still runs in float (outside ``QuantizedConv2d``), next to the
-   convs ``explain`` lists as not merged.
+   the same layer by layer, each layer fed the prepared model's own input (:func:`layer_steps`:
+   a layer that is wrong vs one-step differences a chaotic random network grows end to end); the
+   fake-quant model vs the float model; conv2d calls the lowered model still runs in float
+   (outside ``QuantizedConv2d``), next to the convs ``explain`` lists as not merged.
 6. ``export``: ``export_onnx`` and ONNX Runtime (CPU EP, 1 thread): ORT's optimized graph must hold
    one ``QLinearConv`` per ``QuantizedConv2d`` call and no float ``Conv``/``FusedConv``; ORT's
    output vs the lowered model: share of outputs within one output step, and the max in steps; the
@@ -133,11 +136,14 @@ def calibrate_bn(model: nn.Module, shape: Sequence[int], gain: float = 1.0, batc
     batches, with every BN before it already set; then BN weights times ``gain``. Eval mode.
 
     One eval-mode forward: a pre-hook sets each BN's statistics from the input it receives, before
-    it normalises it. (Statistics gathered in train mode, as ``tests/quantized_models.py`` does, are
-    those of train-mode activations, which differ from what the BN sees in eval mode; the mismatch
-    compounds with depth: timm repvgg_a0 at 32x32 then reached activations of 1e4 to 1e6 in eval mode,
-    and its 8-bit output grid rounded every logit to 0.) Statistics of the eval-mode input make every
-    BN output have mean ``beta`` and variance ``gamma**2`` on this data, as in a trained network.
+    it normalises it, so every BN output has mean ``beta`` and variance ``gamma**2`` on this data
+    in eval mode, the mode merge, lower and export are compared in. (Statistics gathered in train
+    mode, as ``tests/quantized_models.py`` does, are those of train-mode activations, which differ
+    from what each BN sees in eval mode once the BNs before it use running statistics.) It does not
+    tame everything: a channel that is almost constant on these batches gets a tiny variance and
+    amplifies other inputs by up to ``1/sqrt(eps)``; deep networks whose residual sums are not
+    normalised still explode on fresh inputs (timm repvgg_a0 at 32x32, repvgg_d2se at 64x64: the
+    8-bit output grid then rounds every logit to one value, which the table flags).
 
     >>> _ = torch.manual_seed(0)
     >>> m = calibrate_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (8, 3, 8, 8))
@@ -293,9 +299,8 @@ def layer_steps(qmodel: fx.GraphModule, lowered: fx.GraphModule, x: torch.Tensor
     ``lower`` keeps node names, so every quantizer of the lowered graph whose name is in the prepared
     graph is compared with the prepared model's value there and then passes that value on instead of
     its own: each layer (quantizer to quantizer) is checked on identical inputs, and a difference
-    cannot grow from layer to layer. Large end-to-end differences with
-    per-layer ones within a step are the chaos of the network; a per-layer difference above a step is
-    a real mismatch of that layer.
+    cannot grow from layer to layer. Large end-to-end differences with per-layer ones within a step
+    are the chaos of the network; a per-layer difference above a step is a real mismatch of that layer.
     """
     prepared: dict[str, Any] = {}
 
