@@ -393,7 +393,8 @@ class Stage:
         self._warnings.__exit__(None, None, None)
         messages = []
         for w in self._caught:
-            line = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:200] if str(w.message).strip() else ''}"
+            text = str(w.message).strip()
+            line = f"{w.category.__name__}: {text.splitlines()[0][:200] if text else ''}"
             if "repq_fx" in w.filename and line not in messages:
                 messages.append(line)
         if messages:
@@ -929,18 +930,20 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
 
     Columns: the first stage that failed and its error; seconds per stage (``FAIL`` where it raised,
     ``skip`` where a stage it needs failed); blocks merged / total and convs in them -> after;
-    merge's float64 relative error (and timm's ``reparameterize_model``'s, for timm models); the fake-quant model vs the float model (relative error: how far
-    quantization moves this random network); lowered vs ``qmodel.eval()`` end to end (max output
-    steps, argmax agreement) and per layer on identical inputs (max steps, share more than half a
-    step off); float convs run by the lowered model (convs explain lists as not merged); ONNX Runtime
-    vs lowered (share within one output step, max; and with ORT's graph optimisations off, where the
-    QDQ graph runs as float ops and no int8 kernel); ORT per layer on the lowered model's integers
-    (:func:`ort_layer_steps`: max steps, share off; unoptimized max); ORT's optimized graph; the targets missed.
+    merge's float64 relative error (and timm's ``reparameterize_model``'s, for timm models); the
+    fake-quant model vs the float model (relative error: how far quantization moves this random
+    network); lowered vs ``qmodel.eval()`` end to end (max output steps, argmax agreement) and per
+    layer on identical inputs (max steps, share more than half a step off); float convs run by the
+    lowered model (convs explain lists as not merged); ONNX Runtime vs lowered (share within one
+    output step, max; and with ORT's graph optimisations off, where the QDQ graph runs as float ops
+    and no int8 kernel); ORT per layer on the lowered model's integers (:func:`ort_layer_steps`: max
+    steps, share off; unoptimized max); ORT's optimized graph; the targets missed.
     """
     records = list(records)
     shown = [s for s in stages if any(s in r["stages"] for r in records)]
     head = ["model", "input", "reached", "first error", *[f"{s} s" for s in shown], "explain merged",
-            "merge rel err", *(["prepare fq off rel err"] if "exact" in shown else []), "fake quant vs float", "lowered vs qmodel", "per layer", "float convs (explain)",
+            "merge rel err", *(["prepare fq off rel err"] if "exact" in shown else []), "fake quant vs float",
+            "lowered vs qmodel", "per layer", "float convs (explain)",
             "ORT within 1 step", "ORT per layer", "ORT ops"]
     if "latency" in shown:
         head.append("ORT ms int8 / float")
@@ -972,7 +975,8 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
         row.append(f"{lo['layer_max_steps']:.0f}, {100 * lo['layer_share_off']:.2f} %" if "layer_max_steps" in lo
                    else "")
         row.append(f"{lo['float_convs']} ({lo.get('explain_not_merged_convs')})" if "float_convs" in lo else "")
-        cell = f"{100 * xp['ort_within_one_step']:.2f} % ({xp['ort_max_steps']:.0f})" if "ort_within_one_step" in xp else ""
+        cell = (f"{100 * xp['ort_within_one_step']:.2f} % ({xp['ort_max_steps']:.0f})"
+                if "ort_within_one_step" in xp else "")
         if "ort_unoptimized_within_one_step" in xp:
             cell += f"; unoptimized {100 * xp['ort_unoptimized_within_one_step']:.2f} %"
         row.append(cell)
@@ -1063,9 +1067,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         record["env"] = env
         records.append(record)
         failed = record.get("failed")
-        bar.write(f"{spec}: reached {record.get('reached')}" + (
-            f", {failed}: {_fmt_error(record['stages'].get(failed, {}), 200) or record['stages'].get(failed, {}).get('skipped', '')}"
-            if failed else ""), file=sys.stderr)
+        result = record["stages"].get(failed, {})
+        why = f", {failed}: {_fmt_error(result, 200) or result.get('skipped', '')}" if failed else ""
+        bar.write(f"{spec}: reached {record.get('reached')}{why}", file=sys.stderr)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({k: v for k, v in record.items()}, default=str) + "\n")
