@@ -88,7 +88,9 @@ TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "ef
 TIMM = ["resnet18d", "efficientnet_b0", "ghostnetv2_100", "mobilevit_xs", "levit_128s", "convnext_atto",
         "regnetx_002", "repvit_m0_9", "repvgg_d2se",
         # one of each family the README lists as supported
-        "repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1", "ghostnetv3_050", "lcnetv2_small"]
+        "repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1", "ghostnetv3_050", "lcnetv2_small",
+        # issue 12 item 3: prepare decided structure from parameter values (--exact shows it once they move)
+        "hgnetv2_b0"]
 MODELS = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
 
 STAGES = ("explain", "merge", "exact", "prepare", "train", "lower", "export", "latency")
