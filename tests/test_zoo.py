@@ -1,0 +1,109 @@
+"""benchmarks/zoo.py, the instrument issues 12 and 13 are judged by, on two small models.
+
+Each model runs every stage of the zoo (explain, merge, prepare + calibrate, 2 SGD steps, lower,
+export + ONNX Runtime) at 32x32, BN gain 1 (no damping). Asserted, because they hold on any x86-64
+CPU: every stage through ``lower`` succeeds; merge equals ``model.eval()`` in float64 to 1e-9; every
+layer of the lowered model, fed the prepared model's own input, is within one output step of the
+prepared model (end to end, the difference of random networks grows with depth: reported, not
+asserted); no conv stays float; the ONNX file exports and ORT's optimized graph has one
+``QLinearConv`` per int8 conv and no float conv (graph rewriting, not kernels).
+
+ONNX Runtime's numbers are only checked to be reported: its u8s8 kernel on CPUs without
+AVX512-VNNI saturates 16-bit pair sums (issue 13, item 1), so ORT parity is not asserted here yet.
+"""
+from __future__ import annotations
+
+import argparse
+import doctest
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+pytest.importorskip("onnxruntime")
+
+ROOT = Path(__file__).resolve().parents[1]
+THROUGH_LOWER = ("build", "explain", "merge", "prepare", "train", "lower")
+
+
+def _load_zoo():
+    if "zoo_bench" in sys.modules:
+        return sys.modules["zoo_bench"]
+    spec = importlib.util.spec_from_file_location("zoo_bench", ROOT / "benchmarks" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return _load_zoo()
+
+
+@pytest.fixture(scope="module", params=["torchvision:resnet18", "timm:repvgg_a0"])
+def record(request, zoo):
+    return zoo.run_model(request.param, size=32)
+
+
+def test_stages_through_lower_succeed(record):
+    failed = {s: record["stages"][s].get("error") or record["stages"][s].get("skipped")
+              for s in THROUGH_LOWER if not record["stages"][s]["ok"]}
+    assert not failed, failed
+    assert record["size"] == 32
+
+
+def test_merge_is_exact_in_float64(record):
+    merge = record["stages"]["merge"]
+    assert merge["rel_err"] <= 1e-9
+    assert merge["convs_after"] <= merge["convs_before"]
+
+
+def test_lowered_matches_prepared_layer_by_layer(record, zoo):
+    lower = record["stages"]["lower"]
+    assert lower["layer_max_steps"] <= zoo.WITHIN, lower["layer_worst"]
+    assert lower["layer_share_off"] < 0.01  # only the int32 bias rounding differs
+    assert lower["float_convs"] == 0
+    assert lower["quantized_convs"] == record["stages"]["explain"]["blocks_merged"]
+    # end to end: reported (chaos of a random network, issue 13 item 4), not asserted
+    assert lower["max_steps"] >= 0 and lower["argmax"][1] == record["batch"]
+
+
+def test_export_graph_fuses_and_ort_parity_is_reported(record):
+    export = record["stages"]["export"]
+    assert export["ok"], export.get("error")
+    assert export["ops_ok"], export["ops"]
+    # parity with ONNX Runtime depends on the CPU's int8 kernel today: only reported
+    assert 0.0 <= export["ort_within_one_step"] <= 1.0 and export["ort_max_steps"] >= 0
+    for key in ("ort_layer", "ort_unoptimized_layer"):  # layer by layer, fused and unfused
+        assert export[f"{key}_max_steps"] >= 0 and 0.0 <= export[f"{key}_share_off"] <= 1.0, export.get(f"{key}_error")
+
+
+def test_table_lists_every_model_and_failure(zoo):
+    records = [{"model": "timm:a", "size": 64, "reached": "explain", "failed": "merge",
+                "stages": {"explain": {"ok": True, "seconds": 1.0, "blocks_merged": 2, "blocks": 3,
+                                       "convs_in_merged": 4, "convs_in_blocks": 5, "left_out_count": 0,
+                                       "duplicate_block_names": 1},
+                           "merge": {"ok": False, "seconds": 0.5,
+                                     "error": {"type": "TypeError", "message": "'Node' object is not iterable",
+                                               "frame": "repq_fx/patterns/linear_ops.py:10 _avg_pool"}},
+                           "prepare": {"ok": False, "skipped": "needs build"}}}]
+    text = zoo.table(records, ["explain", "merge", "prepare"])
+    row = next(line for line in text.splitlines() if line.startswith("| timm:a"))
+    assert "merge: TypeError: 'Node' object is not iterable" in row and "FAIL 0.5" in row and "skip" in row
+    assert "1 duplicate block names" in row
+    assert "- timm:a, merge: TypeError: 'Node' object is not iterable (repq_fx/patterns/linear_ops.py:10 " \
+           "_avg_pool)" in text
+
+
+def test_a_timeout_is_the_error_of_the_running_stage(zoo, tmp_path):
+    args = zoo.parse_args(["--models", "torchvision:resnet18", "--stages", "explain", "--timeout", "0.5"])
+    record = zoo.run_isolated("torchvision:resnet18", args)
+    assert record["reached"] is None and record["failed"] == "build"
+    assert record["stages"]["build"]["error"]["type"] == "Timeout"
+
+
+def test_helpers_doctests(zoo):
+    assert doctest.testmod(zoo, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
