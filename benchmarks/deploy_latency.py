@@ -452,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"onnxruntime {__import__('onnxruntime').__version__}, timm {timm.__version__}")
     print(f"machine: {machine()}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"model {args.model}, input 1x3x{args.size}x{args.size}, threads {args.threads}, {args.rounds} rounds x "
-          f"{args.runs} runs (medians), exactness on {len(check)} other images\n")
+          f"{args.runs} runs (medians), exactness on {len(check)} other images"
+          + (f", int8 kernels profiled over {args.kernel_profile} runs" if args.kernel_profile else "") + "\n")
     base = med["ort float (timm merged)"]
     recommended = med.get(RECOMMENDED)
     profiled = "| int8 kernels (profiler) | vs the same |" if kernels else ""
