@@ -182,10 +182,10 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", con
 def _bias_overflow_message(layer: str, bias: torch.Tensor, s_x: float, s_w: torch.Tensor) -> str:
     """Which channel's bias overflows int32 at ``s_x * s_w``, and which of the two steps is the odd one.
 
-    >>> print(_bias_overflow_message("head", torch.tensor([0.5, 3.0, 0.1]), 0.02, torch.tensor([0.005, 1e-8, 0.01])))
+    >>> print(_bias_overflow_message("head", torch.tensor([0.5, 3.0, 0.1]), 0.02, torch.tensor([0.005, 1e-6, 0.01])))
     ... # doctest: +NORMALIZE_WHITESPACE
-    bias of head does not fit int32 at scale s_x * s_w: channel 1 has bias 3 and s_x * s_w = 0.02 * 1e-08;
-    its weight step is 5e+05x smaller than the layer's median weight step (0.005): the weight step of that
+    bias of head does not fit int32 at scale s_x * s_w: channel 1 has bias 3 and s_x * s_w = 0.02 * 1e-06;
+    its weight step is 5e+03x smaller than the layer's median weight step (0.005): the weight step of that
     channel collapsed in training
     """
     ratio = bias.abs() / (s_x * s_w)

@@ -116,7 +116,7 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
         if not block.merged or _skipped(block.name, config) or _skipped(block.module_scope, config):
             continue
         for conv in _emit_block(gm, block, analysis, emitter, numeric, config, replaced, widths[block.region.exit]):
-            quantized.append((conv, block.name))
+            quantized.append((conv, block.module_scope))
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is F.linear and node.args[1].op == "get_attr":
             path = node.args[1].target.rpartition(".")[0]
