@@ -81,8 +81,11 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
     training updates the original branch parameters while the quantizer sees the deploy
     kernel. Parameter and buffer names are those of ``model``; the result follows
     ``.train()``/``.eval()`` at run time. ``model`` itself is not modified. ``capture``: ``"auto"`` |
-    ``"fx"`` | ``"export"`` (see :func:`explain`); export captures in train mode and refuses models whose
-    forward depends on ``self.training`` beyond BatchNorm and dropout (``repq_fx.capture.export_frontend``).
+    ``"fx"`` | ``"export"`` (see :func:`explain`). The model is captured in train mode, BatchNorm and dropout
+    as modules that follow the mode; a model whose forward takes another path in train mode than in eval mode
+    beyond them (``if self.training:`` auxiliary heads) is captured in eval mode instead, so that the prepared
+    model always computes ``model.eval()``'s outputs, with a :class:`~repq_fx.errors.TrainingBranchWarning`
+    naming where (``repq_fx.capture.modes``).
 
     >>> import torch, torch.nn as nn
     >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))

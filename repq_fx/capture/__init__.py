@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import CaptureError, ConfigError
 from . import export_frontend as _export_frontend
 from .canonicalize import canonicalize
+from .modes import mode_difference, warn_training_branch
 from .norm import batch_norm, is_batch_norm
 from .tracer import LeafTracer, register_leaf_module, trace
 
@@ -34,16 +35,20 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
     """Capture a deep copy of ``model`` as a canonical graph; record shapes if ``example_inputs`` are given.
 
     ``front_end``: ``"fx"``, ``"export"`` or ``"auto"`` (FX, and export where FX fails). ``mode`` is the
-    mode an export capture runs the model in: ``"train"`` for ``prepare`` (BatchNorm and dropout become
-    modules that follow ``.train()``/``.eval()``), ``"eval"`` for ``merge``/``explain``. The FX front end
-    always traces in train mode.
+    mode the model's Python runs in (its ``if self.training:`` branches): ``"eval"`` for ``merge``/``explain``
+    (the function ``model.eval()`` computes); ``"train"`` for ``prepare``, where BatchNorm and dropout become
+    modules that follow ``.train()``/``.eval()``, and where a forward that takes another path in train mode
+    than in eval mode is captured in eval mode instead, with a
+    :class:`~repq_fx.errors.TrainingBranchWarning` naming where (:mod:`.modes`).
     """
     if not isinstance(front_end, str) or front_end not in FRONT_ENDS:
         raise ConfigError(f"capture must be one of {', '.join(map(repr, FRONT_ENDS))}; got {front_end!r}")
+    if mode not in ("train", "eval"):
+        raise AssertionError(f"mode must be 'train' or 'eval', got {mode!r}")
     if front_end == "export":
         return _capture_export(model, example_inputs, mode=mode)
     try:
-        gm = _capture_fx(model, example_inputs)
+        gm = _capture_fx(model, example_inputs, mode)
     except CaptureError as fx_error:
         if front_end == "fx" or isinstance(model, fx.GraphModule):
             raise
@@ -64,9 +69,19 @@ def _capture_export(model: torch.nn.Module, example_inputs: Sequence[Any] | None
     return _export_frontend.capture_export(model, example_inputs, mode=mode, fx_error=fx_error)
 
 
-def _capture_fx(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
-    """Trace a deep copy of ``model``, canonicalize it, and record shapes if ``example_inputs`` are given."""
-    gm = canonicalize(trace(model))
+def _capture_fx(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
+                mode: str = "train") -> fx.GraphModule:
+    """Trace a deep copy of ``model`` in ``mode``, canonicalize it, and record shapes if ``example_inputs`` are given.
+
+    A train-mode trace that differs from the eval-mode trace beyond dropout is replaced by the eval-mode one.
+    """
+    gm = canonicalize(trace(model, mode=mode))
+    if mode == "train" and not isinstance(model, fx.GraphModule):
+        eval_gm = canonicalize(trace(model, mode="eval"))
+        difference = mode_difference(gm, eval_gm)
+        if difference:
+            warn_training_branch(type(model).__name__, difference)
+            gm = eval_gm
     if example_inputs is not None:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         was_training = gm.training
