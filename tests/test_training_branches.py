@@ -83,7 +83,9 @@ def test_prepare_of_a_training_branch_follows_model_eval_and_warns(front_end: st
     with torch.no_grad():
         assert _rel_err(qmodel.eval()(x), model.eval()(x)) <= REL_TOL
         trained = qmodel.train()(x)
+        logits, _ = model.train()(x)
     assert isinstance(trained, torch.Tensor), "the prepared model is one graph: model.eval()'s outputs"
+    assert _rel_err(trained, logits) <= REL_TOL, "in train mode: the model's train-mode logits (batch statistics)"
     assert not any(name.startswith("aux.") for name, _ in qmodel.named_parameters())
 
 
