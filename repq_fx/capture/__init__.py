@@ -34,12 +34,12 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
             mode: str = "train") -> fx.GraphModule:
     """Capture a deep copy of ``model`` as a canonical graph; record shapes if ``example_inputs`` are given.
 
-    ``front_end``: ``"fx"``, ``"export"`` or ``"auto"`` (FX, and export where FX fails). ``mode`` is the
-    mode the model's Python runs in (its ``if self.training:`` branches): ``"eval"`` for ``merge``/``explain``
-    (the function ``model.eval()`` computes); ``"train"`` for ``prepare``, where BatchNorm and dropout become
-    modules that follow ``.train()``/``.eval()``, and where a forward that takes another path in train mode
-    than in eval mode is captured in eval mode instead, with a
-    :class:`~repq_fx.errors.TrainingBranchWarning` naming where (:mod:`.modes`).
+    ``front_end``: ``"fx"``, ``"export"`` or ``"auto"`` (FX, and export where FX fails). ``mode``: ``"eval"``
+    for ``merge``/``explain``, which must capture the function ``model.eval()`` computes; ``"train"`` for
+    ``prepare``, whose graph follows ``.train()``/``.eval()`` through its BatchNorm and dropout modules.
+    Python branches on ``self.training`` beyond those cannot follow the mode in one graph: where the
+    model takes one (the train-mode capture differs from the eval-mode one, :mod:`.modes`), the eval-mode
+    path is captured, in ``"train"`` mode with a :class:`~repq_fx.errors.TrainingBranchWarning` naming where.
     """
     if not isinstance(front_end, str) or front_end not in FRONT_ENDS:
         raise ConfigError(f"capture must be one of {', '.join(map(repr, FRONT_ENDS))}; got {front_end!r}")
@@ -71,16 +71,19 @@ def _capture_export(model: torch.nn.Module, example_inputs: Sequence[Any] | None
 
 def _capture_fx(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
                 mode: str = "train") -> fx.GraphModule:
-    """Trace a deep copy of ``model`` in ``mode``, canonicalize it, and record shapes if ``example_inputs`` are given.
+    """Trace a deep copy of ``model``, canonicalize it, and record shapes if ``example_inputs`` are given.
 
-    A train-mode trace that differs from the eval-mode trace beyond dropout is replaced by the eval-mode one.
+    The train-mode trace (dropout written ``F.dropout(x, p, self.training)`` becomes a module that follows
+    the mode), unless it differs from the eval-mode trace beyond dropout (:mod:`.modes`): then the
+    eval-mode trace, with a warning for ``mode="train"`` (``prepare``: the train path is lost).
     """
-    gm = canonicalize(trace(model, mode=mode))
-    if mode == "train" and not isinstance(model, fx.GraphModule):
+    gm = canonicalize(trace(model, mode="train"))
+    if not isinstance(model, fx.GraphModule):
         eval_gm = canonicalize(trace(model, mode="eval"))
         difference = mode_difference(gm, eval_gm)
         if difference:
-            warn_training_branch(type(model).__name__, difference)
+            if mode == "train":
+                warn_training_branch(type(model).__name__, difference)
             gm = eval_gm
     if example_inputs is not None:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
