@@ -266,7 +266,8 @@ class _FakeQuant(nn.Module):
         filled, count = zero_range.fill_steps(scale, STEP_FLOOR, unit_step)
         self.zero_range = count == scale.numel()
         if count and not was_zero:
-            what = "all values" if count == scale.numel() == 1 else f"{count} of {scale.numel()} channels"
+            what = ("all values" if scale.numel() == 1 else f"all {count} channels" if count == scale.numel()
+                    else f"{count} of {scale.numel()} channels")
             zero_range.report(getattr(self, "path", "") or type(self).__name__, f"{what} zero")
         return filled
 
