@@ -553,7 +553,7 @@ def stage_prepare(model, x, calib, given, state, out, **_: Any) -> None:
     out["calibrate_seconds"] = round(time.perf_counter() - start, 3)
     state["qmodel"] = qmodel
     state["floor"] = floor = steps_at_floor(qmodel)
-    out["steps_at_floor"] = len(floor)  # quantizers calibrated on a zero range (a zero-initialised branch)
+    out["steps_at_floor"] = len(floor)  # learned steps at the floor (a zero range no longer leaves one there)
     out["at_floor"] = sorted(floor)[:10]
 
 
@@ -561,9 +561,10 @@ def steps_at_floor(qmodel: nn.Module) -> dict[str, int]:
     """Quantizer name -> how many of its steps are at or below float32 eps (the floor steps are clamped to).
 
     >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False)))
-    >>> _ = repq_fx.calibrate(q, [torch.zeros(1, 3, 4, 4)])   # a zero input: a zero activation range
+    >>> _ = repq_fx.calibrate(q, [torch.randn(1, 3, 4, 4)])
+    >>> q.weight_fake_quant.scale.data[:2] = 0   # as an optimizer step larger than the step would leave it
     >>> sorted(steps_at_floor(q).items())
-    [('input_fake_quant', 1), ('output_fake_quant', 1)]
+    [('weight_fake_quant', 2)]
     """
     eps = torch.finfo(torch.float32).eps
     names = {id(m): n for n, m in qmodel.named_modules()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
@@ -24,11 +25,12 @@ from .batches import forward_inputs
 from .capture import capture as _capture
 from .checks import check_graph, check_model, graph_warnings, unwrap_parallel
 from .config import QConfig
-from .errors import ConfigError, NotPreparedError, RepQError
+from .errors import ConfigError, NotPreparedError, RepQError, ZeroRangeWarning
 from .passes.lower import lower_graph
 from .passes.merge import merge_blocks
 from .passes.prepare import prepare_graph
-from .quant.fake_quant import ActFakeQuant, fake_quantizers
+from .quant import zero_range
+from .quant.fake_quant import STEP_FLOOR, ActFakeQuant, fake_quantizers
 from .capture.graph_utils import param_dtype
 from .patterns.blocks import NumericValues, find_blocks
 from .report import Report, build_report
@@ -81,8 +83,11 @@ def prepare(model: torch.nn.Module, config: QConfig | None = None,
     training updates the original branch parameters while the quantizer sees the deploy
     kernel. Parameter and buffer names are those of ``model``; the result follows
     ``.train()``/``.eval()`` at run time. ``model`` itself is not modified. ``capture``: ``"auto"`` |
-    ``"fx"`` | ``"export"`` (see :func:`explain`); export captures in train mode and refuses models whose
-    forward depends on ``self.training`` beyond BatchNorm and dropout (``repq_fx.capture.export_frontend``).
+    ``"fx"`` | ``"export"`` (see :func:`explain`). The model is captured in train mode, BatchNorm and dropout
+    as modules that follow the mode; a model whose forward takes another path in train mode than in eval mode
+    beyond them (``if self.training:`` auxiliary heads) is captured in eval mode instead, so that the prepared
+    model always computes ``model.eval()``'s outputs, with a :class:`~repq_fx.errors.TrainingBranchWarning`
+    naming where (``repq_fx.capture.modes``).
 
     >>> import torch, torch.nn as nn
     >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
@@ -114,7 +119,10 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
     differ most on a freshly initialised model, whose running statistics (0 and 1) say nothing about
     its activations: steps fitted in eval mode there clip most of what training computes, and one SGD
     step can push a weight step below zero. BN running statistics, other buffers outside the
-    quantizers and the random number generator are left as they were.
+    quantizers and the random number generator are left as they were. A learned step whose data
+    had no range (all zeros: a zero-initialised BN gamma or layer scale) starts from the step of
+    neighbouring data, with a :class:`~repq_fx.errors.ZeroRangeWarning` naming it
+    (:mod:`repq_fx.quant.zero_range`).
 
     Each batch becomes ``forward``'s inputs by the first rule that fits (``k``: the number of inputs
     ``forward`` requires; see :mod:`repq_fx.batches`): a Tensor is the one input; a dict gives keyword
@@ -149,7 +157,7 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
     mode = qmodel.training
     seen = 0
     inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-    with _model_state_kept(qmodel), torch.no_grad():
+    with _model_state_kept(qmodel), torch.no_grad(), zero_range.collected() as no_range:
         try:
             for q in quantizers:
                 q.enable(False)
@@ -179,7 +187,24 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
             qmodel(*inputs[0], **inputs[1])
         finally:
             qmodel.train(mode)
+        _steps_for_zero_ranges(quantizers, no_range)
     return seen
+
+
+def _steps_for_zero_ranges(quantizers: list[Any], reported: list[str]) -> None:
+    """A learned step whose whole tensor had no range takes the median step of the model's other quantizers
+    of the same kind and grid; one :class:`~repq_fx.errors.ZeroRangeWarning` names every quantizer concerned."""
+    if not reported:
+        return
+    for q in quantizers:
+        if not q.zero_range:
+            continue
+        peers = [p for p in quantizers if type(p) is type(q) and not p.zero_range and p.learned
+                 and (p.quant_min, p.quant_max) == (q.quant_min, q.quant_max)]
+        step = zero_range.median_step(peers, STEP_FLOOR)
+        if step is not None:
+            q.scale.fill_(step)
+    warnings.warn(zero_range.message(reported), ZeroRangeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -74,5 +74,18 @@ class NonFiniteError(InvalidModelError):
     """NaN or Inf in a parameter or BN statistic (or a negative running variance); the message names it."""
 
 
-class StepCollapsedWarning(UserWarning):
+class RepQWarning(UserWarning):
+    """Base class of every warning repq_fx gives on purpose (filter them all with this class)."""
+
+
+class TrainingBranchWarning(RepQWarning):
+    """``prepare``: the model's forward takes another path in train mode than in eval mode (beyond BatchNorm and
+    dropout), which one graph cannot follow; the eval-mode path was captured. The message names where."""
+
+
+class ZeroRangeWarning(RepQWarning):
+    """``calibrate``: a quantizer saw only zeros, so its data gives no step; the message names it and the step used."""
+
+
+class StepCollapsedWarning(RepQWarning):
     """A learned quantization step was pushed to or below zero by training and is held at the floor."""

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import CaptureError, ConfigError
 from . import export_frontend as _export_frontend
 from .canonicalize import canonicalize
+from .modes import mode_difference, warn_training_branch
 from .norm import batch_norm, is_batch_norm
 from .tracer import LeafTracer, register_leaf_module, trace
 
@@ -33,17 +34,21 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
             mode: str = "train") -> fx.GraphModule:
     """Capture a deep copy of ``model`` as a canonical graph; record shapes if ``example_inputs`` are given.
 
-    ``front_end``: ``"fx"``, ``"export"`` or ``"auto"`` (FX, and export where FX fails). ``mode`` is the
-    mode an export capture runs the model in: ``"train"`` for ``prepare`` (BatchNorm and dropout become
-    modules that follow ``.train()``/``.eval()``), ``"eval"`` for ``merge``/``explain``. The FX front end
-    always traces in train mode.
+    ``front_end``: ``"fx"``, ``"export"`` or ``"auto"`` (FX, and export where FX fails). ``mode``: ``"eval"``
+    for ``merge``/``explain``, which must capture the function ``model.eval()`` computes; ``"train"`` for
+    ``prepare``, whose graph follows ``.train()``/``.eval()`` through its BatchNorm and dropout modules.
+    Python branches on ``self.training`` beyond those cannot follow the mode in one graph: where the
+    model takes one (the train-mode capture differs from the eval-mode one, :mod:`.modes`), the eval-mode
+    path is captured, in ``"train"`` mode with a :class:`~repq_fx.errors.TrainingBranchWarning` naming where.
     """
     if not isinstance(front_end, str) or front_end not in FRONT_ENDS:
         raise ConfigError(f"capture must be one of {', '.join(map(repr, FRONT_ENDS))}; got {front_end!r}")
+    if mode not in ("train", "eval"):
+        raise AssertionError(f"mode must be 'train' or 'eval', got {mode!r}")
     if front_end == "export":
         return _capture_export(model, example_inputs, mode=mode)
     try:
-        gm = _capture_fx(model, example_inputs)
+        gm = _capture_fx(model, example_inputs, mode)
     except CaptureError as fx_error:
         if front_end == "fx" or isinstance(model, fx.GraphModule):
             raise
@@ -64,9 +69,22 @@ def _capture_export(model: torch.nn.Module, example_inputs: Sequence[Any] | None
     return _export_frontend.capture_export(model, example_inputs, mode=mode, fx_error=fx_error)
 
 
-def _capture_fx(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule:
-    """Trace a deep copy of ``model``, canonicalize it, and record shapes if ``example_inputs`` are given."""
-    gm = canonicalize(trace(model))
+def _capture_fx(model: torch.nn.Module, example_inputs: Sequence[Any] | None = None,
+                mode: str = "train") -> fx.GraphModule:
+    """Trace a deep copy of ``model``, canonicalize it, and record shapes if ``example_inputs`` are given.
+
+    The train-mode trace (dropout written ``F.dropout(x, p, self.training)`` becomes a module that follows
+    the mode), unless it differs from the eval-mode trace beyond dropout (:mod:`.modes`): then the
+    eval-mode trace, with a warning for ``mode="train"`` (``prepare``: the train path is lost).
+    """
+    gm = canonicalize(trace(model, mode="train"))
+    if not isinstance(model, fx.GraphModule):
+        eval_gm = canonicalize(trace(model, mode="eval"))
+        difference = mode_difference(gm, eval_gm)
+        if difference:
+            if mode == "train":
+                warn_training_branch(type(model).__name__, difference)
+            gm = eval_gm
     if example_inputs is not None:
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         was_training = gm.training

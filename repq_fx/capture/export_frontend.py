@@ -23,8 +23,9 @@ Train and eval. Export runs the model's Python once, so any ``if self.training:`
 baked in. ``merge`` and ``explain`` therefore capture in eval mode (the function they describe);
 ``prepare`` captures in train mode, with BatchNorm and dropout mapped to modules that follow
 ``.train()``/``.eval()`` at run time. If the train-mode capture then differs from the model in
-eval mode (some other branch on ``self.training``), or holds a random op (a hand-written
-DropPath), ``prepare`` refuses: it cannot make such a graph follow the mode. A model that trains
+eval mode (some other branch on ``self.training``: GoogLeNet's auxiliary heads), ``prepare``
+captures in eval mode instead and warns (:mod:`.modes`), as the FX front end does. A random op in
+the train-mode capture (a hand-written DropPath) is refused: it would stay on in eval mode. A model that trains
 with branches and evaluates with a kernel it merges in ``forward`` (ECBSR) is fine: ``merge``
 captures the eval forward, ``prepare`` the train forward, checked against the eval forward.
 
@@ -60,6 +61,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import CaptureError, RepQError
 from .aten_canonicalize import canonicalize_exported
 from .in_place import remove_in_place_ops
+from .modes import mode_difference, warn_training_branch
 from .slice_padding import Sizes
 
 #: relative output difference above which the captured graph is not the model (per dtype)
@@ -255,7 +257,11 @@ def capture_export(model: nn.Module, example_inputs: Sequence[Any] | None = None
     for node in gm.graph.nodes:  # export's fake tensors and symbols stay behind (they do not deepcopy)
         node.meta = {k: v for k, v in node.meta.items() if k in _KEPT_META}
     gm.train(mode == "train")
-    _check_against_model(gm, model, inputs, name, mode)
+    eval_difference = _check_against_model(gm, model, inputs, name, mode)
+    if eval_difference:  # a train-mode capture whose path differs from model.eval()'s: capture eval instead
+        eval_gm = capture_export(model, example_inputs, mode="eval", fx_error=fx_error)
+        warn_training_branch(name, mode_difference(gm, eval_gm) or f"the outputs ({eval_difference})", stacklevel=6)
+        return eval_gm
     gm.meta["repq_front_end"] = "export"
     gm.meta["repq_capture_note"] = (
         "torch.fx symbolic tracing failed: " + _first_line(fx_error) if fx_error is not None else "")
@@ -336,8 +342,11 @@ def _guard_fixed_sizes(gm: fx.GraphModule, name: str) -> None:
 
 
 def _check_against_model(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str,
-                         mode: str) -> None:
-    """The captured graph computes the model: eval mode always, train mode too for a train capture."""
+                         mode: str) -> str:
+    """The captured graph computes the model: eval mode always, train mode too for a train capture.
+
+    Returns how a train-mode capture differs from the model in eval mode ("" if it does not; the model
+    branches on ``self.training`` beyond BatchNorm and dropout); raises :class:`CaptureError` otherwise."""
     reference = copy.deepcopy(model).eval()
     try:
         with torch.no_grad():
@@ -351,14 +360,13 @@ def _check_against_model(gm: fx.GraphModule, model: nn.Module, inputs: tuple[tor
     finally:
         gm.train(mode == "train")
     bad = _difference(got, expected)
+    if bad and mode == "train":
+        return bad
     if bad:
-        hint = ("its forward branches on self.training outside BatchNorm/Dropout, so the train-mode "
-                "capture (for prepare) does not compute model.eval(); prepare cannot follow .train()/.eval() "
-                "for it (merge and explain capture in eval mode and are unaffected)" if mode == "train" else
-                "this is a gap in the export front end; use capture='fx' or report the model")
-        raise CaptureError(f"the torch.export capture of {name} differs from the model in eval mode ({bad}): {hint}")
+        raise CaptureError(f"the torch.export capture of {name} differs from the model in eval mode ({bad}): this "
+                           "is a gap in the export front end; use capture='fx' or report the model")
     if mode != "train":
-        return
+        return ""
     trained_ref, trained_gm = copy.deepcopy(model).train(), copy.deepcopy(gm).train()
     with torch.no_grad():
         state = torch.random.get_rng_state()
@@ -369,6 +377,7 @@ def _check_against_model(gm: fx.GraphModule, model: nn.Module, inputs: tuple[tor
     if bad:
         raise CaptureError(f"the torch.export capture of {name} differs from the model in train mode ({bad}); "
                            "use capture='fx' or make the train-mode forward deterministic")
+    return ""
 
 
 def _difference(got: Any, expected: Any) -> str:

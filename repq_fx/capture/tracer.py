@@ -145,8 +145,11 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    """A GraphModule of a deep copy of ``model`` (the model itself is never touched).
+def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None, mode: str = "train") -> fx.GraphModule:
+    """A GraphModule of a deep copy of ``model`` (the model itself is never touched), traced in ``mode``.
+
+    ``mode`` (``"train"`` or ``"eval"``) decides the Python branches on ``self.training``; BatchNorm and
+    dropout modules stay modules that follow ``.train()``/``.eval()`` at run time whatever it is.
 
     Raises :class:`CaptureError` with FX's reason and what to do when tracing fails.
     """
@@ -154,7 +157,9 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.G
     model = _copy(model)
     if isinstance(model, fx.GraphModule):
         return fx.GraphModule(model, model.graph, model.__class__.__name__)
-    model = model.train()  # train mode: `self.training` branches keep their train path
+    if mode not in ("train", "eval"):
+        raise AssertionError(f"mode must be 'train' or 'eval', got {mode!r}")
+    model = model.train(mode == "train")  # decides `if self.training:` branches
     tracer = LeafTracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import StepCollapsedWarning
+from . import zero_range
 from .range_init import mse_affine_range, mse_symmetric_scale
 
 STEP_INITS = ("mse", "minmax")
@@ -176,6 +177,7 @@ class _FakeQuant(nn.Module):
         self.register_buffer("quant_range", torch.tensor([quant_min, quant_max], dtype=torch.int32))
         # Python mirrors of the flag buffers, read by compiled code (see the module docstring)
         self._flags = {"enabled": True, "initialized": False, "observing": False}
+        self.zero_range = False  # the whole step came from no range (see zero_range.py); not state
 
     def _flag(self, name: str) -> bool:
         """The flag buffer ``name`` as a bool: its value in eager mode, its Python mirror under
@@ -198,6 +200,7 @@ class _FakeQuant(nn.Module):
     def __setstate__(self, state: dict) -> None:  # a module pickled before the mirrors existed
         super().__setstate__(state)
         self.__dict__.setdefault("init", "minmax")  # pickled before step_init: its steps were min-max
+        self.__dict__.setdefault("zero_range", False)
         if "_flags" not in self.__dict__:
             self._flags = {"enabled": True, "initialized": False, "observing": False}
             self._sync_flags()
@@ -247,11 +250,26 @@ class _FakeQuant(nn.Module):
     def reset(self) -> None:
         """Forget the step: it is set again from the next data (or weights) seen."""
         self._set_flag("initialized", False)
+        self.zero_range = False
 
-    def extra_repr(self) -> str:
-        kind = f"lsq (init {self.init})" if self.learned else "minmax"
-        return (f"{kind}, bits={self.bits}, range=[{self.quant_min}, {self.quant_max}], "
-                f"enabled={bool(self.enabled)}, initialized={bool(self.initialized)}")
+    def _step_with_range(self, scale: torch.Tensor, unit_step: float) -> torch.Tensor:
+        """A learned ``scale`` whose steps below :data:`STEP_FLOOR` (data without a range) are replaced by the
+        median of the others, or, where the whole tensor had none, kept as they are if already set so
+        (``calibrate`` sets the median step of the model's other quantizers) or ``unit_step``; reported once
+        (:mod:`.zero_range`). A whole tensor without a range leaves :attr:`zero_range` set: the step is
+        then set again from the data of every forward until the data has a range, as an observer would."""
+        if not self.learned or torch.compiler.is_compiling():
+            return scale
+        was_zero = self.zero_range
+        if was_zero and not bool((scale >= STEP_FLOOR).any()):
+            return self.scale.detach().to(scale.device, torch.float32).reshape(scale.shape)
+        filled, count = zero_range.fill_steps(scale, STEP_FLOOR, unit_step)
+        self.zero_range = count == scale.numel()
+        if count and not was_zero:
+            what = ("all values" if scale.numel() == 1 else f"all {count} channels" if count == scale.numel()
+                    else f"{count} of {scale.numel()} channels")
+            zero_range.report(getattr(self, "path", "") or type(self).__name__, f"{what} zero")
+        return filled
 
 
 class WeightFakeQuant(_FakeQuant):
@@ -282,12 +300,13 @@ class WeightFakeQuant(_FakeQuant):
         return (amax / self.quant_max).clamp_min(torch.finfo(torch.float32).tiny).float().reshape(-1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.learned or not self._flag("initialized"):
+        if not self.learned or not self._flag("initialized") or self.zero_range:
             with torch.no_grad():
                 if self.learned and self.init == "mse" and w.numel():
                     scale = mse_symmetric_scale(w, self.quant_min, self.quant_max, self.per_channel)
                 else:
                     scale = self._range_scale(w)
+                scale = self._step_with_range(scale, 1.0 / self.quant_max)  # unit step: the grid spans [-1, 1]
                 self.scale.copy_(scale.to(self.scale.device))
                 self._set_flag("initialized", True)
         if not self._flag("enabled"):
@@ -365,6 +384,12 @@ class ActFakeQuant(_FakeQuant):
             scale = ((hi - lo) / (self.quant_max - self.quant_min)).clamp_min(1e-8)
             zero_point = torch.clamp(self.quant_min - torch.round(lo / scale), self.quant_min, self.quant_max)
         self._samples = []
+        if self.learned and not torch.compiler.is_compiling() and not float(scale) >= STEP_FLOOR:
+            # no range: a grid centred on 0 (the sign of what comes is unknown), of a unit range's step
+            scale = self._step_with_range(scale.reshape(1).float(), 1.0 / (self.quant_max - self.quant_min))
+            zero_point = torch.tensor(float((self.quant_min + self.quant_max + 1) // 2))
+        elif self.zero_range:  # the first data with a range after data without
+            self.zero_range = False
         with torch.no_grad():
             self.scale.copy_(scale.reshape(1))
             self.zero_point.copy_(zero_point.reshape(1))
@@ -379,9 +404,9 @@ class ActFakeQuant(_FakeQuant):
             self.observe(x)
             return x
         initialized = self._flag("initialized")
-        if not initialized or (not self.learned and self.training):
+        if not initialized or (not self.learned and self.training) or self.zero_range:
             with torch.no_grad():
-                self.observe(x, average=initialized)
+                self.observe(x, average=initialized and not self.zero_range)
                 self.init_from_range()
         if not self._flag("enabled"):
             return x
