@@ -93,6 +93,29 @@ def test_export_is_exact_in_onnx_runtime_layer_by_layer(record):
     assert 0.0 <= export["ort_unoptimized_within_one_step"] <= 1.0
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_per_layer_ort_parity_does_not_depend_on_in_place_activations(zoo, inplace):
+    """An in-place ReLU6 after a quantized conv (MobileNet, EfficientNet) computes the same as an
+    out-of-place one, so ORT must be found exact layer by layer in both."""
+    import torch
+    import torch.nn as nn
+
+    import repq_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=inplace), nn.Conv2d(8, 8, 3))
+    qmodel = repq_fx.prepare(model.eval())
+    repq_fx.calibrate(qmodel, [torch.randn(4, 3, 16, 16)])
+    lowered = repq_fx.lower(qmodel)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        state = {"lowered": lowered, "lowered_out": lowered(x), "quantized_convs": 2}
+    out: dict = {}
+    zoo.stage_export(model, x, None, None, state, out)
+    assert out["ops_ok"] and out["ort_int8_convs"] == 2, out["ops"]
+    assert out["ort_layers"] >= 2 and out["ort_layers_bad"] == 0, out["ort_layers_bad_list"]
+
+
 def test_export_failures_are_flagged_in_the_table(zoo):
     export = {"ok": True, "seconds": 1.0, "ops": {"QLinearConv": 3, "Conv": 1}, "ops_ok": False,
               "ort_int8_convs": 3, "ort_float_convs": 1, "qlinearconv_expected": 4, "ort_within_one_step": 1.0,
