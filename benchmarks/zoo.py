@@ -374,8 +374,24 @@ def error_info(exc: BaseException) -> dict[str, str]:
         path = str(Path(f.filename).resolve())
         if path.startswith(package + os.sep):
             frame = f"repq_fx/{Path(path).relative_to(package).as_posix()}:{f.lineno} {f.name}"
-    message = str(exc).strip().splitlines()
-    return {"type": type(exc).__name__, "message": message[0][:300] if message else "", "frame": frame}
+    return {"type": type(exc).__name__, "message": first_line(str(exc)), "frame": frame}
+
+
+def first_line(message: str) -> str:
+    """The first line of an error message, without terminal colours; for torch.onnx's reports, whose
+    first line only says which step failed, the cause under their ``## Exception summary`` instead.
+
+    >>> first_line("Failed to export.\\x1b[96m step 1/3\\x1b[0m\\n## Exception summary\\n\\n<class 'E'>: bad\\n")
+    "<class 'E'>: bad"
+    """
+    import re
+
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()]
+    if "## Exception summary" in lines:
+        cause = next((line for line in lines[lines.index("## Exception summary") + 1:] if line), "")
+        if cause:
+            return cause[:300]
+    return lines[0][:300] if lines else ""
 
 
 class Stage:
