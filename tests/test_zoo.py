@@ -77,7 +77,7 @@ def test_export_runs_one_int8_conv_per_lowered_conv(record):
     # issue 13: one QLinearConv/ConvInteger in ORT's optimized graph per QuantizedConv2d call, no float conv
     assert export["qlinearconv_expected"] == record["stages"]["lower"]["quantized_convs"] > 0
     assert export["ort_int8_convs"] == export["qlinearconv_expected"] and export["ort_float_convs"] == 0, export["ops"]
-    assert export["ops_ok"]
+    assert export["ops_ok"] and export["lowered_float_convs"] == 0
 
 
 def test_export_is_exact_in_onnx_runtime_layer_by_layer(record):
