@@ -177,3 +177,43 @@ def test_optimized_ops_reads_models_with_external_data(tmp_path):
     assert (tmp_path / "external.onnx.data").exists()
     ops = optimized_ops(path)
     assert ops["Gemm"] + ops["MatMul"] + ops["FusedGemm"] + ops["FusedMatMul"] == 2, ops
+
+
+def _lowered(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    qmodel = repq_fx.prepare(model)
+    repq_fx.calibrate(qmodel, [x])
+    return repq_fx.lower(qmodel)
+
+
+def test_layer_check_survives_an_in_place_activation_after_a_quantized_conv(tmp_path):
+    """Regression: the reference value of a conv was the tensor ReLU6(inplace=True) overwrote later, so
+    ``check=True`` refused a correct file (52 % of a layer 'within one step', max 130)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 3))
+    x = torch.randn(4, 3, 12, 12)
+    lowered = _lowered(model, x)
+    path = str(tmp_path / "m.onnx")
+    repq_fx.export_onnx(lowered, (x,), path, check=True)  # raised ExportCheckError
+    from repq_fx.export.parity import segment_parity
+
+    assert all(s.ok for s in segment_parity(path, lowered, (x,)))
+
+
+def test_layer_check_of_timm_convnext(tmp_path):
+    """Regression: the segment ending at convnext's head quantizer holds Shape(input) (torch.onnx derives
+    an index from the dynamic batch) though no FX node of that segment reads the input; it was cut
+    without the input and ONNX Runtime refused it ("Node input 'input' is not a graph input")."""
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 64, 64)
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    lowered = _lowered(model, x)
+    path = str(tmp_path / "m.onnx")
+    repq_fx.export_onnx(lowered, (x[:1],), path, check=True)
+    # the float baseline of the same model from a batch-1 example ("Invalid ranges [2:1]" before)
+    from repq_fx.export.float_onnx import export_float
+    from repq_fx.export.runtime import session_from_bytes
+
+    export_float(repq_fx.merge(model), (x[:1],), str(tmp_path / "f.onnx"))
+    (got,) = session_from_bytes((tmp_path / "f.onnx").read_bytes()).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert np.allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import ExportCheckError
 from ..quant.lowered import QuantizeDequantize
@@ -172,6 +172,22 @@ def _segment(gm: fx.GraphModule, end: fx.Node, names: dict) -> tuple[list[tuple[
     return starts, sorted(layers)
 
 
+def _snapshot_values(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, Any]:
+    """Every node's value as it was computed: a copy, because an in-place op later in the graph
+    (``ReLU6(inplace=True)`` after a quantized conv) overwrites the tensor the interpreter holds."""
+
+    class Snapshot(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            snapshot[n] = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
+            return out
+
+    snapshot: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        Snapshot(lowered.eval()).run(*inputs)
+    return snapshot
+
+
 def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Tensor],
                    threads: int = 1) -> list[SegmentParity]:
     """Every quantizer of ``lowered`` and what computes its input since the previous quantizers, cut out of
@@ -189,17 +205,18 @@ def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
         raise ExportCheckError(f"{path} was not written by repq_fx.export_onnx (no {TENSOR_NAMES} metadata); "
                                "compare it end to end with onnx_runtime_parity instead")
     names = json.loads(props[TENSOR_NAMES])
-    interpreter = fx.Interpreter(lowered.eval(), garbage_collect_values=False)
-    with torch.no_grad():
-        interpreter.run(*inputs)
-    values = interpreter.env
+    values = _snapshot_values(lowered, inputs)
     extractor = Extractor(onnx.shape_inference.infer_shapes(model))  # value infos of every tensor
+    model_inputs = [(n, names["inputs"][n.name]) for n in lowered.graph.nodes
+                    if n.op == "placeholder" and n.name in names["inputs"]]
     results = []
     for node in lowered.graph.nodes:
         if node.op != "call_module" or node.target not in names["quantizers"]:
             continue
         starts, layers = _segment(lowered, node, names)
         feed = {name: values[n].detach().cpu().numpy() for n, name in starts}
+        # every model input too: torch.onnx may read its shape anywhere (a dynamic batch for a reshape)
+        feed.update({name: values[n].detach().cpu().numpy() for n, name in model_inputs if name not in feed})
         sub = extractor.extract_model(list(feed), [names["quantizers"][node.target][1]])
         needed = {i.name for i in sub.graph.input}
         (got,) = session_from_bytes(sub.SerializeToString(), threads).run(
