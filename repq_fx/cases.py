@@ -165,6 +165,21 @@ class FunctionalSamePadding(nn.Module):
         return self.bn(F.conv2d(x, self.weight, padding="same"))
 
 
+class SqueezeExcite(nn.Module):
+    """A RepVGG block with the squeeze-excitation of the official RepVGG/MobileOne code: the pooling
+    window is read from the input at run time (``F.avg_pool2d(x, kernel_size=x.size(3))``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = RepVGGBlock(C, C)
+        self.down, self.up = nn.Conv2d(C, 2, 1), nn.Conv2d(2, C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        s = F.avg_pool2d(y, kernel_size=(y.size(2), y.size(3)))
+        return y * torch.sigmoid(self.up(F.relu(self.down(s))))
+
+
 class DynamicConv(nn.Module):
     """A conv whose kernel is computed from the input (CondConv / dynamic-conv style)."""
 
@@ -331,6 +346,9 @@ CASES: tuple[Case, ...] = (
                      "inside blocks are per process"),
     _case("root-forward-hook", "a forward hook on the model itself", _with_root_hook, "handled",
           "torch.fx would drop it, so the model is captured with torch.export, which keeps it (explain says so)"),
+    _case("squeeze-excitation", "squeeze-excitation pooling over a window read from the input "
+          "(F.avg_pool2d(x, x.size(3)))", SqueezeExcite, "handled",
+          "the run-time size is a boundary between blocks, not a crash; the convs on either side are blocks"),
     _case("functional-same-padding", "F.conv2d(x, w, padding='same')", FunctionalSamePadding, "handled",
           "'same' is resolved from the kernel size (odd kernels)"),
     # -- kept as is ---------------------------------------------------------------------------
