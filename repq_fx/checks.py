@@ -146,25 +146,15 @@ def non_finite(model: nn.Module, extra: Iterable[tuple[str, torch.Tensor]] = ())
 
 def block_tensors(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[tuple[str, torch.Tensor]]:
     """The tensors (parameters and buffers, by qualified name) that the merged weights of ``nodes`` read."""
-    from .capture.graph_utils import fetch_attr
+    from .capture.graph_utils import attributes_read, fetch_attr
 
     out: list[tuple[str, torch.Tensor]] = []
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        for arg in node.all_input_nodes:
-            if arg in seen:
-                continue
-            seen.add(arg)
-            if arg.op == "get_attr":
-                obj = fetch_attr(gm, arg.target)
-                if isinstance(obj, torch.Tensor):
-                    out.append((arg.target, obj))
-                elif isinstance(obj, nn.Module):
-                    out += [(f"{arg.target}.{n}", t) for n, t in _named_tensors(obj)]
-            elif arg.op != "placeholder":
-                stack.append(arg)
+    for attr in attributes_read(nodes):
+        obj = fetch_attr(gm, attr.target)
+        if isinstance(obj, torch.Tensor):
+            out.append((attr.target, obj))
+        elif isinstance(obj, nn.Module):
+            out += [(f"{attr.target}.{n}", t) for n, t in _named_tensors(obj)]
     return out
 
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .capture.norm import batch_norm
-from .capture.graph_utils import fetch_attr
+from .capture.graph_utils import attributes_read, fetch_attr
 from .patterns.blocks import Analysis, Block
 from .patterns.linear_ops import LinearOp
 
@@ -187,19 +187,8 @@ def _conv_modules(gm: fx.GraphModule, weight: object, known: set[str]) -> list[s
     owner = _weight_owner(gm, weight)
     if owner or not isinstance(weight, fx.Node):
         return [owner] if owner else []
-    found, stack, seen = [], [weight], set()
-    while stack:
-        node = stack.pop()
-        for arg in node.all_input_nodes:
-            if arg in seen:
-                continue
-            seen.add(arg)
-            if arg.op == "get_attr":
-                path = arg.target.rpartition(".")[0]
-                if path in known and path not in found:
-                    found.append(path)
-            elif arg.op != "placeholder":
-                stack.append(arg)
+    paths = (a.target.rpartition(".")[0] for a in attributes_read([weight]))
+    found = list(dict.fromkeys(p for p in paths if p in known))
     return found
 
 

@@ -25,14 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import repq_fx
+from exactness import REL_TOL, rel_err as _rel_err
 
-REL_TOL = 1e-9
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:

@@ -27,16 +27,12 @@ from hypothesis import strategies as st
 
 import repq_fx
 from test_merge_properties import HazardBlock, RandomBlock, hazard_specs, mergeable_specs
+from exactness import REL_TOL, rel_err as _rel_err
 
-REL_TOL = 1e-9
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
 _BN = nn.modules.batchnorm._BatchNorm
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
 def _prepare_float(model: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,6 +23,30 @@ def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def attributes_read(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """The ``get_attr`` nodes that ``nodes`` are computed from (transitively), in the order found.
+
+    >>> gm = fx.symbolic_trace(torch.nn.Linear(2, 3))
+    >>> out = [n for n in gm.graph.nodes if n.op == "call_function"]
+    >>> [n.target for n in attributes_read(out)]
+    ['weight', 'bias']
+    """
+    found: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "get_attr":
+                found.append(arg)
+            else:
+                stack.append(arg)
+    return found
 
 
 def free_module_path(gm: fx.GraphModule, target: str) -> str:
