@@ -49,6 +49,22 @@ def test_learned_step_pushed_below_zero_is_clamped_and_reported():
     assert torch.isfinite(y).all() and bool((y[0] * w[0] >= 0).all())  # no sign flip
 
 
+def test_a_collapsed_step_is_reported_once_per_quantizer_not_every_step():
+    """`make demo` printed the same StepCollapsedWarning at almost every training step (the text names
+    the new value, so Python's warning filter never repeated-suppressed it): it is said once per quantizer."""
+    qmodel = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    x = torch.randn(2, 3, 6, 6)
+    repq_fx.calibrate(qmodel, [x])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for value in (-0.001, -0.002, -0.003):  # three optimizer steps that each push it below zero
+            with torch.no_grad():
+                qmodel.get_submodule("weight_fake_quant").scale[0] = value
+            qmodel(x)
+    collapsed = [w for w in caught if issubclass(w.category, StepCollapsedWarning)]
+    assert len(collapsed) == 1 and "said once for this quantizer" in str(collapsed[0].message)
+
+
 def _readme_step(seed: int) -> tuple[torch.fx.GraphModule, dict[str, torch.Tensor]]:
     """README's loop on a DBB ResNet-18: prepare W4A4, calibrate on 4 batches, one SGD step at lr 1e-3."""
     torch.manual_seed(seed)

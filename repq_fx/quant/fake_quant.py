@@ -241,10 +241,12 @@ class _FakeQuant(nn.Module):
         with torch.no_grad():
             if self.scale.device.type == "cpu" and not torch.compiler.is_compiling():
                 smallest = float(self.scale.min())
-                if smallest <= 0:
-                    warnings.warn(collapse_message(self, f"was pushed to {smallest:.3g} by the last optimizer step "
-                                                         "and is held at the floor"), StepCollapsedWarning,
-                                  stacklevel=4)
+                if smallest <= 0 and not getattr(self, "_collapse_reported", False):
+                    self._collapse_reported = True  # once per quantizer: a training loop would repeat it each step
+                    warnings.warn(collapse_message(self, f"was pushed to {smallest:.3g} by an optimizer step "
+                                                         "and is held at the floor") +
+                                  " (said once for this quantizer; lower() lists every step at the floor)",
+                                  StepCollapsedWarning, stacklevel=4)
             self.scale.clamp_(min=STEP_FLOOR)
 
     def reset(self) -> None:
