@@ -255,3 +255,19 @@ def test_lower_names_a_parameter_that_training_turned_to_nan():
         qmodel.get_parameter("stages.1.0.rbr_dense.conv.weight")[0, 0, 0, 0] = float("nan")
     with pytest.raises(repq_fx.NonFiniteError, match=r"stages\.1\.0\.rbr_dense\.conv\.weight"):
         repq_fx.lower(qmodel)
+
+
+def test_lowered_model_keeps_no_dead_float_weights() -> None:
+    """Regression: a quantized linear's integer module and quantizers live under the linear's path, so the
+    float nn.Linear stayed in the lowered model, and its float weight and bias in state_dict."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    qmodel = repq_fx.prepare(model)
+    repq_fx.calibrate(qmodel, [torch.randn(4, 3, 8, 8)])
+    lowered = repq_fx.lower(qmodel)
+    keys = set(lowered.state_dict())
+    assert not keys & {"0.weight", "0.bias", "3.weight", "3.bias"}, sorted(keys)
+    assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in lowered.modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(lowered(x), qmodel.eval()(x), atol=float(lowered.get_submodule("3.output_fake_quant").scale) * 1.001)

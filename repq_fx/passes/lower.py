@@ -90,6 +90,7 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
         owner, _, attr = name.rpartition(".")
         if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
             delattr(gm.get_submodule(owner) if owner else gm, attr)
+    _empty_unused_layers(gm)
     gm.graph.lint()
     gm.recompile()
     gm.lowered_layers = lowered
@@ -177,6 +178,24 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", con
     # the node itself becomes the module call, so the code keeps reading `<block>_conv = ...`
     node.op, node.target = "call_module", path
     node.args, node.kwargs = (node.args[0],), {}
+
+
+def _empty_unused_layers(gm: fx.GraphModule) -> None:
+    """Replace each float layer that the graph no longer calls or reads, but that still holds new
+    modules (a linear's ``quantized_linear`` and quantizers live under its path), by a plain container
+    of those modules: its float weight is dead, and would otherwise stay in ``state_dict``."""
+    called = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for path, module in list(gm.named_modules()):
+        if not path or not module._modules or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        own = {f"{path}.{name}" for name in (*module._parameters, *module._buffers)}
+        if path in called or own & called:  # still run, or its tensors still read
+            continue
+        container = nn.Module()
+        for name, child in module.named_children():
+            container.add_module(name, child)
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, container)
 
 
 def _bias_overflow_message(layer: str, bias: torch.Tensor, s_x: float, s_w: torch.Tensor) -> str:
