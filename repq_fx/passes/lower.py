@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from ..capture.graph_utils import fetch_attr, free_module_path
+from ..capture.graph_utils import attributes_read, fetch_attr, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError, StepCollapsedWarning
 from ..targets import DEFAULT_TARGET, get_target
 from ..quant.bn_stats import branch_statistics, input_moments
@@ -245,15 +245,8 @@ def _layer_label(gm: fx.GraphModule, quantizer: fx.Node) -> str:
     block = quantizer.target.rpartition(".")[0]
     if block:
         return block
-    params, stack, seen = [], [quantizer], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr" and n.target.rpartition(".")[2] in ("weight", "weight_orig"):
-            params.append(n.target)
-        stack.extend(n.all_input_nodes)
+    params = [a.target for a in attributes_read([quantizer])
+              if a.target.rpartition(".")[2] in ("weight", "weight_orig")]
     if not params:
         return repr(quantizer.target)
     return f"{quantizer.target!r} (weight from {', '.join(sorted(params)[:3])}{', ...' if len(params) > 3 else ''})"
