@@ -671,40 +671,8 @@ def stage_export(model, x, calib, given, state, out, threads: int = 1, **_: Any)
     out["ort_unoptimized_within_one_step"] = float((diffs <= WITHIN).double().mean())
     try:  # layer by layer: a diagnostic; if it cannot cut the file, that is recorded, not the stage's failure
         out.update(summarize_segments(segment_parity(path, lowered, (x,), threads)))
-        copied = without_inplace(lowered) if out["ort_layers_bad"] else None
-        if copied is not None:
-            # segment_parity keeps every value of an fx.Interpreter run, and an in-place activation
-            # (ReLU6(inplace=True)) overwrites the quantizer output it reads after it was kept: the
-            # reference is then the activated value (a repq_fx bug). The same model without in-place
-            # ops computes the same, so its segments are what ORT really does; the count as is is kept.
-            as_is = out["ort_layers_bad"]
-            out.update(summarize_segments(segment_parity(path, copied, (x,), threads)))
-            out["ort_layers_bad_as_is"] = as_is
     except Exception as e:
         out["ort_layer_error"] = error_info(e)
-
-
-def without_inplace(lowered: fx.GraphModule) -> fx.GraphModule | None:
-    """A copy of ``lowered`` with every ``inplace`` flag off (modules and ``inplace=`` keyword arguments),
-    or None where there is none.
-
-    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(inplace=True)))
-    >>> copied = without_inplace(gm)
-    >>> copied.get_submodule("1").inplace, gm.get_submodule("1").inplace, without_inplace(copied)
-    (False, True, None)
-    """
-    modules = [name for name, m in lowered.named_modules() if getattr(m, "inplace", False) is True]
-    nodes = [n.name for n in lowered.graph.nodes if n.kwargs.get("inplace") is True]
-    if not modules and not nodes:
-        return None
-    copied = copy.deepcopy(lowered)
-    for name in modules:
-        copied.get_submodule(name).inplace = False
-    for n in copied.graph.nodes:
-        if n.name in nodes:
-            n.kwargs = {**n.kwargs, "inplace": False}
-    copied.recompile()
-    return copied
 
 
 INT8_CONV_OPS = ("QLinearConv", "ConvInteger")  # what ORT runs an int8 conv as
@@ -941,9 +909,6 @@ def checks(record: dict[str, Any]) -> list[str]:
     if xp.get("ort_layers_bad"):
         missed.append(f"ORT: {xp['ort_layers_bad']} of {xp['ort_layers']} layers off "
                       f"(worst {xp['ort_layer_max_steps']:.0f} steps, {xp['ort_layer_worst']})")
-    if xp.get("ort_layers_bad_as_is", 0) > xp.get("ort_layers_bad", 0):
-        missed.append(f"segment_parity: {xp['ort_layers_bad_as_is'] - xp['ort_layers_bad']} layers off only "
-                      "with in-place ops (repq_fx bug)")
     if xp.get("ort_layer_error"):
         missed.append(f"ORT per layer failed: {xp['ort_layer_error']['type']}")
     return missed
@@ -1009,8 +974,7 @@ def table(records: Iterable[dict[str, Any]], stages: Sequence[str] = STAGES) -> 
         row.append(cell)
         if "ort_layers" in xp:
             row.append(f"{xp['ort_layers_bad']}/{xp['ort_layers']} off, max {xp['ort_layer_max_steps']:.0f}, "
-                       f"min {100 * xp['ort_layer_min_within']:.2f} %"
-                       + (f" (in place: {xp['ort_layers_bad_as_is']} off)" if "ort_layers_bad_as_is" in xp else ""))
+                       f"min {100 * xp['ort_layer_min_within']:.2f} %")
         else:
             row.append(_fmt_error({"error": xp["ort_layer_error"]}, 60) if xp.get("ort_layer_error") else "")
         if "ops" in xp:
