@@ -96,8 +96,12 @@ def _with_weight_container(lowered: fx.GraphModule, container: str) -> fx.GraphM
     return model
 
 
-def _batched(example: tuple) -> tuple:
-    """Examples with a batch of at least 2: torch.export fixes a dimension of size 1."""
+def batched_example(example: tuple) -> tuple:
+    """Examples with a batch of at least 2: torch.export fixes a dimension of size 1.
+
+    >>> [tuple(t.shape) for t in batched_example((torch.zeros(1, 3), torch.zeros(4, 3)))]
+    [(2, 3), (4, 3)]
+    """
     return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
                  for x in example)
 
@@ -105,7 +109,7 @@ def _batched(example: tuple) -> tuple:
 def _torch_onnx_export(model: fx.GraphModule, example: tuple, names: list[str], output_names: list[str]):
     batch = torch.export.Dim("N", min=1)
     dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in example)
-    attempts = [(_batched(example), dynamic), (example, None)]
+    attempts = [(batched_example(example), dynamic), (example, None)]
     error: Exception | None = None
     for args, shapes in attempts:
         try:
@@ -197,4 +201,4 @@ def _quantize_per_tensor(input: Any, scale: float, zero_point: int, quant_min: i
 
 TRANSLATIONS = {torch.ops.quantized_decomposed.quantize_per_tensor.default: _quantize_per_tensor}
 
-__all__ = ["export_qdq", "TENSOR_NAMES", "TRANSLATIONS"]
+__all__ = ["export_qdq", "batched_example", "TENSOR_NAMES", "TRANSLATIONS"]
