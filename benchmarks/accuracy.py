@@ -1,4 +1,4 @@
-"""Accuracy benchmark (issue 6 item 4): RepQ against every baseline, by bit width, on real data.
+"""Accuracy benchmark: RepQ against every baseline, by bit width, on real data.
 
 Every quantized method of a net starts from the same float checkpoint (trained here, once, seed
 0) and gets the same QAT budget (``--qat-epochs``, SGD lr 0.01 cosine for Fashion-MNIST, Adam
@@ -25,7 +25,7 @@ First and last layer stay at 8 bits in every method. Every method quantized by r
 ``onnxruntime``: ``QConfig.target``, see ``repq_fx.targets``); the target is part of a job's identity,
 so one results file can hold the same cell for several targets. Lines written before targets
 existed trained full-range int8 weights: they count as ``onnxruntime-vnni``. Nets: ``RepVGGNet`` (the small RepVGG of
-``fmnist-baseline.md``) and ``ACResNet18`` on Fashion-MNIST (top-1 %, 10k test images), ``ECBSR``
+``docs/fashion-mnist-baseline.md``) and ``ACResNet18`` on Fashion-MNIST (top-1 %, 10k test images), ``ECBSR``
 (M4C16, x2) on the scikit-image photographs (PSNR on Y, dB).
 
 Results are appended to a JSON-lines file (``--out``, default ``benchmarks/out/accuracy.jsonl``),
@@ -35,7 +35,7 @@ run continue. At the end (or with ``--report-only``) it prints a markdown table 
 seeds where there are several) and writes a matplotlib plot.
 
     .venv/bin/python benchmarks/accuracy.py --preset session          # what fits one session
-    .venv/bin/python benchmarks/accuracy.py --preset full             # the whole grid of issue 6
+    .venv/bin/python benchmarks/accuracy.py --preset full             # the whole grid
     .venv/bin/python benchmarks/accuracy.py --preset session --report-only
     .venv/bin/python benchmarks/accuracy.py --nets RepVGGNet --methods ptq repq-bn --bits W4A4 --seeds 0 1 2
     .venv/bin/python benchmarks/accuracy.py --methods repq-bn --bits W8A8 --targets onnxruntime onnxruntime-u8u8
@@ -143,10 +143,10 @@ class Preset:
 
 LOW_BITS = tuple(b for b in BITS if min(parse_bits(b)) <= 4)
 PRESETS: dict[str, Preset] = {
-    # Issue 6 item 4 as written: every net, method and bit width; 3 seeds at the 4- and 3-bit points.
+    # Every net, method and bit width; 3 seeds at the 4- and 3-bit points.
     "full": Preset(nets=("RepVGGNet", "ACResNet18", "ECBSR"), methods=METHODS, bits=BITS, seeds=(0, 1, 2),
                    multi_seed_bits=LOW_BITS, fp_epochs={"*": 10, "ECBSR": 20}, qat_epochs=2,
-                   note="the whole grid of issue 6 (days of 2-core CPU time)"),
+                   note="the whole grid (days of 2-core CPU time)"),
     # What fits one session on a shared, loaded 2-core machine (about 90 minutes, two 1-thread workers).
     "session": Preset(nets=("RepVGGNet",), methods=METHODS, bits=BITS, seeds=(0, 1, 2),
                       multi_seed_bits=("W4A4", "W3A8"), fp_epochs={"*": 5}, qat_epochs=1,

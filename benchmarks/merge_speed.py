@@ -1,4 +1,4 @@
-"""Merge speed (issue 2): ``repq_fx.explain`` and ``repq_fx.merge`` against timm's ``reparameterize_model``.
+"""Merge speed: ``repq_fx.explain`` and ``repq_fx.merge`` against timm's ``reparameterize_model``.
 
 For each timm model (float32, random weights, eval mode) it times, in the same run:
 

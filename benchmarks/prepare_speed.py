@@ -1,4 +1,4 @@
-"""Prepare speed (issue 12, item 10): the stages of the QAT path on large timm models.
+"""Prepare speed: the stages of the QAT path on large timm models.
 
 For each timm model (float32, random weights, ``pretrained=False``) it times, in one process:
 

@@ -1,4 +1,4 @@
-"""Time and memory of one QAT training step: float multi-branch model vs RepQ (issue 3), on CPU.
+"""Time and memory of one QAT training step: float multi-branch model vs RepQ, on CPU.
 
 One step is ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward, SGD step.
 Variants, all built from the same timm model (``pretrained=False``):
@@ -378,7 +378,7 @@ def table(results: dict, args) -> str:
 
 
 def goals(results: dict) -> str:
-    lines = ["", "| goal (issue 3) | measured | verdict |", "|---|---|---|"]
+    lines = ["", "| goal | measured | verdict |", "|---|---|---|"]
     for text, model_name, variant, limit in GOALS:
         r = results.get(model_name, {})
         for v, base, how in ((variant, "float", ""), (variant + COMPILE, "float", " (compiled, vs eager float)"),

@@ -1,4 +1,4 @@
-"""Lower bounds for the RepQ training step of timm ``repvgg_a0`` (issue 3): what is left when all
+"""Lower bounds for the RepQ training step of timm ``repvgg_a0``: what is left when all
 overhead is gone.
 
 Times forward + backward of every block of the model, on the block inputs of a real 64x64 batch

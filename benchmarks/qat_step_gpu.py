@@ -1,4 +1,4 @@
-"""Time and memory of one QAT training step on a CUDA GPU: float multi-branch model vs RepQ (issue 3).
+"""Time and memory of one QAT training step on a CUDA GPU: float multi-branch model vs RepQ.
 
 The GPU twin of ``benchmarks/qat_step.py`` (same variants, same step: ``zero_grad(set_to_none=True)``,
 forward, cross-entropy, backward, SGD step), at ImageNet size: 224x224, batch 64, float32 (cuDNN's
@@ -85,7 +85,7 @@ def report(all_results: dict, args) -> str:
             m = statistics.median(r["times"])
             lines.append(f"| {model_name} | {v} | {len(r['times'])} | {1e3 * m:.2f} | {m / base:.2f}x | "
                          f"{r['step_peak'] / MiB:.0f} | {r['train_peak'] / MiB:.0f} | {r['state'] / MiB:.0f} |")
-    lines += ["", "| goal (issue 3) | measured on this GPU | verdict |", "|---|---|---|"]
+    lines += ["", "| goal | measured on this GPU | verdict |", "|---|---|---|"]
     for text, model_name, variant, limit in GOALS:
         if model_name in all_results:
             res = all_results[model_name]

@@ -16,7 +16,7 @@ still run (so one bug does not hide the next):
    e.g. a residual branch whose last BN weight is initialised to 0).
 4. ``train``: 2 SGD steps (lr 1e-3) in train mode, loss = mean of squares over every tensor of the
    output (tuples, dicts and namedtuples included); the loss must stay finite. Counts learned steps
-   that training pushed to the float32-eps floor (issue 12 item 5).
+   that training pushed to the float32-eps floor.
 5. ``lower``: ``lower(qmodel)`` vs ``qmodel.eval()`` on the same input: max |diff| in output
    quantization steps, and argmax agreement for classification outputs (2-d ``[batch, classes]``);
    the same layer by layer, each layer fed the prepared model's own input (:func:`layer_steps`:
@@ -25,7 +25,7 @@ still run (so one bug does not hide the next):
    (outside ``QuantizedConv2d``), next to the convs ``explain`` lists as not merged.
 6. ``export``: ``repq_fx.export_onnx`` (torch.onnx, dynamo) at batch 1, then ONNX Runtime (CPU EP,
    1 thread) on the batch: ORT's optimized graph must run one int8 conv (``QLinearConv`` or
-   ``ConvInteger``) per ``QuantizedConv2d`` call of the lowered model and no float conv (issue 13);
+   ``ConvInteger``) per ``QuantizedConv2d`` call of the lowered model and no float conv;
    ORT's output vs the lowered model (``repq_fx.export.parity.onnx_runtime_parity``): share of
    outputs within one output step, and the max in steps; the same with ORT's graph optimisations off
    (QDQ as float ops: tells the int8 kernel from the graph); and layer by layer
@@ -94,7 +94,7 @@ TIMM = ["resnet18d", "efficientnet_b0", "ghostnetv2_100", "mobilevit_xs", "levit
         "regnetx_002", "repvit_m0_9", "repvgg_d2se",
         # one of each family the README lists as supported
         "repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1", "ghostnetv3_050", "lcnetv2_small",
-        # issue 12 item 3: prepare decided structure from parameter values (--exact shows it once they move)
+        # prepare decided structure from parameter values (--exact shows it once they move)
         "hgnetv2_b0"]
 MODELS = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
 
@@ -535,7 +535,7 @@ def stage_merge(model, x, calib, given, state, out, **_: Any) -> None:
 def stage_exact(model, x, calib, given, state, out, **_: Any) -> None:
     """``prepare`` of the float64 model with fake quant off vs the model, in eval and train mode, before
     and after moving every parameter (the same random step in both): a decision ``prepare`` took
-    from a parameter's current value (issue 12 item 3) shows up after the move."""
+    from a parameter's current value shows up after the move."""
     model64 = copy.deepcopy(model).double()
     x64 = x.double()
     qmodel = repq_fx.prepare(model64, repq_fx.QConfig(), None if given is None else (x64,))
@@ -615,7 +615,7 @@ def stage_train(model, x, calib, given, state, out, **_: Any) -> None:
     out["losses"] = losses
     before = state.get("floor", {})
     pushed = sorted(n for n, k in steps_at_floor(qmodel).items() if k > before.get(n, 0))
-    out["pushed_to_floor"] = len(pushed)  # steps that training moved to the floor (issue 12 item 5)
+    out["pushed_to_floor"] = len(pushed)  # steps that training moved to the floor
     out["pushed"] = pushed[:10]
 
 
@@ -680,7 +680,7 @@ FLOAT_CONV_OPS = ("Conv", "FusedConv", "NhwcFusedConv")
 
 
 def int8_conv_check(ops: dict[str, int], int8_convs: int, float_convs: int = 0) -> dict[str, Any]:
-    """Issue 13: ORT's optimized graph must run one int8 conv per ``QuantizedConv2d`` call of the lowered
+    """ORT's optimized graph must run one int8 conv per ``QuantizedConv2d`` call of the lowered
     model, and no float conv beyond those the lowered model itself runs in float (convs ``explain``
     lists as left out, e.g. inside a module torch.fx cannot trace).
 

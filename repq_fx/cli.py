@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-REL_TOL = 1e-9  # the float64 exactness target of merge (DESIGN.md)
+REL_TOL = 1e-9  # the float64 exactness target of merge (docs/design.md)
 DEMO_MODELS = ("repvgg_a0", "mobileone_s0", "fastvit_t8")
 CALIBRATION_SHAPE = (4, 3, 64, 64)  # small: float64 train-mode forwards of multi-branch nets are slow
 

@@ -6,7 +6,7 @@ quantized). On the CPU, inductor's layout optimization puts every conv of a grap
 channels-last. The conv's backward and the gradient accumulation into the branch kernels then copy
 every kernel-sized tensor back to the default layout: on timm ``repvgg_a0`` at 64x64, batch 16,
 ~15 ms of a ~190 ms RepQ-BNEst training step (1 thread), enough to turn 0.95x of the float step into
-1.06x (benchmarks/RESULTS.md, issue 3, "repq_fx.compile"). A float model does not pay this: its kernels are
+1.06x (benchmarks/RESULTS.md, "repq_fx.compile"). A float model does not pay this: its kernels are
 parameters, which keep their layout. :func:`compile` is ``torch.compile`` with that optimization off
 for models on the CPU, and otherwise exactly ``torch.compile``.
 

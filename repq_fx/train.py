@@ -69,7 +69,7 @@ class TrainConfig:
     """Everything that defines a run; stored in every checkpoint (``to_dict``).
 
     ``lr`` and ``weight_decay`` of None pick the defaults for data and method (:meth:`resolved`):
-    Fashion-MNIST fp: SGD lr 0.05, weight decay 1e-4 (``fmnist-baseline.md``); quantized: lr 0.01,
+    Fashion-MNIST fp: SGD lr 0.05, weight decay 1e-4 (``docs/fashion-mnist-baseline.md``); quantized: lr 0.01,
     no weight decay; SR: Adam lr 5e-4 (fp) or 1e-4 (quantized), no weight decay.
     ``subset``: training images (Fashion-MNIST) or training patches per epoch (SR, default 4000).
 

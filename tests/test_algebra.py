@@ -6,7 +6,7 @@ torch's own functions (``F.conv2d``, ``F.batch_norm`` in eval form, ``F.avg_pool
 max |reference|, must be at most 1e-12. Each merged map is checked twice: as ONE
 ``F.conv2d`` with the parameters from ``to_conv``, and through ``apply`` (the map's own
 definition). Refusals must be a ``NoMatch`` with a reason.
-The rule numbers refer to /work/shared/reference/reparam-algebra.md.
+The rule numbers refer to docs/algebra.md.
 """
 from __future__ import annotations
 

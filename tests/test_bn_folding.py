@@ -1,4 +1,4 @@
-"""BatchNorms that fold (issue 12, item 7).
+"""BatchNorms that fold.
 
 (a) A BatchNorm after a channel concat of conv branches, where one merged conv would cost more
     than the branches (a 3x3 next to a 1x1: the 1x1 would become a 3x3): the BN is split by channel

@@ -1,4 +1,4 @@
-"""What ``calibrate`` accepts as batches, and models with several inputs or outputs (issue 12, item 4).
+"""What ``calibrate`` accepts as batches, and models with several inputs or outputs.
 
 ``calibrate`` called ``qmodel(batch[0])``: a model whose forward takes two tensors got a TypeError from
 its own code. Each batch form has one documented rule (``repq_fx.batches``): a Tensor is the input, a

@@ -1,4 +1,4 @@
-"""Checkpoint safety (issue 5, item 4): a prepared model's ``state_dict`` is a complete checkpoint.
+"""Checkpoint safety: a prepared model's ``state_dict`` is a complete checkpoint.
 
 Saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)`` into a fresh
 ``prepare`` of the same model (or of a freshly built model of the same architecture), it

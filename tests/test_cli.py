@@ -99,7 +99,7 @@ def test_resolve_model_registry_is_extensible(monkeypatch: pytest.MonkeyPatch) -
 
 
 # ---------------------------------------------------------------------------
-# Errors a user meets (issue 12, item 9).
+# Errors a user meets.
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["explain", "merge", "export", "bench"])

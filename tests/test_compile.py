@@ -269,7 +269,7 @@ def test_compile_leaves_models_on_other_devices_to_inductor(monkeypatch) -> None
 
 @pytest.mark.needs_cxx
 def test_compiled_step_makes_no_copies_of_the_kernels() -> None:
-    # Regression (issue 3): with inductor's default channels-last layout on the CPU, the computed conv
+    # Regression: with inductor's default channels-last layout on the CPU, the computed conv
     # kernels of a prepared model came out channels-last and the conv backward and gradient
     # accumulation copied each of them back (~15 ms of a 190 ms repvgg_a0 step). repq_fx.compile's
     # step copies no kernel-sized tensor, and computes what eager does.

@@ -1,4 +1,4 @@
-"""explain is the whole truth (issue 12, item 6).
+"""explain is the whole truth.
 
 Every conv of the model is in a block of the report or listed with the reason it is left as it is
 (inside a module kept whole, not called by forward, refused by the algebra), and nothing stays

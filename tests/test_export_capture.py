@@ -1,9 +1,9 @@
-"""The torch.export capture front end (issue 5, item 1).
+"""The torch.export capture front end.
 
 Blocks here are written the way the official DBB, ECBSR and OREPA code writes them, which
 ``torch.fx.symbolic_trace`` cannot trace: slice assignment into a padded tensor, ``int()`` /
 tuple unpacking on shapes, branches on ``x.get_device()``. They are written from the algebra
-(reference/reparam-algebra.md, R1-R6), not copied.
+(docs/algebra.md, R1-R6), not copied.
 
 The key fact (R6): a 1x1 conv (+ BN) whose output is padded with its own response to a zero
 pixel (the bias, or BN's ``beta - mu * gamma / sigma``), followed by a valid kxk conv, is one
@@ -910,7 +910,7 @@ def test_export_failure_is_a_capture_error_with_both_reasons() -> None:
 
 
 # ---------------------------------------------------------------------------
-# The made-up example input (issue 12, item 8).
+# The made-up example input.
 # ---------------------------------------------------------------------------
 
 class OREPAStyleBuilder(ConvBuilder):
@@ -990,7 +990,7 @@ def test_fx_failure_message_points_at_public_parameters() -> None:
 
 
 # ---------------------------------------------------------------------------
-# In-place ops without a second trace (issue 12, item 8: export speed).
+# In-place ops without a second trace (export speed).
 # ---------------------------------------------------------------------------
 
 class InPlaceUnits(nn.Module):

@@ -102,7 +102,7 @@ def test_four_bit_grid_is_clipped_inside_the_uint8_container(tmp_path):
 
 
 class EverythingAfterAConv(nn.Module):
-    """The ops the hand-written exporter had no rule for (issue 13 item 3): F.avg_pool2d, a BatchNorm left in
+    """The ops the hand-written exporter had no rule for: F.avg_pool2d, a BatchNorm left in
     float behind an activation, x.view(x.size(0), -1), permute/transpose, getitem, pow, Upsample, cumsum
     and a dict output."""
 

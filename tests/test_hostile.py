@@ -1,4 +1,4 @@
-"""Hostile and unusual inputs (issue 5, item 2): each is handled exactly, kept as it is with a
+"""Hostile and unusual inputs: each is handled exactly, kept as it is with a
 reason in ``explain``, or refused with a :class:`repq_fx.RepQError` that names the problem.
 
 The cases are ``repq_fx.cases.CASES`` (the README table "What repq_fx handles / refuses" is

@@ -1,6 +1,6 @@
 """``repq_fx.lower``: one integer conv per block, equal to the prepared model in eval mode.
 
-The contract (DESIGN.md, issue 4): the lowered model holds the trained ``Q(M(theta))`` as int8
+The contract (docs/design.md): the lowered model holds the trained ``Q(M(theta))`` as int8
 per-channel weights and an int32 bias at scale ``s_x * s_w``; its output equals
 ``qmodel.eval()`` up to the int32 bias rounding: identical argmax, and on the output grid within
 one quantization step. Checked layer by layer on a chaotic random network (every layer fed the

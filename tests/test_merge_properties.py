@@ -14,7 +14,7 @@ what FX traces), built from a hypothesis-drawn spec:
   Properties: ``merge(block)(x) == block(x)`` (relative error <= 1e-9, float64, random spatial
   sizes 5..17), exactly one conv in the merged graph with the expected receptive field and
   stride, ``explain`` shows one merged block, the input block is untouched.
-- **non-mergeable** structures (reparam-algebra.md section 4): kxk -> kxk with a padded
+- **non-mergeable** structures (docs/algebra.md, the hazards of R4, R6, R7, R9): kxk -> kxk with a padded
   intermediate, a biased 1x1 (or 1x1 + BN) before a zero-padded kxk, a valid conv re-padded with
   zeros next to a 'same' conv, a reflect/replicate/circular-padded conv next to a zero-padded one,
   avg-pool with count_include_pad=False, and a non-zero constant pad. Properties: ``merge`` is

@@ -1,4 +1,4 @@
-"""Whole-network property tests (issue 5): random stacks of random blocks, end to end.
+"""Whole-network property tests: random stacks of random blocks, end to end.
 
 hypothesis stacks 1-3 random blocks (the mergeable and the non-mergeable families of
 test_merge_properties.py, joined by 1x1 adapters where widths differ) with activations,

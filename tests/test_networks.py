@@ -99,7 +99,7 @@ def test_classifiers_take_28x28_grey_images(name: str) -> None:
 
 
 def test_repvgg_is_the_baseline_net() -> None:
-    """fmnist-baseline.md: 537,674 parameters at train time, 481,482 after merging (9 conv3x3 + head)."""
+    """docs/fashion-mnist-baseline.md: 537,674 parameters at train time, 481,482 after merging (9 conv3x3 + head)."""
     net = N.build_network("RepVGGNet").eval()
     assert sum(p.numel() for p in net.parameters()) == 537_674
     assert sum(p.numel() for p in repq_fx.merge(net).parameters()) == 481_482

@@ -1,4 +1,4 @@
-"""``repq_fx.prepare`` (the RepQ QAT model) against the contract in DESIGN.md.
+"""``repq_fx.prepare`` (the RepQ QAT model) against the contract in docs/design.md.
 
 1. Fake quant off, ``bn_mode="batch"``, float64: the prepared model computes the original
    function in train mode (output and the running statistics after the step, also with

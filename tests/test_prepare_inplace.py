@@ -1,4 +1,4 @@
-"""In-place ops on the output of a quantized conv (issue 12, item 2).
+"""In-place ops on the output of a quantized conv.
 
 ``ReLU6/Hardswish/SiLU(inplace=True)`` after a conv (+BN) is how torchvision and timm write their
 mobile networks. The activation quantizer that ``prepare`` puts on the conv's output used to save

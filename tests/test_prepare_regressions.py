@@ -31,7 +31,7 @@ def test_identity_branch_after_a_rewritten_block_without_example_inputs():
 def test_learned_step_pushed_below_zero_is_clamped_and_reported():
     """SGD at lr 0.01 drove a first-layer LSQ weight step (about 3e-4) negative, which flips the grid;
     the quantizer clamps it to float32 eps as torch.ao does. It used to do so without a word (every
-    weight of that channel saturates): now a StepCollapsedWarning names the quantizer (issue 12, item 5)."""
+    weight of that channel saturates): now a StepCollapsedWarning names the quantizer."""
     from repq_fx.quant.fake_quant import STEP_FLOOR
 
     qmodel = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)))

@@ -1,4 +1,4 @@
-"""The fast paths of the RepQ training step (issue 3) against the plain computations they replace.
+"""The fast paths of the RepQ training step against the plain computations they replace.
 
 - ``lsq_fake_quantize`` (vectorized LSQ on the CPU) against PyTorch's fused learnable fake-quant
   ops: forward bit for bit (ties included), input gradient bit for bit, step gradient to rounding.

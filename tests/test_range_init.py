@@ -91,7 +91,7 @@ def test_step_init_is_validated():
 
 
 def test_mse_init_keeps_a_3bit_repvgg_close_to_float():
-    """Regression (issue 6): with min-max steps, 3-bit merged RepVGG kernels (heavy centre taps)
+    """Regression: with min-max steps, 3-bit merged RepVGG kernels (heavy centre taps)
     rounded nearly every other weight to zero; QAT of the small RepVGG at W3A8 started at a loss
     of 16 and ended at chance. The MSE steps keep the weights-only output error well below that."""
     from repq_fx.examples.networks import RepVGGNet
@@ -134,7 +134,7 @@ def _plain_mse_symmetric_scale(w, quant_min, quant_max, per_channel=True):
        tile=st.sampled_from([7, 64, 300, 1 << 19]))
 def test_symmetric_search_in_tiles_is_the_plain_search(bits, seed, channels, taps, in_channels, tile):
     """The search runs tile by tile (so a large weight stays in cache) and stops at the first ratio
-    whose clipping error alone exceeds the best error (issue 12 item 10); per output channel it picks
+    whose clipping error alone exceeds the best error; per output channel it picks
     exactly the step of the plain whole-tensor search, at any tile size (a row longer than a tile is
     summed in parts)."""
     from unittest import mock
@@ -180,8 +180,8 @@ def _plain_mse_affine_range(samples, lo, hi, quant_min, quant_max):
 @given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), size=st.integers(1, 5000),
        shape=st.sampled_from(["relu", "gauss", "tail", "outliers", "constant"]))
 def test_affine_search_skips_only_ratios_that_cannot_win(bits, seed, size, shape):
-    """The activation search skips ratios whose clipping error alone exceeds the best error found
-    (issue 12 item 10); it picks exactly the step and zero point of trying every ratio."""
+    """The activation search skips ratios whose clipping error alone exceeds the best error found;
+    it picks exactly the step and zero point of trying every ratio."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(size, generator=g)
     x = {"relu": x.clamp(min=0), "gauss": x, "tail": x.abs() ** 3 - 0.1, "constant": torch.full_like(x, 0.25),

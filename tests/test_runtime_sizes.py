@@ -1,4 +1,4 @@
-"""Ops whose arguments are computed at run time from the input's shape (issue 12, item 1).
+"""Ops whose arguments are computed at run time from the input's shape.
 
 ``F.avg_pool2d(x, kernel_size=x.size(3))`` (the squeeze-excitation of the official RepVGG and
 MobileOne code), a pad to an even size, a crop back to the input's size, a scale by

@@ -1,4 +1,4 @@
-"""Structure decided from current parameter values (issue 12, item 3).
+"""Structure decided from current parameter values.
 
 ``prepare`` emits a graph that training runs for many steps, so every decision it takes from the
 value of a trainable tensor (a parameter that requires grad, a BN running statistic) must hold for

@@ -1,4 +1,4 @@
-"""timm as the oracle for ``repq_fx.merge`` (reparam-algebra.md section 6.1).
+"""timm as the oracle for ``repq_fx.merge`` (docs/design.md: timm's own merge is the external oracle).
 
 For every model of the smallest CI set that covers timm's re-parametrization algebra
 (plus repvgg_a0 with ``output_stride=8``, i.e. dilated stages) and for timm's rep blocks

@@ -381,7 +381,7 @@ def test_compiled_training_trains_the_same_model(fake_fmnist: Path, method: str)
 
 
 # ---------------------------------------------------------------------------
-# Errors a user meets (issue 12, item 9).
+# Errors a user meets.
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("option, value", [("--subset", "0"), ("--test-subset", "-3"), ("--batch-size", "0"),

@@ -1,4 +1,4 @@
-"""Models whose forward branches on ``self.training`` beyond BatchNorm and dropout (issue 12).
+"""Models whose forward branches on ``self.training`` beyond BatchNorm and dropout.
 
 torchvision's GoogLeNet returns ``GoogLeNetOutputs(logits, aux2, aux1)`` in train mode and the logits
 alone in eval mode. The FX front end traced every model in train mode, so ``merge`` returned three

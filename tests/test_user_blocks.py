@@ -215,13 +215,13 @@ def test_reference_deploy_net(block_cls: type[nn.Module]) -> None:
     with torch.no_grad():
         assert _rel_err(deployed(x), net(x)) <= REL_TOL
     assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == 9
-    # fmnist-baseline.md: 481,482 parameters after merging (9 conv3x3 with bias + the head).
+    # docs/fashion-mnist-baseline.md: 481,482 parameters after merging (9 conv3x3 with bias + the head).
     assert sum(p.numel() for p in deployed.parameters()) == 481_482
 
 
 def test_repvgg_net_architecture() -> None:
     net = B.RepVGGNet()
-    assert sum(p.numel() for p in net.parameters()) == 537_674  # fmnist-baseline.md
+    assert sum(p.numel() for p in net.parameters()) == 537_674  # docs/fashion-mnist-baseline.md
     identity = [blk.rbr_identity is not None for stage in net.stages for blk in stage]
     assert identity == [False, True, True] * 3
     shapes = []

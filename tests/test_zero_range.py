@@ -1,4 +1,4 @@
-"""Quantizers whose calibration data is all zeros (issue 12: zero-initialised BN gamma, layer scale).
+"""Quantizers whose calibration data is all zeros (zero-initialised BN gamma, layer scale).
 
 timm's resnet18d, regnetx_002, convnext_atto, repvit_m0_9, fastvit_t8 and mobilevit_xs start with
 residual branches whose output is exactly zero (``zero_init_last``) or nearly so (layer scale). The

@@ -6,7 +6,7 @@ CPU: every stage through ``lower`` succeeds; merge equals ``model.eval()`` in fl
 layer of the lowered model, fed the prepared model's own input, is within one output step of the
 prepared model (end to end, the difference of random networks grows with depth: reported, not
 asserted); no conv stays float; the ONNX file exports (torch.onnx) and ORT's optimized graph has
-one ``QLinearConv`` (or ``ConvInteger``) per int8 conv and no float conv (issue 13); and ONNX
+one ``QLinearConv`` (or ``ConvInteger``) per int8 conv and no float conv; and ONNX
 Runtime agrees with the lowered model layer by layer (``segment_parity``), which the default
 target ('onnxruntime', weights narrowed so 16-bit pair sums cannot saturate) makes hold on every
 x86-64 CPU. End-to-end ORT parity of a random network is reported, not asserted.
@@ -67,14 +67,14 @@ def test_lowered_matches_prepared_layer_by_layer(record, zoo):
     assert lower["layer_share_off"] < 0.01  # only the int32 bias rounding differs
     assert lower["float_convs"] == 0
     assert lower["quantized_convs"] == record["stages"]["explain"]["blocks_merged"]
-    # end to end: reported (chaos of a random network, issue 13 item 4), not asserted
+    # end to end: reported (chaos of a random network), not asserted
     assert lower["max_steps"] >= 0 and lower["argmax"][1] == record["batch"]
 
 
 def test_export_runs_one_int8_conv_per_lowered_conv(record):
     export = record["stages"]["export"]
     assert export["ok"], export.get("error")
-    # issue 13: one QLinearConv/ConvInteger in ORT's optimized graph per QuantizedConv2d call, no float conv
+    # one QLinearConv/ConvInteger in ORT's optimized graph per QuantizedConv2d call, no float conv
     assert export["qlinearconv_expected"] == record["stages"]["lower"]["quantized_convs"] > 0
     assert export["ort_int8_convs"] == export["qlinearconv_expected"] and export["ort_float_convs"] == 0, export["ops"]
     assert export["ops_ok"] and export["lowered_float_convs"] == 0

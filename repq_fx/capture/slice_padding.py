@@ -2,7 +2,7 @@
 
 Reference code pads the output of a 1x1 conv (+ BN) with that conv's response to a zero
 pixel, so that a following valid kxk conv merges with it into one conv (R6 in
-reference/reparam-algebra.md). It does so by writing into a tensor::
+docs/algebra.md). It does so by writing into a tensor::
 
     y = F.pad(y, [p] * 4); y[:, :, 0:p, :] = v; y[:, :, -p:, :] = v; ...      # DBB, ECBSR
     out = v.expand(n, c, h + 2p, w + 2p).clone(); out[:, :, p:p + h, p:p + w] = y

@@ -10,7 +10,7 @@ one byte for the number of dimensions ``d``, ``d`` big-endian uint32 sizes, then
 elements in C order, big-endian.
 
 Training inputs are normalised with mean 0.2860 and std 0.3530 (the training set's pixel
-statistics) and augmented as in ``fmnist-baseline.md``: a random 28x28 crop of the image
+statistics) and augmented as in ``docs/fashion-mnist-baseline.md``: a random 28x28 crop of the image
 padded by 2 black pixels, and a horizontal flip with probability 1/2. Augmentation is done
 on whole batches at once.
 

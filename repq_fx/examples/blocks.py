@@ -12,7 +12,7 @@ pass, written independently of it: every kernel is first expanded to a dense
 ``[O, I, kh, kw]`` kernel (groups 1), branches are combined there, and the result
 is cut back to the block's groups at the end.
 
-Blocks and their sources (see ``reparam-algebra.md`` section 3):
+Blocks and their sources (see the design table at the end of ``docs/algebra.md``):
 
 - :class:`RepVGGBlock`: DingXiaoH/RepVGG ``repvgg.py``.
 - :class:`QARepVGGBlock`, :class:`QARepVGGBlockV2`: meituan/YOLOv6 ``common.py``.

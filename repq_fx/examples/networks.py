@@ -2,7 +2,7 @@
 
 Sized for 28x28 grey images (Fashion-MNIST) and small SR patches on 2 CPU cores:
 
-- ``RepVGGNet``: the small RepVGG of ``fmnist-baseline.md`` (widths 32/64/128, 3 blocks per
+- ``RepVGGNet``: the small RepVGG of ``docs/fashion-mnist-baseline.md`` (widths 32/64/128, 3 blocks per
   stage; :class:`repq_fx.examples.blocks.RepVGGNet` is exactly that net).
 - ``QARepVGGNet``: the same net with YOLOv6's QARepVGG blocks.
 - ``ACResNet18``, ``DBBResNet18``, ``OREPAResNet18``: ResNet-18 (BasicBlock x 2/2/2/2) whose
@@ -262,7 +262,7 @@ class ExampleNetwork:
 
 NETWORKS: dict[str, ExampleNetwork] = {
     "RepVGGNet": ExampleNetwork(RepVGGNet, "classification", (1, 28, 28),
-                                "small RepVGG: 9 blocks, widths 32/64/128 (fmnist-baseline.md)"),
+                                "small RepVGG: 9 blocks, widths 32/64/128 (docs/fashion-mnist-baseline.md)"),
     "QARepVGGNet": ExampleNetwork(QARepVGGNet, "classification", (1, 28, 28),
                                   "the small RepVGG with QARepVGG blocks"),
     "ResNet18": ExampleNetwork(ResNet18, "classification", (1, 28, 28),

@@ -13,7 +13,7 @@ the fused ops, ties included), written with vectorized tensor ops. PyTorch's CPU
 kernels for these ops are scalar loops (``std::nearbyint`` per element, three
 full-size temporaries in backward): 5-6 ms per 2.2M-element kernel where the
 vectorized form takes about 1 ms, and at 64x64 inputs the merged weights are as
-large as the activations, so they were ~40% of a RepQ-BNEst step (issue 3).
+large as the activations, so they were ~40% of a RepQ-BNEst step.
 
 All state is in buffers/parameters, so a state_dict round-trips the quantizer:
 step sizes, zero points, observed ranges and the ``enabled``/``initialized`` flags.

@@ -2,7 +2,7 @@
 
 A min-max step (``max|w| / Qp``) wastes most of a low-bit grid on a few outliers. Merged
 RepVGG kernels are the extreme case: the identity and 1x1 branches pile onto the centre tap,
-so the per-channel max is 11-23 standard deviations (``fmnist-baseline.md``) and at 3-4 bits
+so the per-channel max is 11-23 standard deviations (``docs/fashion-mnist-baseline.md``) and at 3-4 bits
 almost every other weight rounds to zero. Training from there starts at chance (the first
 loss on the small RepVGG at W3A8 is 16) and never recovers. The MSE step clips the outliers
 instead; it is the range setting the quantization white paper (Nagel et al. 2021, sec. 3.4)
