@@ -10,7 +10,7 @@ from .compiling import compile
 from .config import QConfig
 from .capture import register_leaf_module
 from .errors import (AlreadyPreparedError, CaptureError, CheckpointError, ConfigError, DataError, ExportError,
-                     ExportCheckError, InvalidModelError, NonFiniteError, NotCalibratedError, NotMergeableError,
+                     ExportCheckError, InvalidModelError, ModelSpecError, NonFiniteError, NotCalibratedError,
                      NotPreparedError, RepQError, SaturationError, UnsupportedOpError)
 from .patterns.linear_ops import register_op
 from .targets import TARGETS, register_target
@@ -19,6 +19,6 @@ from .report import BlockReport, Report
 __all__ = [
     "explain", "merge", "prepare", "calibrate", "lower", "export_onnx", "enable_fake_quant", "disable_fake_quant", "compile", "QConfig", "register_leaf_module", "register_op", "TARGETS", "register_target", "Report", "BlockReport",
     "RepQError", "CaptureError", "ExportError", "SaturationError", "ExportCheckError", "NotCalibratedError", "AlreadyPreparedError", "InvalidModelError",
-    "NonFiniteError", "CheckpointError", "DataError", "ConfigError", "UnsupportedOpError", "NotMergeableError", "NotPreparedError",
+    "NonFiniteError", "CheckpointError", "DataError", "ConfigError", "UnsupportedOpError", "ModelSpecError", "NotPreparedError",
 ]
 __version__ = "0.1.0"

@@ -192,11 +192,6 @@ class DynamicConv(nn.Module):
         return self.bn(F.conv2d(x, self.weight * torch.sigmoid(x.mean()), padding=1))
 
 
-class _Double(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2
-
-
 def _with_conv_hook() -> nn.Module:
     model = nn.Sequential(_conv_bn(), nn.ReLU(), _conv_bn(k=1))
     model[0][0].register_forward_hook(_double_output)

@@ -22,8 +22,8 @@ class ConfigError(RepQError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-class NotMergeableError(RepQError):
-    """A block was asked to become one conv but the algebra says it is not exact."""
+class ModelSpecError(RepQError, ValueError):
+    """A model spec is malformed or names no model; the message says which and lists the accepted forms."""
 
 
 class NotPreparedError(RepQError):

@@ -27,15 +27,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import RepQError
+from .errors import ModelSpecError
 
 __all__ = ["ModelSpecError", "RESOLVERS", "SPEC_FORMS", "TAKES_OPTIONS", "resolve_model"]
 
 SPEC_FORMS = "timm:NAME, torchvision:NAME, examples:NAME or package.module:Class"
-
-
-class ModelSpecError(RepQError, ValueError):
-    """A model spec is malformed or names no model; the message says which and lists the accepted forms."""
 
 
 def _timm(name: str, **options: Any) -> nn.Module:

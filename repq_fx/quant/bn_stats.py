@@ -537,14 +537,4 @@ def _update_running(bns: Sequence[nn.Module], means: Sequence[torch.Tensor], var
             torch._foreach_add_(running_vars, unbiased, alpha=factor)
 
 
-def describe_mode(mode: str) -> str:
-    """One line for reports.
-
-    >>> describe_mode("estimate")
-    'RepQ-BNEst: estimated statistics'
-    """
-    return {"batch": "RepQ-BN: batch statistics", "estimate": "RepQ-BNEst: estimated statistics",
-            "running": "running statistics"}[mode]
-
-
-__all__ = ["branch_statistics", "block_statistics", "bn_fold", "BranchStatistics", "input_moments", "describe_mode"]
+__all__ = ["branch_statistics", "block_statistics", "bn_fold", "BranchStatistics", "input_moments"]
