@@ -10,8 +10,8 @@ no user outside the region. The partition is a fixpoint:
    inputs become exits;
 3. an intermediate shared by two regions becomes an exit of its own.
 
-The graph is walked as a networkx DiGraph of tensor dataflow, so region membership
-is "ancestors of the exit, down to the entry".
+Region membership is networkx's ``ancestors`` of the exit in the dataflow between linear
+nodes, with the edges out of exits removed: the nodes an exit depends on, down to its entry.
 
 >>> import torch.nn as nn
 >>> from repq_fx.capture import capture
@@ -56,8 +56,7 @@ def partition(
             demoted[node] = f"combines tensors with different sources ({names}): not one affine map of one tensor"
             del ops[node]
             continue
-        dataflow = _dataflow(ops)
-        regions, shared = _regions(ops, exits, dataflow, order)
+        regions, shared = _regions(ops, exits, order)
         if shared:
             forced_exits = forced_exits | shared
             continue
@@ -80,38 +79,26 @@ def _first_multi_entry(ops, exits, order) -> tuple[fx.Node, set[fx.Node]] | None
     return None
 
 
-def _dataflow(ops: dict[fx.Node, LinearOp]) -> nx.DiGraph:
+def _internal_dataflow(ops: dict[fx.Node, LinearOp], exits: set[fx.Node]) -> nx.DiGraph:
+    """Edges ``i -> n`` between linear nodes, except out of exits: a region ends at its exit."""
     g = nx.DiGraph()
-    for node, op in ops.items():
-        g.add_node(node)
-        for i in op.inputs:
-            g.add_edge(i, node)
+    g.add_nodes_from(ops)
+    g.add_edges_from((i, n) for n, op in ops.items() for i in op.inputs if i in ops and i not in exits)
     return g
 
 
-def _regions(ops, exits, dataflow: nx.DiGraph, order) -> tuple[list[Region], set[fx.Node]]:
+def _regions(ops, exits, order) -> tuple[list[Region], set[fx.Node]]:
+    dataflow = _internal_dataflow(ops, exits)
     owner: dict[fx.Node, fx.Node] = {}
     shared: set[fx.Node] = set()
     regions = []
     for exit_ in sorted(exits, key=order.__getitem__):
-        inner = {exit_}
-        stack = [exit_]
-        entry = None
-        while stack:
-            n = stack.pop()
-            for i in ops[n].inputs:
-                if i not in ops or i in exits:
-                    entry = i
-                elif i not in inner:
-                    inner.add(i)
-                    stack.append(i)
+        inner = nx.ancestors(dataflow, exit_) | {exit_}
+        entries = {i for n in inner for i in ops[n].inputs if i not in ops or i in exits}
+        if len(entries) != 1:  # _first_multi_entry demoted every node with two
+            raise AssertionError(f"region of {exit_.name} has entries {sorted(e.name for e in entries)}")
         for n in inner - {exit_}:
             if owner.setdefault(n, exit_) is not exit_:
                 shared.add(n)
-        nodes = tuple(sorted(inner, key=order.__getitem__))
-        if entry is None:
-            raise AssertionError(f"region of {exit_.name} has no entry")
-        regions.append(Region(entry, exit_, nodes))
-    if not nx.is_directed_acyclic_graph(dataflow):
-        raise AssertionError("tensor dataflow of a traced graph must be acyclic")
+        regions.append(Region(entries.pop(), exit_, tuple(sorted(inner, key=order.__getitem__))))
     return regions, shared
