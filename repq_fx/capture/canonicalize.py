@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from .graph_utils import fetch_attr, free_module_path, is_size_value
 from .norm import batch_norm, is_batch_norm
+from .tracer import STOCHASTIC_DEPTH
 
 Rewrite = Callable[[fx.GraphModule, fx.Node], "fx.Node | None"]
 _MODULE_REWRITES: dict[type, Rewrite] = {}
@@ -386,7 +387,7 @@ def _rewrite_for(gm: fx.GraphModule, node: fx.Node) -> Rewrite | None:
 def _is_inert_drop_path(module: nn.Module) -> bool:
     """timm DropPath / StochasticDepth at rate 0 is the identity."""
     name = type(module).__name__
-    if name not in ("DropPath", "StochasticDepth"):
+    if name not in STOCHASTIC_DEPTH:
         return False
     rate = getattr(module, "drop_prob", getattr(module, "p", None))
     return rate == 0

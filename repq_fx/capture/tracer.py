@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..errors import CaptureError
 
 _LEAF_TYPES: list[type[nn.Module]] = [nn.modules.batchnorm._BatchNorm]
-_STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")  # kept as modules so they follow train/eval
+STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")  # class names of timm/torchvision stochastic depth: kept as modules so they follow train/eval
 
 
 def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
@@ -84,7 +84,7 @@ class LeafTracer(fx.Tracer):
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ in _STOCHASTIC_DEPTH:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ in STOCHASTIC_DEPTH:
             return True
         if isinstance(m, self._leaf_types):
             self._note(m, module_qualified_name, "registered as a leaf with repq_fx.register_leaf_module")

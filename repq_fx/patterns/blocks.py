@@ -31,6 +31,7 @@ from ..algebra.decisions import about, disagreement, recording
 from ..capture.canonicalize import conv_module_refusal, module_refusal
 from ..capture.graph_utils import fetch_attr
 from ..capture.norm import batch_norm, is_batch_norm
+from ..capture.tracer import STOCHASTIC_DEPTH
 from .linear_ops import LinearOp, RuntimeArgument, Values, linear_op, tensor_nodes
 from .regions import Region, partition
 
@@ -499,7 +500,7 @@ def stochastic_rate(module: nn.Module) -> float:
     """The drop rate of a dropout / DropPath / StochasticDepth module (0 for anything else)."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return float(module.p)
-    if type(module).__name__ in ("DropPath", "StochasticDepth"):
+    if type(module).__name__ in STOCHASTIC_DEPTH:
         return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0)
     return 0.0
 
