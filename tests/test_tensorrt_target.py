@@ -221,3 +221,20 @@ def test_cli_trains_and_exports_for_tensorrt(fake_fmnist: Path, small_repvgg: No
                    if t.data_type == onnx.TensorProto.INT8 and not t.dims]
     assert zero_points and all(int(z) == 0 for z in zero_points)
     assert np.all([check_tensorrt_qdq(onnx.load(str(out))) == []])
+
+
+def test_engine_benchmark_imports_without_tensorrt(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/tensorrt_engine.py is for a GPU machine; its --dry-run (export and check at 224x224) takes
+    minutes here, so this checks only that it imports without tensorrt and parses its options."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tensorrt_engine.py"
+    spec = importlib.util.spec_from_file_location("tensorrt_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    had_tensorrt = "tensorrt" in sys.modules
+    spec.loader.exec_module(module)
+    assert ("tensorrt" in sys.modules) == had_tensorrt  # imported lazily, after the dry-run point
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "--dry-run" in capsys.readouterr().out
