@@ -23,13 +23,14 @@ that runs is the model that trained; :mod:`repq_fx.export.saturation` checks it 
 >>> get_target("onnxruntime-u8u8").weight_range(bits=8, input_max=255)
 (-128, 127)
 
-TensorRT's explicit quantization is symmetric: int8 activations with zero point 0, and weights on the
-narrow grid [-127, 127] (NVIDIA's "Working with quantized types"; pytorch-quantization and ModelOpt
-export the same). Its int8 convolutions accumulate in int32, so no pair-sum limit:
+TensorRT's explicit quantization is symmetric: zero point 0, int8 activations in [-128, 127] and
+weights in [-127, 127] ("for legacy reasons", TensorRT's developer guide on quantized ONNX models;
+MQBench's TensorRT backend uses the same two ranges). Its int8 convolutions accumulate in int32, so
+there is no pair-sum limit:
 
 >>> trt = get_target("tensorrt")
->>> trt.activation_range(bits=8), trt.weight_range(bits=8, input_max=128)
-((-128, 127), (-127, 127))
+>>> trt.symmetric_activations, trt.weight_range(bits=8, input_max=128)
+(True, (-127, 127))
 """
 from __future__ import annotations
 
@@ -61,17 +62,6 @@ class Target:
             limit = INT16_MAX // (2 * max(int(input_max), 1))
             lo, hi = max(lo, -limit), min(hi, limit)
         return lo, hi
-
-    def activation_range(self, bits: int) -> tuple[int, int]:
-        """The integer range of ``bits``-bit activations: ``[0, 2^bits - 1]`` with a zero point, or
-        ``[-2^(bits-1), 2^(bits-1) - 1]`` with zero point 0 for a target with symmetric activations.
-
-        >>> get_target("onnxruntime").activation_range(4)
-        (0, 15)
-        """
-        if self.symmetric_activations:
-            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        return 0, 2 ** bits - 1
 
 
 TARGETS: dict[str, Target] = {}
