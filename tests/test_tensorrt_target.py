@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -220,7 +219,7 @@ def test_cli_trains_and_exports_for_tensorrt(fake_fmnist: Path, small_repvgg: No
     zero_points = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
                    if t.data_type == onnx.TensorProto.INT8 and not t.dims]
     assert zero_points and all(int(z) == 0 for z in zero_points)
-    assert np.all([check_tensorrt_qdq(onnx.load(str(out))) == []])
+    assert check_tensorrt_qdq(onnx.load(str(out))) == []
 
 
 def test_engine_benchmark_imports_without_tensorrt(capsys: pytest.CaptureFixture[str]) -> None:
