@@ -254,7 +254,9 @@ def export_onnx(lowered: fx.GraphModule, example_inputs: Sequence[Any] | torch.T
     written (:mod:`repq_fx.targets`); weights its kernels cannot compute exactly on every CPU are
     refused with a :class:`~repq_fx.errors.SaturationError`. ``check=True`` runs the file in ONNX
     Runtime on ``example_inputs`` and raises :class:`~repq_fx.errors.ExportCheckError` unless
-    99.9 % of the outputs are within one quantization step of ``lowered``'s.
+    99.9 % of the outputs are within one quantization step of ``lowered``'s; for a target with
+    structural rules (``"tensorrt"``: symmetric int8 Q/DQ where TensorRT fuses them), it first checks
+    the file's form (:mod:`repq_fx.export.tensorrt_check`).
 
     >>> import torch, torch.nn as nn, tempfile, os
     >>> qmodel = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
@@ -268,6 +270,16 @@ def export_onnx(lowered: fx.GraphModule, example_inputs: Sequence[Any] | torch.T
     model = export_qdq(lowered, example_inputs, path, target=target)
     if check:
         from .export.parity import check_onnx_runtime
+        from .export.tensorrt_check import has_float_convs, structure_problems
+        from .targets import DEFAULT_TARGET, get_target
+
+        scheme = get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET))
+        problems = structure_problems(model, scheme, float_convs=has_float_convs(lowered))
+        if problems:
+            from .errors import ExportCheckError
+
+            listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise ExportCheckError(f"{path} does not have the form target {scheme.name!r} runs in int8: {listed}")
 
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         check_onnx_runtime(path, lowered, inputs)

@@ -485,7 +485,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {lowered.lowered_layers} int8 layers, input 1x{'x'.join(map(str, size))} "
           f"(batch dynamic), target {args.target or lowered.repq_target}")
     if args.check:
-        return _check_onnx(args.out, lowered, torch.randn(8, *size))
+        return _check_onnx(args.out, lowered, torch.randn(8, *size), args.target)
     return 0
 
 
@@ -694,11 +694,24 @@ def _ms(seconds: float) -> str:
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
 
 
-def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor) -> int:
-    """ONNX Runtime against the lowered model on ``x``: 0 when they agree, else 1 with the reason on stderr."""
+def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor, target: str | None = None) -> int:
+    """The file's form for its target (:mod:`repq_fx.export.tensorrt_check`), then ONNX Runtime against the
+    lowered model on ``x``: 0 when both pass, else 1 with the reason on stderr."""
+    import onnx
+
     from .errors import ExportCheckError
     from .export.parity import check_onnx_runtime
+    from .export.tensorrt_check import RULES, has_float_convs, structure_problems
+    from .targets import get_target
 
+    scheme = get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET))
+    problems = structure_problems(onnx.load(path), scheme, float_convs=has_float_convs(lowered))
+    if problems:
+        print(f"check failed: {path} does not have the form target {scheme.name!r} runs in int8:\n  "
+              + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    if any(getattr(scheme, flag) for flag, _ in RULES):
+        print(f"{path} has the Q/DQ form target {scheme.name!r} runs in int8 (symmetric int8, fusable)")
     try:
         parity = check_onnx_runtime(path, lowered, (x,))
     except ExportCheckError as e:

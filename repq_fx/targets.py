@@ -22,6 +22,15 @@ that runs is the model that trained; :mod:`repq_fx.export.saturation` checks it 
 (-128, 127)
 >>> get_target("onnxruntime-u8u8").weight_range(bits=8, input_max=255)
 (-128, 127)
+
+TensorRT's explicit quantization is symmetric: zero point 0, int8 activations in [-128, 127] and
+weights in [-127, 127] ("for legacy reasons", TensorRT's developer guide on quantized ONNX models;
+MQBench's TensorRT backend uses the same two ranges). Its int8 convolutions accumulate in int32, so
+there is no pair-sum limit:
+
+>>> trt = get_target("tensorrt")
+>>> trt.symmetric_activations, trt.weight_range(bits=8, input_max=128)
+(True, (-127, 127))
 """
 from __future__ import annotations
 
@@ -41,11 +50,14 @@ class Target:
     weight_container: str  # "int8", or "uint8": stored as w + 128 with zero point 128 (u8u8 kernels)
     int16_pair_sums: bool  # the runtime may add two products in 16 bits (u8s8 kernels without VNNI)
     exact_on: str  # the CPUs on which the runtime computes this grid exactly
+    symmetric_activations: bool = False  # signed activations, zero point 0 (else unsigned with a zero point)
+    narrow_weights: bool = False  # weights in [-(2^(b-1) - 1), 2^(b-1) - 1]: TensorRT's [-127, 127]
+    quantize_add_inputs: bool = False  # conv -> add(other): Q/DQ on `other`, none between the conv and the add
 
     def weight_range(self, bits: int, input_max: int) -> tuple[int, int]:
         """The integer range of a layer's weights: symmetric ``bits`` bits, narrowed where 16-bit pair
         sums of ``input_max * |w|`` could overflow."""
-        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        lo, hi = -(2 ** (bits - 1)) + int(self.narrow_weights), 2 ** (bits - 1) - 1
         if self.int16_pair_sums:
             limit = INT16_MAX // (2 * max(int(input_max), 1))
             lo, hi = max(lo, -limit), min(hi, limit)
@@ -79,6 +91,14 @@ register_target(Target(
     "accumulate in 32 bits", "int8", False,
     "x86 with AVX512-VNNI or AVX-VNNI, and ARM (wrong on other x86 CPUs: 16-bit pair sums saturate)"))
 
+register_target(Target(
+    "tensorrt", "TensorRT explicit quantization (Q/DQ ONNX): int8 activations in [-128, 127] with zero point 0 "
+    "(after a ReLU only [0, 127] is used: TensorRT's symmetric scheme wastes the sign bit there, and the QAT "
+    "trains with it), per-channel int8 weights in [-127, 127], Q/DQ on the residual input of conv + add so "
+    "TensorRT fuses conv + add + ReLU; int32 accumulators (no pair-sum limit)", "int8", False,
+    "NVIDIA GPUs (TensorRT); ONNX Runtime on any CPU with int8 QDQ kept (session.qdqisint8allowed=1)",
+    symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True))
+
 DEFAULT_TARGET = "onnxruntime"
 # the grid every model was trained on before targets existed (full-range int8 weights)
 LEGACY_TARGET = "onnxruntime-vnni"
@@ -90,7 +110,7 @@ def get_target(name: str) -> Target:
     >>> get_target("tflite")
     Traceback (most recent call last):
     ...
-    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', 'onnxruntime-vnni'; got 'tflite'
+    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', 'onnxruntime-vnni', 'tensorrt'; got 'tflite'
     """
     if name not in TARGETS:
         raise ConfigError(f"QConfig.target must be one of {', '.join(repr(t) for t in TARGETS)}; got {name!r}")

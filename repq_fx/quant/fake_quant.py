@@ -326,7 +326,9 @@ class WeightFakeQuant(_FakeQuant):
 
 
 class ActFakeQuant(_FakeQuant):
-    """Per-tensor unsigned fake quant of an activation, ``[0, 2^bits - 1]`` with a zero point.
+    """Per-tensor unsigned fake quant of an activation, ``[0, 2^bits - 1]`` with a zero point; or, with
+    ``signed`` (a target with symmetric activations: TensorRT), ``[-2^(bits-1), 2^(bits-1) - 1]`` with
+    the zero point fixed at 0, where LSQ learns only the step.
 
     While ``observing`` (see ``repq_fx.calibrate``) it records the range and passes values through.
     LSQ learns the step after initialisation from the observed data (or the first batch): the MSE
@@ -335,13 +337,23 @@ class ActFakeQuant(_FakeQuant):
     """
 
     def __init__(self, bits: int, learned: bool = True, averaging_constant: float = 0.01,
-                 init: str = "mse") -> None:
-        super().__init__(bits, 0, 2 ** bits - 1, 1, learned, init)
+                 init: str = "mse", signed: bool = False) -> None:
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        super().__init__(bits, lo, hi, 1, learned, init)
         self.averaging_constant = averaging_constant
         self._samples: list[torch.Tensor] = []  # observed values for the MSE search (not state)
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("observing", torch.tensor(0, dtype=torch.uint8))
+
+    @property
+    def symmetric(self) -> bool:
+        """A signed grid, zero point 0 (read from the grid, so a checkpoint's grid decides).
+
+        >>> ActFakeQuant(8, signed=True).symmetric, ActFakeQuant(8).quant_range.tolist()
+        (True, [0, 255])
+        """
+        return self.quant_min < 0
 
     def observe(self, x: torch.Tensor, average: bool = False) -> None:
         """Widen (or, with ``average``, move towards) the recorded range with ``x``'s min and max."""
@@ -375,10 +387,14 @@ class ActFakeQuant(_FakeQuant):
         self._samples = []
 
     def init_from_range(self) -> None:
-        """Step and zero point that map the recorded range (widened to include 0) onto the grid."""
+        """Step and zero point that map the recorded range (widened to include 0) onto the grid; on a
+        symmetric grid, the step that maps the larger of ``|min|`` and ``max`` onto ``quant_max``
+        (or, ``init="mse"``, the MSE step over that range), zero point 0."""
         lo = torch.clamp(self.min_val, max=0.0)
         hi = torch.clamp(self.max_val, min=0.0)
-        if self.learned and self.init == "mse" and self._samples:
+        if self.symmetric:
+            scale, zero_point = self._symmetric_step(lo, hi), torch.tensor(0.0)
+        elif self.learned and self.init == "mse" and self._samples:
             step, zp = mse_affine_range(torch.cat(self._samples), float(lo), float(hi), self.quant_min,
                                         self.quant_max)
             scale, zero_point = torch.tensor(step), torch.tensor(float(zp))
@@ -396,6 +412,13 @@ class ActFakeQuant(_FakeQuant):
             self.scale.copy_(scale.reshape(1))
             self.zero_point.copy_(zero_point.reshape(1))
         self._set_flag("initialized", True)
+
+    def _symmetric_step(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        if self.learned and self.init == "mse" and self._samples:
+            # the recorded extremes join the sample, so the search starts from the whole range
+            values = torch.cat([*self._samples, lo.reshape(1).float(), hi.reshape(1).float()]).reshape(1, -1)
+            return mse_symmetric_scale(values, self.quant_min, self.quant_max, per_channel=False).reshape(())
+        return (torch.maximum(-lo, hi) / self.quant_max).clamp_min(1e-8)
 
     def set_observing(self, on: bool = True) -> None:
         """Record ranges and pass values through (``repq_fx.calibrate``), or stop."""
@@ -415,8 +438,9 @@ class ActFakeQuant(_FakeQuant):
         if self.learned:
             self._keep_step_positive()
             grad_factor = 1.0 / math.sqrt(x.numel() * self.quant_max) if x.numel() else 1.0
-            y = lsq_fake_quantize(x.float(), self.scale.float(), self.zero_point.float(), self.quant_min,
-                                  self.quant_max, grad_factor)
+            zero_point = None if self.symmetric else self.zero_point.float()  # symmetric: only the step learns
+            y = lsq_fake_quantize(x.float(), self.scale.float(), zero_point, self.quant_min, self.quant_max,
+                                  grad_factor)
             return y.to(x.dtype)
         return torch.fake_quantize_per_tensor_affine(
             x, self.scale.float(), self.zero_point.to(torch.int32), self.quant_min, self.quant_max)
