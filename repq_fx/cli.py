@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(repq-bn, repq-bnest, lsq or ptq); without it, MODEL is prepared and calibrated on random data")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.add_argument("--input-size", type=_size, metavar="CxHxW", help="input shape (batch is dynamic); default: "
-                   "a checkpoint's data (1x28x28 for Fashion-MNIST, the --input-size of imagefolder), the timm model's own, "
-                   "else 3x224x224")
+                   "a checkpoint's data (1x28x28 for Fashion-MNIST, the --input-size of imagefolder), the timm "
+                   "model's own, else 3x224x224")
     p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A", help="without --ckpt: weight/activation "
                    "bits (default: 8/8)")
     p.add_argument("--calib-batches", type=_at_least(1), default=4, help="without --ckpt: random calibration "

@@ -6,7 +6,8 @@ of :data:`~repq_fx.data.folders.IMAGE_EXTENSIONS`; folders starting with a dot, 
 ``val/`` class folder must be one of them (it may lack some), so a label means the same class in
 both splits.
 
-Transforms, as timm and the torchvision reference scripts train ImageNet models:
+Transforms: the basic ones of timm's and torchvision's ImageNet recipes (timm's default colour
+jitter, RandAugment, mixup and random erasing are left out):
 
 - train: ``RandomResizedCrop(H, W)`` (scale 0.08-1, aspect 3/4-4/3), ``RandomHorizontalFlip``,
   ``ToTensor``, ``Normalize``;
@@ -47,11 +48,10 @@ except ImportError:  # torchvision is in the timm extra
     raise DataError(f"imagefolder data needs torchvision; {PILLOW_HINT}") from None
 
 __all__ = ["CROP_PCT", "GREY_MEAN", "GREY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "LAYOUT", "ImageFolderSplit",
-           "image_folder_classes",
-           "image_folder_datasets", "image_folder_split", "image_loader", "image_transforms"]
+           "image_folder_classes", "image_folder_datasets", "image_folder_split", "image_loader", "image_transforms"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-GREY_MEAN, GREY_STD = (0.459,), (0.226,)  # 0.299 R + 0.587 G + 0.114 B of the above
+GREY_MEAN, GREY_STD = (0.459,), (0.226,)  # 0.299 R + 0.587 G + 0.114 B of the above (the std's mix is approximate)
 CROP_PCT = 0.875  # val: resize to size / 0.875, then centre crop
 LAYOUT = "imagefolder:DIR reads DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE (one folder of images per class)"
 
@@ -141,7 +141,8 @@ def image_folder_split(root: str | os.PathLike[str], split: str, classes: Sequen
     every class does). Images themselves are opened when read.
 
     >>> import tempfile; from PIL import Image; root = Path(tempfile.mkdtemp())
-    >>> for c in ("a", "b"): (root / "val" / c).mkdir(parents=True); Image.new("RGB", (9, 9)).save(root / "val" / c / "0.png")
+    >>> for c in ("a", "b"):
+    ...     (root / "val" / c).mkdir(parents=True); Image.new("RGB", (9, 9)).save(root / "val" / c / "0.png")
     >>> ds = image_folder_split(root, "val", ["a", "b"], (3, 8, 8), train=False)
     >>> len(ds), ds[1][0].shape, ds[1][1]
     (2, torch.Size([3, 8, 8]), 1)
@@ -171,7 +172,8 @@ def image_folder_datasets(root: str | os.PathLike[str], size: Sequence[int], *, 
 
     >>> import tempfile; from PIL import Image; root = Path(tempfile.mkdtemp())
     >>> for split in ("train", "val"):
-    ...     for c in ("a", "b"): (root / split / c).mkdir(parents=True); Image.new("L", (9, 9)).save(root / split / c / "0.png")
+    ...     for c in ("a", "b"):
+    ...         (root / split / c).mkdir(parents=True); Image.new("L", (9, 9)).save(root / split / c / "0.png")
     >>> train, val = image_folder_datasets(root, (1, 8, 8))
     >>> train.classes, train[0][0].shape
     (['a', 'b'], torch.Size([1, 8, 8]))

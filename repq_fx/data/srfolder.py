@@ -8,7 +8,8 @@ Images are read whole into memory (as the scikit-image photographs are), once pe
 folder content. Each must be at least ``lr_patch * scale`` pixels on both sides for training.
 
 >>> import tempfile; from PIL import Image; root = Path(tempfile.mkdtemp())
->>> for split in ("train", "val"): (root / split).mkdir(); Image.new("RGB", (40, 30), "white").save(root / split / "a.png")
+>>> for split in ("train", "val"):
+...     (root / split).mkdir(); Image.new("RGB", (40, 30), "white").save(root / split / "a.png")
 >>> train, val = sr_folder_datasets(root, lr_patch=8, patches=4)
 >>> [list(t.shape) for t in train[0]], [list(t.shape) for t in val[0]]
 ([[1, 8, 8], [1, 16, 16]], [[1, 15, 20], [1, 30, 40]])
