@@ -130,6 +130,8 @@ def test_grey_input_size_reads_grey_images_for_a_grey_model(trained: dict[str, P
     assert train[0][0].shape == (1, 20, 12) and val[0][0].shape == (1, 20, 12)
     net = float_model(config)
     assert net.stages[0][0].in_channels == 1 and net.linear.out_features == 3
+    few = TrainConfig(**{**config.to_dict(), "subset": 5, "test_subset": 2})
+    assert [len(d) for d in make_datasets(few)] == [5, 2]
 
 
 def test_resume_is_exact_whatever_the_number_of_workers(tmp_path: Path) -> None:
