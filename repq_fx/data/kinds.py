@@ -19,6 +19,7 @@ The folder is stored absolute (:func:`canonical_data`), so a checkpoint names th
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ FOLDER_INPUT_SIZE = (3, 224, 224)  # imagefolder without --input-size: what timm
 
 @dataclass(frozen=True)
 class DataKind:
-    """One kind of data: its task, whether it takes ``:DIR``, one line of help, and builders.
+    """One kind of data: its task, whether it takes ``:DIR``, and builders.
 
     ``train_set(config, seed)`` and ``test_set(config)`` return datasets; ``loader(dataset, config,
     train, seed)`` wraps one in its loader. ``seed`` already mixes the run's seed and the epoch.
@@ -51,7 +52,6 @@ class DataKind:
 
     task: str  # "classification" or "sr"
     folder: bool
-    summary: str
     train_set: Callable[["TrainConfig", int], Dataset]
     test_set: Callable[["TrainConfig"], Dataset]
     loader: Callable[[Dataset, "TrainConfig", bool, int], Iterable]
@@ -89,8 +89,6 @@ def canonical_data(text: str) -> str:
     kind, folder = parse_data(text)
     if folder is None:
         return kind
-    import os
-
     return f"{kind}:{os.path.abspath(folder.expanduser())}"
 
 
@@ -249,16 +247,14 @@ def _srfolder_loader(dataset: Dataset, config: "TrainConfig", train: bool, seed:
 
 
 KINDS: dict[str, DataKind] = {
-    "fashion-mnist": DataKind(
-        "classification", False, "Fashion-MNIST from Debian's dataset-fashion-mnist (`make data` installs it)",
-        _fmnist_train, _fmnist_test, _fmnist_loader, lambda c: (FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE)),
-    "sr": DataKind(
-        "sr", False, "x2 super-resolution on the Y channel of the photographs inside scikit-image",
-        _sr_train, _sr_test, _sr_loader, _sr_shape),
-    "imagefolder": DataKind(
-        "classification", True, "your images: DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE (torchvision's "
-        "ImageFolder)", _imagefolder_train, _imagefolder_test, _imagefolder_loader, _imagefolder_shape),
-    "srfolder": DataKind(
-        "sr", True, "your photographs for super-resolution: DIR/train/IMAGE and DIR/val/IMAGE",
-        _srfolder_train, _srfolder_test, _srfolder_loader, _sr_shape),
+    # Fashion-MNIST from Debian's dataset-fashion-mnist (`make data` installs it)
+    "fashion-mnist": DataKind("classification", False, _fmnist_train, _fmnist_test, _fmnist_loader,
+                              lambda c: (FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE)),
+    # x2 super-resolution on the Y channel of the photographs inside scikit-image
+    "sr": DataKind("sr", False, _sr_train, _sr_test, _sr_loader, _sr_shape),
+    # the user's images: DIR/train/CLASS/IMAGE and DIR/val/CLASS/IMAGE (torchvision's ImageFolder)
+    "imagefolder": DataKind("classification", True, _imagefolder_train, _imagefolder_test, _imagefolder_loader,
+                            _imagefolder_shape),
+    # the user's photographs for super-resolution: DIR/train/IMAGE and DIR/val/IMAGE
+    "srfolder": DataKind("sr", True, _srfolder_train, _srfolder_test, _srfolder_loader, _sr_shape),
 }
