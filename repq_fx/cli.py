@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(repq-bn, repq-bnest, lsq or ptq); without it, MODEL is prepared and calibrated on random data")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.add_argument("--input-size", type=_size, metavar="CxHxW", help="input shape (batch is dynamic); default: "
-                   "1x28x28 for Fashion-MNIST checkpoints, the timm model's own, else 3x224x224")
+                   "a checkpoint's data (1x28x28 for Fashion-MNIST, the --input-size of imagefolder), the timm "
+                   "model's own, else 3x224x224")
     p.add_argument("--bits", type=_bits, default=(8, 8), metavar="W/A", help="without --ckpt: weight/activation "
                    "bits (default: 8/8)")
     p.add_argument("--calib-batches", type=_at_least(1), default=4, help="without --ckpt: random calibration "
@@ -188,7 +189,18 @@ Data (--data):
                  images normalised with mean 0.2860, std 0.3530; random crop (pad 2) and horizontal flip
   sr             x2 super-resolution on the Y channel from the photographs in scikit-image; --subset is the
                  number of random training patches per epoch (default 4000); PSNR on Y, border cropped
-Default: sr for examples:ECBSR, else fashion-mnist.
+  imagefolder:DIR  your own images, torchvision's ImageFolder layout: DIR/train/CLASS/IMAGE and
+                 DIR/val/CLASS/IMAGE; the classes are the folders of train/. Images are read at --input-size
+                 (default 3x224x224; 1xHxW reads them grey); train: RandomResizedCrop + horizontal flip,
+                 val: resize to size/0.875 + centre crop; normalised with ImageNet's mean and std. timm,
+                 torchvision and example network specs are built with the data's classes (and timm's with
+                 its channels)
+  srfolder:DIR   your own photographs for super-resolution: DIR/train/IMAGE and DIR/val/IMAGE, degraded and
+                 patched exactly as sr
+Default: sr for examples:ECBSR, else fashion-mnist. --workers N reads image files in N processes; a
+corrupt image stops the run with one line naming it.
+
+  repq-fx train timm:repvgg_a0 --data imagefolder:pets --input-size 3x128x128 --workers 4 --out fp.pt
 
 Schedule: SGD, momentum 0.9, cosine learning rate per step down to 0; weight decay only on conv and
 linear weights. Defaults by data and method: Fashion-MNIST fp lr 0.05, weight decay 1e-4, batch 128;
@@ -209,20 +221,27 @@ def _add_target_option(p: argparse.ArgumentParser, when: str, default: str | Non
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from .train import DATASETS, METHODS
+    from .data.kinds import DATA_FORMS
+    from .train import METHODS
 
-    p = commands.add_parser("train", help="train a model (float, RepQ QAT or a baseline) on Fashion-MNIST or SR",
+    p = commands.add_parser("train", help="train a model (float, RepQ QAT or a baseline) on Fashion-MNIST, SR or "
+                            "your own images",
                             description=TRAIN_DESCRIPTION, epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="model spec, e.g. examples:RepVGGNet, examples:ACResNet18, "
                    "examples:ECBSR, timm:repvgg_a0")
-    p.add_argument("--data", choices=DATASETS, help="data set (default: sr for examples:ECBSR, else fashion-mnist)")
+    p.add_argument("--data", type=_data, metavar="DATA", help=f"{DATA_FORMS} (default: sr for examples:ECBSR, "
+                   "else fashion-mnist; see above)")
+    p.add_argument("--input-size", type=_image_size, metavar="CxHxW", help="imagefolder: the model's input, "
+                   "e.g. 3x128x128, 1x64x64 (grey) or 128 (= 3x128x128); default 3x224x224")
+    p.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes reading the "
+                   "images (default: 0, read in the main process; not for fashion-mnist)")
     p.add_argument("--method", choices=METHODS, default="fp", help="how to train (default: fp; see above)")
     p.add_argument("--bits", type=_bits, metavar="W/A", help="weight/activation bits of quantized methods, e.g. "
                    "4/4, 8/4 or W4A8 (default: 8/8; refused with --method fp)")
     p.add_argument("--epochs", type=_at_least(0), default=10, help="epochs (default: 10; ptq ignores it)")
     p.add_argument("--subset", type=_at_least(1), metavar="N", help="train on a fixed random N images "
-                   "(fashion-mnist) or N patches per epoch (sr), for quick runs")
+                   "(fashion-mnist, imagefolder) or N patches per epoch (sr, srfolder), for quick runs")
     p.add_argument("--test-subset", type=_at_least(1), metavar="N", help="evaluate on the first N test images "
                    "only")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file, rewritten after every epoch")
@@ -248,16 +267,21 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
-    from .train import DATASETS
+    from .data.kinds import DATA_FORMS
 
     p = commands.add_parser("eval", help="evaluate a checkpoint written by `repq-fx train` on its test set",
                             description="Rebuild the model a `repq-fx train` checkpoint holds (float, RepQ or a "
                             "quantized baseline, as trained), load it, and print its test accuracy "
-                            "(fashion-mnist: top-1 on the 10,000 test images) or PSNR (sr: Y channel, "
-                            "scikit-image test photographs).\n\n  repq-fx eval examples:RepVGGNet --ckpt w4a4.pt",
+                            "(fashion-mnist: top-1 on the 10,000 test images; imagefolder: top-1 on val/) or PSNR "
+                            "(sr: Y channel, scikit-image test photographs; srfolder: val/).\n\n"
+                            "  repq-fx eval examples:RepVGGNet --ckpt w4a4.pt\n"
+                            "  repq-fx eval timm:repvgg_a0 --ckpt pets.pt --data imagefolder:pets --workers 4",
                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="model spec the checkpoint was trained for (checked)")
-    p.add_argument("--data", choices=DATASETS, help="data set (checked against the checkpoint; default: its own)")
+    p.add_argument("--data", type=_data, metavar="DATA", help=f"{DATA_FORMS}: the checkpoint's own (the default), "
+                   "or another folder of the same kind (imagefolder: evaluated on its val/)")
+    p.add_argument("--workers", type=_at_least(0), default=0, help="DataLoader worker processes reading the "
+                   "images (default: 0)")
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint written by `repq-fx train`")
     p.add_argument("--test-subset", type=_at_least(1), metavar="N", help="evaluate on the first N test images only")
     _add_runtime_options(p)
@@ -298,7 +322,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--what", nargs="+", choices=("step", "latency"), default=["step", "latency"],
                    help="what to time (default: both)")
     p.add_argument("--input-size", type=_size, metavar="CxHxW", help="input shape without the batch; default: "
-                   "1x28x28 for Fashion-MNIST checkpoints, an example network's own, else "
+                   "a checkpoint's data (1x28x28 for Fashion-MNIST, the --input-size of imagefolder), an example "
+                   "network's own, else "
                    f"{'x'.join(map(str, BENCH_SIZE))}")
     p.add_argument("--batch", type=_at_least(1), default=16, help="batch of the training step (default: 16; "
                    "latency is always batch 1)")
@@ -357,6 +382,32 @@ def _bits(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _data(text: str) -> str:
+    """An argparse ``type``: a ``--data`` value (:func:`repq_fx.data.kinds.parse_data`).
+
+    >>> _data("imagefolder:pets")
+    'imagefolder:pets'
+    """
+    from .data.kinds import parse_data
+
+    try:
+        parse_data(text)
+    except RepQError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _image_size(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: ``CxHxW`` (as :func:`_size`), or one number N for 3xNxN.
+
+    >>> _image_size("64"), _image_size("1x32x48")
+    ((3, 64, 64), (1, 32, 48))
+    """
+    if text.strip().isdigit() and int(text) >= 1:
+        return (3, int(text), int(text))
+    return _size(text)
+
+
 def _default_data(model: str) -> str:
     from .examples.networks import NETWORKS
 
@@ -379,7 +430,8 @@ def _train(args: argparse.Namespace) -> int:
                          weight_decay=args.weight_decay, optimizer=args.optimizer,
                          step_lr_scale=args.step_lr_scale, subset=args.subset,
                          seed=args.seed, calib_batches=args.calib_batches, from_ckpt=args.from_ckpt,
-                         test_subset=args.test_subset, target=args.target)
+                         test_subset=args.test_subset, target=args.target, input_size=args.input_size,
+                         workers=args.workers)
     try:
         run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                      progress=args.progress, compile=args.compile)
@@ -396,7 +448,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     metrics = run_eval(args.ckpt, args.model, args.data, device=args.device, progress=args.progress,
-                       test_subset=args.test_subset)
+                       test_subset=args.test_subset, workers=args.workers)
     text = f"PSNR {metrics['psnr']:.2f} dB (Y)" if "psnr" in metrics else f"top-1 {metrics['top1']:.2f} %"
     print(f"{args.model} {args.ckpt}: {text}")
     return 0
@@ -504,11 +556,9 @@ def _restore_quantized(path: str, model: str, command: str) -> tuple[nn.Module, 
 def _data_size(saved: TrainConfig) -> tuple[int, ...]:
     """The input shape (without the batch) of the model of a `repq-fx train` run: its data's images, with
     as many channels as the model's first conv takes (a torchvision model on Fashion-MNIST: 3)."""
-    from .train import float_model, input_channels
+    from .train import model_input_size
 
-    if saved.data != "fashion-mnist":
-        return (1, 32, 32)
-    return (input_channels(float_model(saved)) or 1, 28, 28)
+    return model_input_size(saved)
 
 
 def _calibrated(model: nn.Module, config: QConfig, size: tuple[int, ...], batches: int, batch: int = 4,

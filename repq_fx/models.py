@@ -8,10 +8,12 @@ models this way. A spec is ``PREFIX:NAME``; the prefix picks a resolver from
 - ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``
 - ``examples:NAME``: an example network of :data:`repq_fx.examples.networks.NETWORKS`
   (``RepVGGNet``, ``QARepVGGNet``, ``ACResNet18``, ``DBBResNet18``, ``OREPAResNet18``,
-  ``ResNet18``, ``ECBSR``) or a class in :mod:`repq_fx.examples.blocks`
+  ``ResNet18``, ``ECBSR``; the classifiers take ``num_classes`` and ``in_channels``) or a class in
+  :mod:`repq_fx.examples.blocks`
 - ``package.module:Class``: ``Class()`` (or a function returning a module, or a module object)
 
-Every model is built without arguments and without downloading weights.
+Every model is built without downloading weights, and without arguments unless options are given
+(timm, torchvision and example specs take them).
 
 >>> resolve_model("examples:RepVGGNet").linear
 Linear(in_features=128, out_features=10, bias=True)
@@ -58,14 +60,16 @@ def _with_options(build: Callable[[], nn.Module], what: str, options: dict[str, 
         raise ModelSpecError(f"{what} cannot be built with {given} ({e})") from None
 
 
-def _examples(name: str) -> nn.Module:
+def _examples(name: str, **options: Any) -> nn.Module:
     from .examples import blocks, networks
 
     if name in networks.NETWORKS:
-        return networks.build_network(name)
+        return _with_options(lambda: networks.build_network(name, **options), f"the example network {name}", options)
     if name not in blocks.__all__ or not _is_module_class(getattr(blocks, name)):
         names = list(networks.NETWORKS) + [n for n in blocks.__all__ if _is_module_class(getattr(blocks, n))]
         raise ModelSpecError(f"repq_fx.examples has no model {name!r}{_did_you_mean(name, names)}")
+    if options:
+        return _with_options(lambda: getattr(blocks, name)(**options), f"repq_fx.examples' {name}", options)
     return _build(getattr(blocks, name), name)
 
 
@@ -78,26 +82,29 @@ RESOLVERS: dict[str, Callable[..., nn.Module]] = {
 
 
 # the prefixes whose factories take options (``num_classes=10``, timm's ``in_chans=1``, ...)
-TAKES_OPTIONS = ("timm", "torchvision")
+TAKES_OPTIONS = ("timm", "torchvision", "examples")
 
 
 def resolve_model(spec: str, **options: Any) -> nn.Module:
     """Build the model that ``spec`` names (see the module docstring for the forms).
 
-    ``options`` go to the factory of a ``timm:`` or ``torchvision:`` spec (``num_classes=10``,
-    timm's ``in_chans=1``); other specs are built without arguments and take none.
+    ``options`` go to the factory of a ``timm:``, ``torchvision:`` or ``examples:`` spec
+    (``num_classes=10``, timm's ``in_chans=1``, an example network's ``in_channels=3``); other
+    specs are built without arguments and take none.
     Raises :class:`ModelSpecError` (one line, naming what was wrong) for a malformed
     spec, an unknown model, a model that cannot be built without arguments, or options it refuses.
 
     >>> type(resolve_model("examples:RepVGGNet")).__name__
     'RepVGGNet'
+    >>> resolve_model("examples:ResNet18", num_classes=3, in_channels=3).linear.out_features
+    3
     """
     prefix, sep, name = spec.partition(":")
     if not sep or not prefix or not name:
         raise ModelSpecError(f"bad model spec {spec!r}: expected PREFIX:NAME; accepted forms: {SPEC_FORMS}")
     resolver = RESOLVERS.get(prefix)
     if options and prefix not in TAKES_OPTIONS:
-        raise ModelSpecError(f"{spec} is built without arguments; only {' and '.join(TAKES_OPTIONS)} specs take "
+        raise ModelSpecError(f"{spec} is built without arguments; only {', '.join(TAKES_OPTIONS)} specs take "
                              f"options such as {', '.join(options)}")
     try:
         if resolver is None:

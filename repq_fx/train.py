@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from .config import QConfig
 from .targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
@@ -51,17 +52,18 @@ from .errors import CheckpointError, ConfigError, RepQError
 __all__ = [
     "CHECKPOINT_FORMAT", "DATASETS", "METHODS", "TrainConfig", "build_model", "cosine_schedule", "data_note",
     "evaluate", "float_model",
-    "evaluate_classifier", "evaluate_sr", "input_channels", "load_checkpoint", "make_loaders", "make_optimizer", "parse_bits",
+    "evaluate_classifier", "evaluate_sr", "fit_options", "input_channels", "load_checkpoint", "make_datasets",
+    "make_loaders", "make_optimizer", "make_test_loader", "model_input_size", "parse_bits",
     "restore", "run_eval", "run_training", "save_checkpoint", "train_one_epoch",
 ]
 
 CHECKPOINT_FORMAT = "repq_fx.train/1"
 METHODS = ("fp", "repq-bn", "repq-bnest", "lsq", "ptq")
 QUANTIZED = ("repq-bn", "repq-bnest", "lsq", "ptq")
-DATASETS = ("fashion-mnist", "sr")
+DATASETS = ("fashion-mnist", "sr", "imagefolder", "srfolder")  # the kinds of repq_fx.data.kinds.KINDS
 # Fields that must agree between a checkpoint and the run that resumes it.
 RESUME_FIELDS = ("model", "data", "method", "bits", "target", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
-                 "step_lr_scale", "subset", "seed", "scale", "lr_patch")
+                 "step_lr_scale", "subset", "seed", "scale", "lr_patch", "input_size", "classes")
 
 
 @dataclass
@@ -71,7 +73,11 @@ class TrainConfig:
     ``lr`` and ``weight_decay`` of None pick the defaults for data and method (:meth:`resolved`):
     Fashion-MNIST fp: SGD lr 0.05, weight decay 1e-4 (``docs/fashion-mnist-baseline.md``); quantized: lr 0.01,
     no weight decay; SR: Adam lr 5e-4 (fp) or 1e-4 (quantized), no weight decay.
-    ``subset``: training images (Fashion-MNIST) or training patches per epoch (SR, default 4000).
+    ``subset``: training images (Fashion-MNIST, image folders) or training patches per epoch (SR, default 4000).
+    ``data``: ``fashion-mnist``, ``sr``, ``imagefolder:DIR`` or ``srfolder:DIR`` (:mod:`repq_fx.data.kinds`; the
+    folder is stored absolute). ``input_size`` (image folders: ``(C, H, W)``, default 3x224x224) and ``classes``
+    (the folder's classes, filled in by :func:`run_training`) shape the model; ``workers`` is the number of
+    ``DataLoader`` worker processes (not part of the run: a run may resume with another).
 
     >>> TrainConfig(model="examples:RepVGGNet").resolved().lr
     0.05
@@ -95,14 +101,33 @@ class TrainConfig:
     lr_patch: int = 32  # SR: LR training patch size
     test_subset: int | None = None  # evaluate on fewer test images (quick runs)
     target: str = DEFAULT_TARGET  # quantized methods: the runtime's integer scheme (QConfig.target)
-    fit_data: bool = True  # timm/torchvision: build with the data's classes and channels (see build_model)
+    fit_data: bool = True  # timm/torchvision/examples: build with the data's classes and channels (float_model)
+    input_size: tuple[int, ...] | None = None  # imagefolder: C, H, W of the model's input
+    classes: tuple[str, ...] | None = None  # imagefolder: the class names, label order
+    workers: int = 0  # DataLoader worker processes (0: read in the main process)
 
     def __post_init__(self) -> None:
         self.bits = tuple(self.bits)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.data not in DATASETS:
-            raise ConfigError(f"data must be one of {', '.join(DATASETS)}; got {self.data!r}")
+        from .data.kinds import canonical_data, data_kind, parse_data
+
+        self.data = canonical_data(self.data)
+        kind = parse_data(self.data)[0]
+        if self.input_size is not None:
+            self.input_size = tuple(self.input_size)
+            if kind != "imagefolder":
+                raise ConfigError(f"input_size (--input-size) sets the image size of imagefolder data; {self.data} "
+                                  "has a size of its own")
+            if len(self.input_size) != 3 or self.input_size[0] not in (1, 3) or min(self.input_size) < 1:
+                raise ConfigError(f"input_size must be C, H, W with C = 1 (grey) or 3 (RGB); got {self.input_size}")
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0; got {self.workers}")
+        if self.workers and kind == "fashion-mnist":
+            raise ConfigError("fashion-mnist is held in memory and augmented in whole batches by the main process; "
+                              "workers (--workers) are for data read from files (imagefolder, srfolder, sr)")
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0; got {self.epochs}")
         if self.target not in TARGETS:
@@ -110,9 +135,20 @@ class TrainConfig:
         if self.optimizer not in (None, "sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam'; got {self.optimizer!r}")
         task = _example_task(self.model)
-        if task is not None and (task == "sr") != (self.data == "sr"):
+        if task is not None and (task == "sr") != (data_kind(self.data).task == "sr"):
             raise ConfigError(f"{self.model} is a {'super-resolution' if task == 'sr' else 'classification'} "
                               f"network; it cannot train on --data {self.data}")
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"sr"``, by the data.
+
+        >>> TrainConfig(model="m:N", data="srfolder:photos").task
+        'sr'
+        """
+        from .data.kinds import data_kind
+
+        return data_kind(self.data).task
 
     @property
     def quantized(self) -> bool:
@@ -124,13 +160,18 @@ class TrainConfig:
         return self.method in QUANTIZED
 
     def resolved(self) -> "TrainConfig":
-        """A copy with every default filled in (batch size, lr, weight decay, optimizer; ptq: 0 epochs).
+        """A copy with every default filled in (batch size, lr, weight decay, optimizer, image folders' input size;
+        ptq: 0 epochs).
 
         >>> TrainConfig(model="m:N", data="sr", method="repq-bn").resolved().lr
         0.0001
         """
-        sr = self.data == "sr"
+        from .data.kinds import FOLDER_INPUT_SIZE, parse_data
+
+        sr = self.task == "sr"
         values = asdict(self)
+        if values["input_size"] is None and parse_data(self.data)[0] == "imagefolder":
+            values["input_size"] = FOLDER_INPUT_SIZE
         if values["batch_size"] is None:
             values["batch_size"] = 16 if sr else 128
         if values["optimizer"] is None:
@@ -170,7 +211,8 @@ class TrainConfig:
         True
         """
         d = asdict(self)
-        d["bits"] = list(self.bits)
+        for name in ("bits", "input_size", "classes"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod
@@ -250,72 +292,132 @@ def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = Non
 
 FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE = 10, (1, 28, 28)
 
+# prefix -> the factory options that build a classifier of `classes` classes on `channels`-channel images;
+# specs of other prefixes are built without arguments and must fit as they are
+FIT_OPTIONS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "timm": lambda classes, channels: {"num_classes": classes, "in_chans": channels},
+    "torchvision": lambda classes, channels: {"num_classes": classes},  # 3 channels: grey is repeated
+    "examples": lambda classes, channels: {"num_classes": classes, "in_channels": channels},
+}
+
+
+def fit_options(config: TrainConfig) -> dict[str, Any]:
+    """The options ``config.model``'s factory gets to fit the data (:data:`FIT_OPTIONS`): the data's
+    number of classes and channels for timm, torchvision and example classification networks; none
+    for other specs, for SR data, and for checkpoints written before ``fit_data``.
+
+    >>> fit_options(TrainConfig(model="timm:repvgg_a0", data="imagefolder:pets", classes=("cat", "dog")))
+    {'num_classes': 2, 'in_chans': 3}
+    >>> fit_options(TrainConfig(model="examples:ECBSR", data="sr"))
+    {}
+    """
+    from .data.kinds import data_shape
+
+    prefix = config.model.partition(":")[0]
+    if not config.fit_data or prefix not in FIT_OPTIONS:
+        return {}
+    if prefix == "examples" and _example_task(config.model) != "classification":
+        return {}  # block classes and the SR network are built as they are
+    classes, size = data_shape(config)
+    return {} if classes is None else FIT_OPTIONS[prefix](classes, size[0])
+
+
+def _data_label(config: TrainConfig) -> str:
+    return "Fashion-MNIST" if config.data == "fashion-mnist" else config.data
+
 
 def float_model(config: TrainConfig) -> nn.Module:
     """The float model of ``config.model``, fitted to the data.
 
-    On Fashion-MNIST (``fit_data``, the default) a timm spec is built with ``num_classes=10,
-    in_chans=1`` and a torchvision spec with ``num_classes=10`` (its grey input is repeated to the
-    3 channels it takes, see :func:`data_note`); any model must then map a batch of 1x28x28 images
-    (or 3x28x28 when its first conv takes 3 channels) to 10 logits, or
-    :class:`~repq_fx.errors.ConfigError` says why it cannot train on the data. Checkpoints written
-    before ``fit_data`` rebuild the factory's defaults (1000 classes, 3 channels).
+    With ``fit_data`` (the default) on classification data a timm spec is built with the data's
+    ``num_classes`` and ``in_chans``, a torchvision spec with ``num_classes`` (its grey input is
+    repeated to the 3 channels it takes, see :func:`data_note`), an example network with
+    ``num_classes`` and ``in_channels`` (:func:`fit_options`); any model must then map a batch of
+    the data's images (3 channels when the data is grey and its first conv takes 3) to as many
+    logits as there are classes, or :class:`~repq_fx.errors.ConfigError` says why it cannot train
+    on the data. Checkpoints written before ``fit_data`` rebuild the factory's defaults (1000
+    classes, 3 channels).
 
     >>> float_model(TrainConfig(model="examples:RepVGGNet")).linear.out_features
     10
+    >>> net = float_model(TrainConfig(model="examples:RepVGGNet", data="imagefolder:pets", classes=("cat", "dog")))
+    >>> net.linear.out_features, net.stages[0][0].in_channels
+    (2, 3)
     """
+    from .data.kinds import data_shape
     from .models import resolve_model
 
-    options: dict[str, Any] = {}
-    prefix = config.model.partition(":")[0]
-    if config.fit_data and config.data == "fashion-mnist" and prefix in ("timm", "torchvision"):
-        options = {"num_classes": FASHION_MNIST_CLASSES, **({"in_chans": 1} if prefix == "timm" else {})}
+    options = fit_options(config)
     try:
         model = resolve_model(config.model, **options)
     except RepQError as e:
-        raise ConfigError(f"{e}; {config.model} cannot be fitted to {config.data}'s "
-                          f"{FASHION_MNIST_CLASSES} classes of grey images") from None
-    if config.fit_data and config.data == "fashion-mnist":
-        _check_fits_fashion_mnist(model, config.model)
+        classes, size = data_shape(config)
+        raise ConfigError(f"{e}; {config.model} cannot be fitted to the {classes} classes of "
+                          f"{'x'.join(map(str, size))} images of {_data_label(config)}") from None
+    if config.fit_data and config.task == "classification":
+        _check_fits(model, config)
     return model
 
 
-def _check_fits_fashion_mnist(model: nn.Module, spec: str) -> None:
-    channels = input_channels(model) or 1
-    x = torch.zeros(2, channels, *FASHION_MNIST_SIZE[1:])
+def _check_fits(model: nn.Module, config: TrainConfig) -> None:
+    """``model`` maps 2 of the data's images to ``[2, classes]`` logits, or a ConfigError says why not."""
+    from .data.kinds import data_shape
+
+    classes, (channels, h, w) = data_shape(config)
+    spec, label = config.model, _data_label(config)
+    takes = input_channels(model)
+    if takes is not None and takes != channels and not (channels == 1 and takes == 3):
+        hint = ("pass --input-size 1xHxW to train on grey images" if takes == 1 else
+                "give it a first conv of 1 or 3 channels")
+        raise ConfigError(f"{spec}'s first conv takes {takes} channel{'s' * (takes != 1)}; the images of {label} "
+                          f"have {channels}: {hint}")
+    channels = takes or channels
+    x = torch.zeros(2, channels, h, w)
     was_training = model.training
     try:
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"{spec} cannot run on Fashion-MNIST's {channels}x28x28 images ({type(e).__name__}: "
-                          f"{first}); pick a model that takes small images") from None
+        hint = "pick a model that takes small images" if config.data == "fashion-mnist" else \
+            f"pick another --input-size or a model that takes {h}x{w} images"
+        raise ConfigError(f"{spec} cannot run on {label}'s {channels}x{h}x{w} images ({type(e).__name__}: "
+                          f"{first}); {hint}") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, Tensor) or tuple(out.shape) != (2, FASHION_MNIST_CLASSES):
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, classes):
         shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ConfigError(f"{spec} maps a batch of 2 Fashion-MNIST images to {shape}, not [2, "
-                          f"{FASHION_MNIST_CLASSES}] logits: give it a {FASHION_MNIST_CLASSES}-class head (a model "
-                          "built without arguments keeps its own; timm and torchvision specs get num_classes=10)")
+        raise ConfigError(f"{spec} maps a batch of 2 {label} images to {shape}, not [2, {classes}] logits: give it "
+                          f"a {classes}-class head (a model built without arguments keeps its own; timm, torchvision "
+                          f"and example network specs get num_classes={classes})")
 
 
 def data_note(config: TrainConfig) -> str | None:
-    """What fitting the model to the data changed, for the run's log (None if nothing).
+    """What fitting the model to the data changed, for the run's log (None if nothing, or if an
+    example network is built as registered, for Fashion-MNIST).
 
     >>> data_note(TrainConfig(model="torchvision:resnet18"))
     'note: torchvision:resnet18 built with num_classes=10 for Fashion-MNIST; its first conv takes 3 channels, so each grey image is repeated 3 times'
+    >>> data_note(TrainConfig(model="examples:RepVGGNet", data="imagefolder:/pets", classes=("cat", "dog")))
+    'note: examples:RepVGGNet built with num_classes=2, in_channels=3 for imagefolder:/pets (classes: cat, dog)'
     """
+    from .data.kinds import data_shape
+
     prefix = config.model.partition(":")[0]
-    if config.data != "fashion-mnist" or prefix not in ("timm", "torchvision"):
-        return None
-    if not config.fit_data:
+    if not config.fit_data and config.data == "fashion-mnist" and prefix in ("timm", "torchvision"):
         return (f"note: {config.model} as its factory builds it (a checkpoint from before fit_data); grey images "
                 "are repeated to its input channels")
-    if prefix == "timm":
-        return f"note: {config.model} built with num_classes=10, in_chans=1 for Fashion-MNIST"
-    return (f"note: {config.model} built with num_classes=10 for Fashion-MNIST; its first conv takes 3 channels, "
-            "so each grey image is repeated 3 times")
+    options = fit_options(config)
+    if not options or (prefix == "examples" and config.data == "fashion-mnist"):
+        return None
+    note = f"note: {config.model} built with {', '.join(f'{k}={v}' for k, v in options.items())} for " \
+           f"{_data_label(config)}"
+    if config.classes:
+        shown = ", ".join(config.classes[:8]) + (", ..." if len(config.classes) > 8 else "")
+        note += f" (classes: {shown})"
+    if prefix == "torchvision" and data_shape(config)[1][0] == 1:
+        note += "; its first conv takes 3 channels, so each grey image is repeated 3 times"
+    return note
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -344,28 +446,70 @@ def input_channels(model: nn.Module) -> int | None:
 # Data.
 # ---------------------------------------------------------------------------
 
+def _data_seed(config: TrainConfig, epoch: int) -> int:
+    return config.seed * 10_007 + epoch
+
+
+def make_datasets(config: TrainConfig, epoch: int = 0) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` datasets of the run (:data:`repq_fx.data.kinds.KINDS`); the training set's
+    augmentation (and SR's patches) are seeded by ``(seed, epoch)``. An image folder is checked
+    here (its folders and file lists, not each image), naming what is wrong.
+
+    >>> train, test = make_datasets(TrainConfig(model="examples:RepVGGNet", subset=256))   # doctest: +SKIP
+    >>> len(train), len(test)                                                             # doctest: +SKIP
+    (256, 10000)
+    """
+    from .data.kinds import data_kind
+
+    config = config.resolved()
+    kind = data_kind(config.data)
+    return kind.train_set(config, _data_seed(config, epoch)), kind.test_set(config)
+
+
 def make_loaders(config: TrainConfig, epoch: int = 0) -> tuple[Iterable, Iterable]:
-    """``(train, test)`` loaders of the run; training shuffling/augmentation are seeded by
-    ``(seed, epoch)``. Fashion-MNIST: normalised 1x28x28 images; SR: Y-channel patches.
+    """``(train, test)`` loaders over :func:`make_datasets`; training shuffling/augmentation are seeded by
+    ``(seed, epoch)``. Fashion-MNIST: normalised 1x28x28 images; SR: Y-channel patches; image folders:
+    ``config.input_size`` images read by ``config.workers`` worker processes.
 
     >>> train, test = make_loaders(TrainConfig(model="examples:RepVGGNet", subset=256))   # doctest: +SKIP
     >>> len(train), len(test)                                                            # doctest: +SKIP
     (2, 20)
     """
+    from .data.kinds import data_kind
+
     config = config.resolved()
-    seed = config.seed * 10_007 + epoch
-    if config.data == "fashion-mnist":
-        from .data.fashion_mnist import fashion_mnist_loader
+    kind, seed = data_kind(config.data), _data_seed(config, epoch)
+    train, test = make_datasets(config, epoch)
+    return kind.loader(train, config, True, seed), kind.loader(test, config, False, seed)
 
-        train = fashion_mnist_loader("train", batch_size=config.batch_size, subset=config.subset, seed=seed)
-        test = fashion_mnist_loader("test", batch_size=500, subset=config.test_subset)
-        return train, test
-    from .data.sr import sr_loader
 
-    train = sr_loader("train", scale=config.scale, batch_size=config.batch_size, lr_patch=config.lr_patch,
-                      patches=config.subset or 4000, seed=seed)
-    test = sr_loader("test", scale=config.scale, patches=config.test_subset)
-    return train, test
+def make_test_loader(config: TrainConfig) -> Iterable:
+    """The test loader of :func:`make_loaders` alone (an image folder's ``val/`` only: no ``train/`` needed).
+
+    >>> len(make_test_loader(TrainConfig(model="examples:RepVGGNet", test_subset=1000)))   # doctest: +SKIP
+    2
+    """
+    from .data.kinds import data_kind
+
+    config = config.resolved()
+    kind = data_kind(config.data)
+    return kind.loader(kind.test_set(config), config, False, _data_seed(config, 0))
+
+
+def model_input_size(config: TrainConfig) -> tuple[int, ...]:
+    """The shape (without the batch) of one input of the run's model: its data's images, with as many
+    channels as the model's first conv takes (a torchvision model on grey images: 3); SR: an LR patch.
+
+    >>> model_input_size(TrainConfig(model="examples:RepVGGNet", data="imagefolder:/x", input_size=(1, 64, 48),
+    ...                              classes=("a", "b")))
+    (1, 64, 48)
+    """
+    from .data.kinds import data_shape
+
+    _, size = data_shape(config)
+    if config.task == "sr":
+        return tuple(size)
+    return ((input_channels(float_model(config)) or size[0]), *size[1:])
 
 
 # ---------------------------------------------------------------------------
@@ -512,20 +656,23 @@ def evaluate_sr(model: nn.Module, loader: Iterable, scale: int, *, device: torch
 
 def evaluate(model: nn.Module, config: TrainConfig, test_loader: Iterable, *, device: torch.device | str = "cpu",
              progress: bool = False, input_transform: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-    """``{"top1": %}`` for Fashion-MNIST or ``{"psnr": dB}`` for SR.
+    """``{"top1": %}`` for classification or ``{"psnr": dB}`` for SR.
 
     >>> evaluate(nn.Flatten(), TrainConfig(model="m:N"), [(torch.eye(3), torch.arange(3))])
     {'top1': 100.0}
     """
-    if config.data == "sr":
+    if config.task == "sr":
         return {"psnr": evaluate_sr(model, test_loader, config.scale, device=device, progress=progress)}
     return {"top1": evaluate_classifier(model, test_loader, device=device, progress=progress,
                                         input_transform=input_transform)}
 
 
 def _channel_adapter(config: TrainConfig) -> Callable[[Tensor], Tensor] | None:
-    """Grey Fashion-MNIST into a model whose first conv wants 3 channels (timm/torchvision): repeat it."""
-    if config.data != "fashion-mnist" or config.model.startswith("examples:"):
+    """Grey images into a model whose first conv wants 3 channels (torchvision, or a model built without
+    arguments): repeat them."""
+    from .data.kinds import data_shape
+
+    if config.task != "classification" or data_shape(config)[1][0] != 1:
         return None
     if input_channels(float_model(config)) == 3:
         return lambda x: x.expand(-1, 3, -1, -1)
@@ -604,14 +751,30 @@ def restore(path: str | os.PathLike[str], model_spec: str | None = None,
     >>> ckpt["config"]["method"], type(model).__name__                             # doctest: +SKIP
     ('repq-bn', 'GraphModule')
     """
+    from .data.kinds import canonical_data
+
     ckpt = load_checkpoint(path)
     saved = TrainConfig.from_dict(ckpt["config"])
-    for name, value in (("model", model_spec), ("data", data)):
+    for name, value in (("model", model_spec), ("data", data and canonical_data(data))):
         if value is not None and getattr(saved, name) != value:
             raise CheckpointError(f"checkpoint {path} was trained with {name} {getattr(saved, name)!r}, not {value!r}")
     model = build_model(saved)
     _load_state(model, ckpt["model"], str(path))
     return model.eval(), ckpt
+
+
+def _check_same_classes(path: str | os.PathLike[str], saved: TrainConfig, config: TrainConfig) -> None:
+    """The float checkpoint ``path`` was trained on the classes and channels of ``config``'s data."""
+    from .data.kinds import data_shape
+
+    (n_saved, size_saved), (n_now, size_now) = data_shape(saved), data_shape(config)
+    if (saved.classes, n_saved, size_saved[0]) != (config.classes, n_now, size_now[0]):
+        def what(c: TrainConfig, n: int | None, channels: int) -> str:
+            names = f": {', '.join(c.classes)}" if c.classes else ""
+            return f"{c.data} ({n} classes{names}; {channels}-channel images)"
+
+        raise CheckpointError(f"--from {path} was trained on {what(saved, n_saved, size_saved[0])}, this run's "
+                              f"data is {what(config, n_now, size_now[0])}; train a float model on this data first")
 
 
 def _check_resumable(path: Path, saved: TrainConfig, config: TrainConfig) -> None:
@@ -645,8 +808,12 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
     saved fp.pt
     {'epoch': 1, 'loss': 1.6012, 'seconds': 3.1, 'top1': 45.2}
     """
+    from .data.kinds import data_classes
+
     out = Path(out)
     config = config.resolved()
+    if config.classes is None:
+        config = replace(config, classes=data_classes(config))  # an image folder's classes (its folders only)
     torch.manual_seed(config.seed)
     ckpt = None
     if resume and out.exists():
@@ -672,6 +839,7 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
             if saved.method != "fp" or saved.model != config.model:
                 raise CheckpointError(f"--from {config.from_ckpt} must be a float (method fp) checkpoint of "
                                       f"{config.model}; it is method {saved.method!r} of {saved.model!r}")
+            _check_same_classes(config.from_ckpt, saved, config)
             float_state = source["model"]
             config = replace(config, fit_data=saved.fit_data)  # the model the float run built
         elif config.quantized:
@@ -702,7 +870,7 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("metrics", {}).get("history", []))
         log(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
 
-    loss_fn = F.l1_loss if config.data == "sr" else F.cross_entropy
+    loss_fn = F.l1_loss if config.task == "sr" else F.cross_entropy
     stepped = model
     if compile and start_epoch < config.epochs:
         from .compiling import compile as compile_model
@@ -757,18 +925,35 @@ def _metric_text(metrics: dict[str, Any]) -> str:
 
 
 def run_eval(path: str | os.PathLike[str], model_spec: str | None = None, data: str | None = None, *,
-             device: str = "cpu", progress: bool = True, test_subset: int | None = None) -> dict[str, float]:
+             device: str = "cpu", progress: bool = True, test_subset: int | None = None,
+             workers: int = 0) -> dict[str, float]:
     """Evaluate the checkpoint ``path`` on the test set of its data (``test_subset``: the first
-    images only); ``model_spec``/``data``, if given, must match the checkpoint.
+    images only; an image folder's ``val/``); ``model_spec``, if given, must match the checkpoint.
+    ``data``, if given, must be the checkpoint's, except that a folder may be another folder of
+    the same kind (for an image folder, one whose ``val/`` classes the model knows).
     Returns ``{"top1": %}`` or ``{"psnr": dB}``.
 
     >>> run_eval("fp.pt", "examples:RepVGGNet")   # doctest: +SKIP
     {'top1': 92.5}
     """
-    model, ckpt = restore(path, model_spec, data)
+    from .data.kinds import canonical_data, parse_data
+    from .errors import DatasetNotFoundError
+
+    model, ckpt = restore(path, model_spec)
     saved = TrainConfig.from_dict(ckpt["config"])
-    saved.test_subset = test_subset
+    if data is not None:
+        data = canonical_data(data)
+        (kind, folder), saved_kind = parse_data(data), parse_data(saved.data)[0]
+        if data != saved.data and (folder is None or kind != saved_kind):
+            raise CheckpointError(f"checkpoint {path} was trained with data {saved.data!r}, not {data!r}")
+    evaluated = replace(saved, data=data or saved.data, test_subset=test_subset, workers=workers)
     model.to(device)
-    _, test_loader = make_loaders(saved)
-    return evaluate(model, saved, test_loader, device=device, progress=progress,
-                    input_transform=_channel_adapter(saved))
+    try:
+        test_loader = make_test_loader(evaluated)
+    except DatasetNotFoundError as e:
+        if parse_data(evaluated.data)[1] is None:
+            raise
+        raise DatasetNotFoundError(f"{e}; to evaluate {path} on a folder elsewhere, pass --data "
+                                   f"{parse_data(evaluated.data)[0]}:DIR") from None
+    return evaluate(model, evaluated, test_loader, device=device, progress=progress,
+                    input_transform=_channel_adapter(evaluated))

@@ -254,7 +254,7 @@ class ECBSR(nn.Module):
 class ExampleNetwork:
     """A registered example: how to build it, what it is for, and the shape of one input (no batch)."""
 
-    build: Callable[[], nn.Module]
+    build: Callable[..., nn.Module]  # classifiers take num_classes= and in_channels=
     task: str  # "classification" (Fashion-MNIST, 10 classes) or "sr" (x2 super-resolution on Y)
     input_size: tuple[int, ...]
     description: str
@@ -267,23 +267,25 @@ NETWORKS: dict[str, ExampleNetwork] = {
                                   "the small RepVGG with QARepVGG blocks"),
     "ResNet18": ExampleNetwork(ResNet18, "classification", (1, 28, 28),
                                "plain ResNet-18, widths 16/32/64/128, 3x3 stem without max-pool"),
-    "ACResNet18": ExampleNetwork(lambda: ResNet18(ACNetBuilder()), "classification", (1, 28, 28),
+    "ACResNet18": ExampleNetwork(lambda **kw: ResNet18(ACNetBuilder(), **kw), "classification", (1, 28, 28),
                                  "ResNet-18 with ACNet blocks (kxk + kx1 + 1xk)"),
-    "DBBResNet18": ExampleNetwork(lambda: ResNet18(DBBBuilder()), "classification", (1, 28, 28),
+    "DBBResNet18": ExampleNetwork(lambda **kw: ResNet18(DBBBuilder(), **kw), "classification", (1, 28, 28),
                                   "ResNet-18 with Diverse Branch Blocks"),
-    "OREPAResNet18": ExampleNetwork(lambda: ResNet18(OREPABuilder()), "classification", (1, 28, 28),
+    "OREPAResNet18": ExampleNetwork(lambda **kw: ResNet18(OREPABuilder(), **kw), "classification", (1, 28, 28),
                                     "ResNet-18 with OREPA-style blocks"),
     "ECBSR": ExampleNetwork(ECBSR, "sr", (1, 32, 32), "ECBSR M4C16, x2, Y channel"),
 }
 
 
-def build_network(name: str) -> nn.Module:
-    """A new instance of the registered example network ``name`` (random weights).
+def build_network(name: str, **options: object) -> nn.Module:
+    """A new instance of the registered example network ``name`` (random weights); ``options``
+    (the classifiers' ``num_classes`` and ``in_channels``) go to its constructor.
 
     >>> type(build_network("DBBResNet18").stem).__name__
     'DiverseBranchBlock'
+    >>> build_network("ACResNet18", num_classes=3).linear.out_features
+    3
     """
-    try:
-        return NETWORKS[name].build()
-    except KeyError:
-        raise KeyError(f"no example network {name!r}; known: {', '.join(NETWORKS)}") from None
+    if name not in NETWORKS:
+        raise KeyError(f"no example network {name!r}; known: {', '.join(NETWORKS)}")
+    return NETWORKS[name].build(**options)
