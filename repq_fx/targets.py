@@ -22,6 +22,8 @@ that runs is the model that trained; :mod:`repq_fx.export.saturation` checks it 
 (-128, 127)
 >>> get_target("onnxruntime-u8u8").weight_range(bits=8, input_max=255)
 (-128, 127)
+>>> get_target("xnnpack").weight_range(bits=8, input_max=255)   # int8 inputs, ARM's 16-bit pair sums
+(-127, 127)
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 INT16_MAX = 32767
+ACTIVATION_SHIFT = 128  # uint8 -> int8 storage of an activation grid: q - 128, zero point z - 128
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,23 @@ class Target:
     weight_container: str  # "int8", or "uint8": stored as w + 128 with zero point 128 (u8u8 kernels)
     int16_pair_sums: bool  # the runtime may add two products in 16 bits (u8s8 kernels without VNNI)
     exact_on: str  # the CPUs on which the runtime computes this grid exactly
+    # "uint8", or "int8": an activation grid [0, 2**b - 1] with zero point z stored as [-128, 2**b - 129] with
+    # zero point z - 128 (the same grid; XNNPACK's qint8 tensors)
+    activation_container: str = "uint8"
+
+    def stored_input_max(self, input_max: int) -> int:
+        """The largest magnitude of an activation integer as this runtime stores it: ``input_max`` in uint8,
+        ``max(128, input_max - 128)`` once shifted into int8."""
+        if self.activation_container == "int8":
+            return max(ACTIVATION_SHIFT, int(input_max) - ACTIVATION_SHIFT)
+        return int(input_max)
 
     def weight_range(self, bits: int, input_max: int) -> tuple[int, int]:
         """The integer range of a layer's weights: symmetric ``bits`` bits, narrowed where 16-bit pair
-        sums of ``input_max * |w|`` could overflow."""
+        sums of ``stored input * |w|`` could overflow."""
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         if self.int16_pair_sums:
-            limit = INT16_MAX // (2 * max(int(input_max), 1))
+            limit = INT16_MAX // (2 * max(self.stored_input_max(input_max), 1))
             lo, hi = max(lo, -limit), min(hi, limit)
         return lo, hi
 
@@ -79,6 +92,16 @@ register_target(Target(
     "accumulate in 32 bits", "int8", False,
     "x86 with AVX512-VNNI or AVX-VNNI, and ARM (wrong on other x86 CPUs: 16-bit pair sums saturate)"))
 
+# XNNPACK (ExecuTorch's CPU backend) runs qs8 convs: int8 activations (per tensor, any zero point), int8
+# per-channel weights with zero point 0, int32 bias. Its x86 kernels accumulate pairs in 32 bits (AVX2
+# vpmaddwd on sign-extended int16, VNNI vpdpbusd), but the ARM NEON "mlal" kernels add two int8 x int8
+# products in an int16 (vmull_s8 + vmlal_s8): 2 * 128 * 128 overflows, so |w| <= 127, as XNNPACK's own
+# quantizer (qmin -127) trains
+register_target(Target(
+    "xnnpack", "ExecuTorch XNNPACK qs8 convs: int8 activations (the uint8 grid shifted by 128), int8 per-channel "
+    "weights in [-127, 127] (16-bit pair sums of ARM's NEON kernels)", "int8", True,
+    "every CPU: x86 (32-bit pair sums) and ARM", activation_container="int8"))
+
 DEFAULT_TARGET = "onnxruntime"
 # the grid every model was trained on before targets existed (full-range int8 weights)
 LEGACY_TARGET = "onnxruntime-vnni"
@@ -87,14 +110,14 @@ LEGACY_TARGET = "onnxruntime-vnni"
 def get_target(name: str) -> Target:
     """The registered target ``name``; an unknown name is a :class:`~repq_fx.errors.ConfigError`.
 
-    >>> get_target("tflite")
+    >>> get_target("tflite")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', 'onnxruntime-vnni'; got 'tflite'
+    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', ...; got 'tflite'
     """
     if name not in TARGETS:
         raise ConfigError(f"QConfig.target must be one of {', '.join(repr(t) for t in TARGETS)}; got {name!r}")
     return TARGETS[name]
 
 
-__all__ = ["Target", "TARGETS", "DEFAULT_TARGET", "LEGACY_TARGET", "get_target", "register_target"]
+__all__ = ["Target", "TARGETS", "ACTIVATION_SHIFT", "DEFAULT_TARGET", "LEGACY_TARGET", "get_target", "register_target"]

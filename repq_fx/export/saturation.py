@@ -53,13 +53,15 @@ def _pair_sums(weight: torch.Tensor, input_max: int) -> torch.Tensor:
 
 
 def input_max(gm: fx.GraphModule, layer: fx.Node) -> int:
-    """The largest integer the input of an integer layer can take: its quantizer's ``quant_max``
-    (255 when the input is not produced by a quantizer, the uint8 container's limit)."""
+    """The largest magnitude of the integers the input of an integer layer can take, as its quantizer stores
+    them (``quant_max`` in uint8; 128 for a grid shifted into int8), 255 when the input is not produced by a
+    quantizer (the uint8 container's limit)."""
     x = layer.args[0]
     if isinstance(x, fx.Node) and x.op == "call_module":
         module = gm.get_submodule(x.target)
         if isinstance(module, QuantizeDequantize):
-            return max(abs(module.quant_min), abs(module.quant_max))
+            _, lo, hi, _ = module.stored()
+            return max(abs(lo), abs(hi))
     return _UINT8_MAX
 
 
