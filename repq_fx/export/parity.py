@@ -85,17 +85,34 @@ def onnx_runtime_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[tor
     sess = session(path, threads)
     feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
     actual = sess.run(None, feed)
+    within, worst, compared = step_agreement(actual, lowered, inputs)
+    return Parity(within, worst, compared, optimized_ops(path))
+
+
+def step_agreement(actual: Sequence[Any], lowered: fx.GraphModule,
+                   inputs: Sequence[torch.Tensor]) -> tuple[float, float, int]:
+    """Any runtime's flattened outputs ``actual`` (arrays or tensors) on ``inputs`` against ``lowered``'s, in
+    output quantization steps: ``(fraction within one step, largest difference in steps, values compared)``.
+
+    >>> import torch.nn as nn, repq_fx
+    >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> _ = repq_fx.calibrate(q, [torch.randn(4, 3, 8, 8)])
+    >>> lowered, x = repq_fx.lower(q), torch.randn(2, 3, 8, 8)
+    >>> step_agreement([lowered(x)], lowered, (x,))
+    (1.0, 0.0, 576)
+    """
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in tree_leaves(lowered.eval()(*inputs))]
     within = compared = 0
     worst = 0.0
     for got, ref, step in zip(actual, expected, output_steps(lowered)):
+        got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
         scale = step if step else max(float(np.abs(ref).max()), 1.0) * 1e-5
-        steps = np.abs(got.astype(np.float64) - ref.astype(np.float64)) / scale
+        steps = np.abs(got.astype(np.float64).reshape(ref.shape) - ref.astype(np.float64)) / scale
         within += int((steps <= 1.001).sum())
         compared += steps.size
         worst = max(worst, float(steps.max()) if steps.size else 0.0)
-    return Parity(within / max(compared, 1), worst, compared, optimized_ops(path))
+    return within / max(compared, 1), worst, compared
 
 
 def cpu_int8_features(flags: Sequence[str] | None = None, machine: str | None = None) -> str:
@@ -248,5 +265,5 @@ def check_onnx_runtime(path: str, lowered: fx.GraphModule, inputs: Sequence[Any]
                            f"end: {parity}. This machine is {cpu_int8_features()}; {cause}")
 
 
-__all__ = ["Parity", "SegmentParity", "AGREEMENT", "output_steps", "onnx_runtime_parity", "segment_parity",
+__all__ = ["Parity", "SegmentParity", "AGREEMENT", "output_steps", "step_agreement", "onnx_runtime_parity", "segment_parity",
            "cpu_int8_features", "check_onnx_runtime"]
