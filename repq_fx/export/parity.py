@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -206,10 +206,11 @@ def _snapshot_values(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) ->
 
 
 def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Tensor],
-                   threads: int = 1) -> list[SegmentParity]:
+                   threads: int = 1, run: Callable[[bytes, dict], np.ndarray] | None = None) -> list[SegmentParity]:
     """Every quantizer of ``lowered`` and what computes its input since the previous quantizers, cut out of
     the exported file (``onnx.utils.Extractor``) and run in ONNX Runtime on the lowered model's own values:
-    each layer's agreement, free of the amplification of rounding ties through a deep network."""
+    each layer's agreement, free of the amplification of rounding ties through a deep network.
+    ``run(serialized ONNX model, feed)`` runs a segment in another runtime (default: ONNX Runtime, ``threads``)."""
     import onnx
     from onnx.utils import Extractor
 
@@ -236,8 +237,11 @@ def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
         feed.update({name: values[n].detach().cpu().numpy() for n, name in model_inputs if name not in feed})
         sub = extractor.extract_model(list(feed), [names["quantizers"][node.target][1]])
         needed = {i.name for i in sub.graph.input}
-        (got,) = session_from_bytes(sub.SerializeToString(), threads).run(
-            None, {k: v for k, v in feed.items() if k in needed})
+        feed = {k: v for k, v in feed.items() if k in needed}
+        if run is None:
+            (got,) = session_from_bytes(sub.SerializeToString(), threads).run(None, feed)
+        else:
+            got = run(sub.SerializeToString(), feed)
         ref = values[node].detach().cpu().numpy()
         step = float(lowered.get_submodule(node.target).scale)
         steps = np.abs(got.astype(np.float64) - ref.astype(np.float64)) / step
