@@ -62,3 +62,15 @@ def test_openvino_runs_every_conv_in_int8_and_matches_layer_by_layer(tmp_path) -
 def test_missing_onnx_file_is_an_export_error(tmp_path) -> None:
     with pytest.raises(repq_fx.errors.ExportError, match="export it first"):
         save_ir(str(tmp_path / "none.onnx"), str(tmp_path / "m.xml"))
+
+
+def test_onnx_of_an_xnnpack_model_is_refused_where_x86_kernels_would_saturate(tmp_path) -> None:
+    """x86 ONNX runtimes (ONNX Runtime, OpenVINO) run int8 activations as uint8, so the xnnpack grid's |w| up to 127
+    can overflow their 16-bit pair sums (measured here with OpenVINO on AVX2: a layer 25 steps off): export_onnx
+    checks the pairs on the uint8 grid and refuses, naming the target that trains an exact grid."""
+    _, qmodel = prepared(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), (4, 3, 12, 12),
+                         repq_fx.QConfig(target="xnnpack"))
+    lowered = repq_fx.lower(qmodel)
+    assert max(int(m.weight.abs().max()) for m in lowered.modules() if isinstance(m, QuantizedConv2d)) > 64
+    with pytest.raises(repq_fx.errors.SaturationError, match="target='onnxruntime'"):
+        repq_fx.export_onnx(lowered, (torch.randn(1, 3, 12, 12),), str(tmp_path / "m.onnx"))
