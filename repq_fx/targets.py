@@ -31,6 +31,8 @@ there is no pair-sum limit:
 >>> trt = get_target("tensorrt")
 >>> trt.symmetric_activations, trt.weight_range(bits=8, input_max=128)
 (True, (-127, 127))
+>>> get_target("xnnpack").weight_range(bits=8, input_max=255)   # int8 inputs, ARM's 16-bit pair sums
+(-127, 127)
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 INT16_MAX = 32767
+ACTIVATION_SHIFT = 128  # uint8 -> int8 storage of an activation grid: q - 128, zero point z - 128
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,23 @@ class Target:
     symmetric_activations: bool = False  # signed activations, zero point 0 (else unsigned with a zero point)
     narrow_weights: bool = False  # weights in [-(2^(b-1) - 1), 2^(b-1) - 1]: TensorRT's [-127, 127]
     quantize_add_inputs: bool = False  # conv -> add(other): Q/DQ on `other`, none between the conv and the add
+    # "uint8", or "int8": an activation grid [0, 2**b - 1] with zero point z stored as [-128, 2**b - 129] with
+    # zero point z - 128 (the same grid; XNNPACK's qint8 tensors)
+    activation_container: str = "uint8"
+
+    def stored_input_max(self, input_max: int) -> int:
+        """The largest magnitude of an activation integer as this runtime stores it: ``input_max`` in uint8,
+        ``max(128, input_max - 128)`` once shifted into int8."""
+        if self.activation_container == "int8":
+            return max(ACTIVATION_SHIFT, int(input_max) - ACTIVATION_SHIFT)
+        return int(input_max)
 
     def weight_range(self, bits: int, input_max: int) -> tuple[int, int]:
         """The integer range of a layer's weights: symmetric ``bits`` bits, narrowed where 16-bit pair
-        sums of ``input_max * |w|`` could overflow."""
+        sums of ``stored input * |w|`` could overflow."""
         lo, hi = -(2 ** (bits - 1)) + int(self.narrow_weights), 2 ** (bits - 1) - 1
         if self.int16_pair_sums:
-            limit = INT16_MAX // (2 * max(int(input_max), 1))
+            limit = INT16_MAX // (2 * max(self.stored_input_max(input_max), 1))
             lo, hi = max(lo, -limit), min(hi, limit)
         return lo, hi
 
@@ -99,6 +112,16 @@ register_target(Target(
     "NVIDIA GPUs (TensorRT); ONNX Runtime on any CPU with int8 QDQ kept (session.qdqisint8allowed=1)",
     symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True))
 
+# XNNPACK (ExecuTorch's CPU backend) runs qs8 convs: int8 activations (per tensor, any zero point), int8
+# per-channel weights with zero point 0, int32 bias. Its x86 kernels accumulate pairs in 32 bits (AVX2
+# vpmaddwd on sign-extended int16, VNNI vpdpbusd), but the ARM NEON "mlal" kernels add two int8 x int8
+# products in an int16 (vmull_s8 + vmlal_s8): 2 * 128 * 128 overflows, so |w| <= 127, as XNNPACK's own
+# quantizer (qmin -127) trains
+register_target(Target(
+    "xnnpack", "ExecuTorch XNNPACK qs8 convs: int8 activations (the uint8 grid shifted by 128), int8 per-channel "
+    "weights in [-127, 127] (16-bit pair sums of ARM's NEON kernels)", "int8", True,
+    "every CPU: x86 (32-bit pair sums) and ARM", activation_container="int8"))
+
 DEFAULT_TARGET = "onnxruntime"
 # the grid every model was trained on before targets existed (full-range int8 weights)
 LEGACY_TARGET = "onnxruntime-vnni"
@@ -107,14 +130,14 @@ LEGACY_TARGET = "onnxruntime-vnni"
 def get_target(name: str) -> Target:
     """The registered target ``name``; an unknown name is a :class:`~repq_fx.errors.ConfigError`.
 
-    >>> get_target("tflite")
+    >>> get_target("tflite")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', 'onnxruntime-vnni', 'tensorrt'; got 'tflite'
+    repq_fx.errors.ConfigError: QConfig.target must be one of 'onnxruntime', 'onnxruntime-u8u8', ...; got 'tflite'
     """
     if name not in TARGETS:
         raise ConfigError(f"QConfig.target must be one of {', '.join(repr(t) for t in TARGETS)}; got {name!r}")
     return TARGETS[name]
 
 
-__all__ = ["Target", "TARGETS", "DEFAULT_TARGET", "LEGACY_TARGET", "get_target", "register_target"]
+__all__ = ["Target", "TARGETS", "ACTIVATION_SHIFT", "DEFAULT_TARGET", "LEGACY_TARGET", "get_target", "register_target"]

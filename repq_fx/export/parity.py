@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,17 +85,34 @@ def onnx_runtime_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[tor
     sess = session(path, threads)
     feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), inputs)}
     actual = sess.run(None, feed)
+    within, worst, compared = step_agreement(actual, lowered, inputs)
+    return Parity(within, worst, compared, optimized_ops(path))
+
+
+def step_agreement(actual: Sequence[Any], lowered: fx.GraphModule,
+                   inputs: Sequence[torch.Tensor]) -> tuple[float, float, int]:
+    """Any runtime's flattened outputs ``actual`` (arrays or tensors) on ``inputs`` against ``lowered``'s, in
+    output quantization steps: ``(fraction within one step, largest difference in steps, values compared)``.
+
+    >>> import torch.nn as nn, repq_fx
+    >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> _ = repq_fx.calibrate(q, [torch.randn(4, 3, 8, 8)])
+    >>> lowered, x = repq_fx.lower(q), torch.randn(2, 3, 8, 8)
+    >>> step_agreement([lowered(x)], lowered, (x,))
+    (1.0, 0.0, 576)
+    """
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in tree_leaves(lowered.eval()(*inputs))]
     within = compared = 0
     worst = 0.0
     for got, ref, step in zip(actual, expected, output_steps(lowered)):
+        got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
         scale = step if step else max(float(np.abs(ref).max()), 1.0) * 1e-5
-        steps = np.abs(got.astype(np.float64) - ref.astype(np.float64)) / scale
+        steps = np.abs(got.astype(np.float64).reshape(ref.shape) - ref.astype(np.float64)) / scale
         within += int((steps <= 1.001).sum())
         compared += steps.size
         worst = max(worst, float(steps.max()) if steps.size else 0.0)
-    return Parity(within / max(compared, 1), worst, compared, optimized_ops(path))
+    return within / max(compared, 1), worst, compared
 
 
 def cpu_int8_features(flags: Sequence[str] | None = None, machine: str | None = None) -> str:
@@ -189,10 +206,11 @@ def _snapshot_values(lowered: fx.GraphModule, inputs: Sequence[torch.Tensor]) ->
 
 
 def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Tensor],
-                   threads: int = 1) -> list[SegmentParity]:
+                   threads: int = 1, run: Callable[[bytes, dict], np.ndarray] | None = None) -> list[SegmentParity]:
     """Every quantizer of ``lowered`` and what computes its input since the previous quantizers, cut out of
     the exported file (``onnx.utils.Extractor``) and run in ONNX Runtime on the lowered model's own values:
-    each layer's agreement, free of the amplification of rounding ties through a deep network."""
+    each layer's agreement, free of the amplification of rounding ties through a deep network.
+    ``run(serialized ONNX model, feed)`` runs a segment in another runtime (default: ONNX Runtime, ``threads``)."""
     import onnx
     from onnx.utils import Extractor
 
@@ -219,8 +237,11 @@ def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
         feed.update({name: values[n].detach().cpu().numpy() for n, name in model_inputs if name not in feed})
         sub = extractor.extract_model(list(feed), [names["quantizers"][node.target][1]])
         needed = {i.name for i in sub.graph.input}
-        (got,) = session_from_bytes(sub.SerializeToString(), threads).run(
-            None, {k: v for k, v in feed.items() if k in needed})
+        feed = {k: v for k, v in feed.items() if k in needed}
+        if run is None:
+            (got,) = session_from_bytes(sub.SerializeToString(), threads).run(None, feed)
+        else:
+            got = run(sub.SerializeToString(), feed)
         ref = values[node].detach().cpu().numpy()
         step = float(lowered.get_submodule(node.target).scale)
         steps = np.abs(got.astype(np.float64) - ref.astype(np.float64)) / step
@@ -248,5 +269,5 @@ def check_onnx_runtime(path: str, lowered: fx.GraphModule, inputs: Sequence[Any]
                            f"end: {parity}. This machine is {cpu_int8_features()}; {cause}")
 
 
-__all__ = ["Parity", "SegmentParity", "AGREEMENT", "output_steps", "onnx_runtime_parity", "segment_parity",
+__all__ = ["Parity", "SegmentParity", "AGREEMENT", "output_steps", "step_agreement", "onnx_runtime_parity", "segment_parity",
            "cpu_int8_features", "check_onnx_runtime"]

@@ -52,19 +52,23 @@ def _pair_sums(weight: torch.Tensor, input_max: int) -> torch.Tensor:
     return top * int(input_max)
 
 
-def input_max(gm: fx.GraphModule, layer: fx.Node) -> int:
-    """The largest integer the input of an integer layer can take: its quantizer's ``quant_max``
-    (255 when the input is not produced by a quantizer, the uint8 container's limit)."""
+def input_max(gm: fx.GraphModule, layer: fx.Node, stored: bool = True) -> int:
+    """The largest magnitude of the integers the input of an integer layer can take, as its quantizer stores
+    them (``quant_max`` in uint8; 128 for a grid shifted into int8) or, with ``stored=False``, on its own grid
+    (``quant_max``: what x86 ONNX runtimes compute with, which run int8 activations as uint8); 255 when the
+    input is not produced by a quantizer (the uint8 container's limit)."""
     x = layer.args[0]
     if isinstance(x, fx.Node) and x.op == "call_module":
         module = gm.get_submodule(x.target)
         if isinstance(module, QuantizeDequantize):
-            return max(abs(module.quant_min), abs(module.quant_max))
+            _, lo, hi, _ = module.stored() if stored else (None, module.quant_min, module.quant_max, None)
+            return max(abs(lo), abs(hi))
     return _UINT8_MAX
 
 
-def int16_pair_overflows(lowered: fx.GraphModule) -> list[PairSumOverflow]:
-    """Every integer layer of ``lowered`` whose worst pair sum exceeds int16 (empty: safe everywhere).
+def int16_pair_overflows(lowered: fx.GraphModule, stored: bool = True) -> list[PairSumOverflow]:
+    """Every integer layer of ``lowered`` whose worst pair sum exceeds int16 (empty: safe everywhere); inputs as
+    stored, or on their own grids (``stored=False``, see :func:`input_max`).
 
     >>> import torch.nn as nn, repq_fx
     >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3)), repq_fx.QConfig(target="onnxruntime-vnni"))
@@ -83,7 +87,7 @@ def int16_pair_overflows(lowered: fx.GraphModule) -> list[PairSumOverflow]:
         module = lowered.get_submodule(node.target)
         if not isinstance(module, (QuantizedConv2d, QuantizedLinear)) or not module.weight.numel():
             continue
-        a_max = input_max(lowered, node)
+        a_max = input_max(lowered, node, stored)
         sums = _pair_sums(module.weight, a_max)
         channel = int(sums.argmax())
         if int(sums[channel]) > INT16_MAX:

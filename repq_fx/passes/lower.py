@@ -69,6 +69,7 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
     folder = _WeightFolder(gm)
     target = getattr(getattr(qmodel, "repq_config", None), "target", DEFAULT_TARGET)
     container = get_target(target).weight_container
+    activations = get_target(target).activation_container
     lowered = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _LAYERS:
@@ -79,7 +80,7 @@ def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
         if isinstance(module, ActFakeQuant):
             _set_module(gm, path, QuantizeDequantize(module.scale.detach().reshape(()).float(),
                                                      module.zero_point.reshape(()), module.quant_min,
-                                                     module.quant_max))
+                                                     module.quant_max, activations))
     gm.graph.eliminate_dead_code()
     leftover = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                    WeightFakeQuant)]

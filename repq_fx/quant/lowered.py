@@ -48,9 +48,10 @@ class QuantizeDequantize(nn.Module):
     """
 
     def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, quant_min: int,
-                 quant_max: int) -> None:
+                 quant_max: int, container: str | None = None) -> None:
         super().__init__()
         self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+        self.storage = container  # the 8-bit type of the traced form ("uint8"/"int8"); None: the grid's own
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1).clone())
         self.register_buffer("zero_point", torch.as_tensor(zero_point).round().to(torch.int32).reshape(1).clone())
         self._constants()
@@ -65,8 +66,34 @@ class QuantizeDequantize(nn.Module):
 
     @property
     def container(self) -> torch.dtype:
-        """The 8-bit integer type that holds the grid: uint8, or int8 for a grid with negative values."""
+        """The 8-bit integer type that holds the grid in the traced form: :attr:`storage` if set, else uint8, or
+        int8 for a grid with negative values."""
+        if self.storage is not None:
+            return torch.int8 if self.storage == "int8" else torch.uint8
         return torch.int8 if self.quant_min < 0 else torch.uint8
+
+    def set_container(self, container: str | None) -> None:
+        """Store the grid as ``"int8"`` or ``"uint8"`` in the traced form (None: its own type). A uint8 grid
+        moves into int8 as ``q - 128`` with zero point ``z - 128`` (XNNPACK): the same grid, the same values.
+
+        >>> qdq = QuantizeDequantize(scale=0.5, zero_point=3, quant_min=0, quant_max=255)
+        >>> qdq.set_container("int8"); qdq.stored()
+        (-125, -128, 127, torch.int8)
+        """
+        if container not in (None, "int8", "uint8"):
+            raise ValueError(f"container must be 'int8', 'uint8' or None; got {container!r}")
+        self.storage = container
+
+    def stored(self) -> tuple[int, int, int, torch.dtype]:
+        """``(zero point, quant_min, quant_max, dtype)`` of the traced form: the grid shifted into :attr:`container`."""
+        dtype = self.container
+        natural = torch.int8 if self.quant_min < 0 else torch.uint8
+        shift = 0 if dtype == natural else (-128 if dtype == torch.int8 else 128)
+        lo, hi = self.quant_min + shift, self.quant_max + shift
+        info = torch.iinfo(dtype)
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"the grid [{self.quant_min}, {self.quant_max}] does not fit {dtype} shifted by {shift}")
+        return self._zero_point_value + shift, lo, hi, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tracing():
@@ -77,9 +104,9 @@ class QuantizeDequantize(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """``dequantize_per_tensor(quantize_per_tensor(x))``: the same values, as reference-representation ops."""
-        args = (self._scale_value, self._zero_point_value, self.quant_min, self.quant_max, self.container)
-        q = _qd.quantize_per_tensor.default(x.float(), *args)
-        return _qd.dequantize_per_tensor.default(q, *args).to(x.dtype)
+        args = (self._scale_value, *self.stored())
+        q = _qd.quantize_per_tensor.default(_as(x, torch.float32), *args)
+        return _as(_qd.dequantize_per_tensor.default(q, *args), x.dtype)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, "
@@ -135,6 +162,12 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("_weight_acc", self.weight.to(dtype), persistent=False)
         self.register_buffer("_bias_acc", None if self.bias is None else self.bias.to(dtype), persistent=False)
         self.register_buffer("_output_scale", self.output_scale().to(dtype), persistent=False)
+        # the traced form's bias scale and float bias, constants so exporters see no arithmetic on them
+        self.register_buffer("_bias_scale", self.output_scale(), persistent=False)
+        self.register_buffer("_float_bias", None if self.bias is None else
+                             (self.bias.to(torch.float64) * self._bias_scale.to(torch.float64)).to(torch.float32),
+                             persistent=False)
+        self.float_bias = getattr(self, "float_bias", False)
         self.set_weight_container(self.weight_container)
 
     def set_weight_container(self, container: str) -> None:
@@ -156,10 +189,18 @@ class _IntegerLayer(nn.Module):
         weight = _qd.dequantize_per_channel.default(self._deploy_weight, self.weight_scale, self._deploy_zero_point,
                                                     0, info.min, info.max, dtype)
         bias = None
-        if self.bias is not None:
-            bias = _qd.dequantize_per_channel.default(self.bias, self.output_scale(), self._bias_zero_point, 0,
+        if self.bias is not None and self.float_bias:
+            bias = self._float_bias
+        elif self.bias is not None:
+            bias = _qd.dequantize_per_channel.default(self.bias, self._bias_scale, self._bias_zero_point, 0,
                                                       _INT32.min, _INT32.max, torch.int32)
         return weight, bias
+
+    def set_float_bias(self, on: bool = True) -> None:
+        """Trace the bias as the float constant ``b * s_x * s_w`` (float32) instead of ``dequantize_per_channel`` of
+        the int32 bias: XNNPACK's delegate wants a float bias, which it quantizes back to int32 at scale
+        ``s_x * s_w`` itself. The eager arithmetic is unchanged."""
+        self.float_bias = bool(on)
 
     def _integers(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x.to(self.accumulate_in) / self.input_scale.to(self.accumulate_in))
@@ -187,7 +228,7 @@ class QuantizedConv2d(_IntegerLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tracing():  # x comes dequantized from the QuantizeDequantize before this layer
             weight, bias = self.reference_parameters()
-            return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), self.stride,
+            return F.conv2d(x, _as(weight, x.dtype), None if bias is None else _as(bias, x.dtype), self.stride,
                             self.padding, self.dilation, self.groups)
         acc = F.conv2d(self._integers(x), self._weight_acc, self._bias_acc, self.stride, self.padding,
                        self.dilation, self.groups)
@@ -206,12 +247,18 @@ class QuantizedLinear(_IntegerLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tracing():
             weight, bias = self.reference_parameters()
-            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            return F.linear(x, _as(weight, x.dtype), None if bias is None else _as(bias, x.dtype))
         return self._rescale(F.linear(self._integers(x), self._weight_acc, self._bias_acc), x.dtype, -1)
 
     def extra_repr(self) -> str:
         o, i = self.weight.shape
         return f"in_features={i}, out_features={o}, weight_bits={self.weight_bits}, bias={self.bias is not None}"
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, and no op at all in a traced graph when it has that type already (a no-op ``to`` between a
+    dequantize and its conv hides the quantized pattern from XNNPACK's partitioner)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _pair(v: Any) -> tuple[int, int]:
