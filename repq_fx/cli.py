@@ -125,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="model spec, e.g. examples:RepVGGNet or timm:repvgg_a0")
     p.add_argument("--ckpt", metavar="CKPT", help="a quantized checkpoint written by `repq-fx train` "
                    "(repq-bn, repq-bnest, lsq or ptq); without it, MODEL is prepared and calibrated on random data")
-    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write: .onnx (ONNX Runtime, TensorRT), "
+                   ".pte (ExecuTorch with XNNPACK) or .xml (OpenVINO IR, with the .bin and the .onnx beside it)")
+    p.add_argument("--format", choices=("onnx", "pte", "openvino"), help="the file format (default: from the "
+                   "suffix of --out)")
     p.add_argument("--input-size", type=_size, metavar="CxHxW", help="input shape (batch is dynamic); default: "
                    "a checkpoint's data (1x28x28 for Fashion-MNIST, the --input-size of imagefolder), the timm "
                    "model's own, else 3x224x224")
@@ -134,9 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batches", type=_at_least(1), default=4, help="without --ckpt: random calibration "
                    "batches")
     _add_target_option(p, "without --ckpt: ", default=None)
-    p.add_argument("--check", action="store_true", help="run the file in ONNX Runtime next to the lowered "
-                   "PyTorch model: agreement, and the integer ops of ORT's optimized graph; exit 1 unless "
-                   "99.9 %% of the outputs are within one quantization step")
+    p.add_argument("--check", action="store_true", help="run the file in its runtime (ONNX Runtime, ExecuTorch, "
+                   "OpenVINO) next to the lowered PyTorch model, layer by layer where the runtime allows; exit 1 "
+                   "unless 99.9 %% of the outputs are within one quantization step")
     p.set_defaults(run=_export)
     _add_train_parser(commands)
     _add_eval_parser(commands)
@@ -157,12 +160,18 @@ Finished steps in --workdir are reused (--fresh retrains). Needs Fashion-MNIST (
 """
 
 EXPORT_DESCRIPTION = """\
-Lower a quantized model to one int8 conv per block (`repq_fx.lower`) and write it as QDQ ONNX
-(`repq_fx.export_onnx`): int8 per-channel weights, int32 biases, uint8 activations, which ONNX
-Runtime fuses into QLinearConv.
+Lower a quantized model to one int8 conv per block (`repq_fx.lower`) and write it for a runtime:
+
+  .onnx  QDQ ONNX (`repq_fx.export_onnx`): int8 per-channel weights, int32 biases, 8-bit activations,
+         which ONNX Runtime fuses into QLinearConv (and TensorRT reads, with --target tensorrt)
+  .pte   an ExecuTorch program whose int8 convs XNNPACK runs (static input shape, batch 1)
+  .xml   OpenVINO IR (the .bin and the QDQ .onnx it was converted from are written beside it)
 
   repq-fx export examples:RepVGGNet --ckpt w8a8.pt --out repvgg_int8.onnx --check
-  repq-fx export timm:repvgg_a0 --out repvgg_a0_int8.onnx     (random calibration: latency only)
+  repq-fx export examples:RepVGGNet --ckpt w8a8.pt --out repvgg_int8.pte --check
+  repq-fx export timm:repvgg_a0 --out repvgg_a0_int8.xml      (random calibration: latency only)
+
+--check runs the file in its runtime next to the lowered PyTorch model.
 """
 
 TRAIN_DESCRIPTION = """\
@@ -519,7 +528,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import repq_fx
+    from .export.formats import format_for
 
+    fmt = format_for(args.out, args.format)
+    if not fmt.available:
+        raise RepQError(f"--format {fmt.name} needs {fmt.runtime} (pip install {fmt.package}, or `make setup`)")
     if args.ckpt:
         qmodel, saved = _restore_quantized(args.ckpt, args.model, "export")
         size = args.input_size or _data_size(saved)
@@ -532,12 +545,10 @@ def _export(args: argparse.Namespace) -> int:
         print(f"note: {args.model} calibrated on {args.calib_batches} random batches (no --ckpt): the file is right "
               "for latency and structure, not for accuracy")
     lowered = repq_fx.lower(qmodel)
-    example = torch.randn(1, *size)
-    repq_fx.export_onnx(lowered, (example,), args.out, target=args.target)
-    print(f"wrote {args.out}: {lowered.lowered_layers} int8 layers, input 1x{'x'.join(map(str, size))} "
-          f"(batch dynamic), target {args.target or lowered.repq_target}")
+    described = fmt.write(lowered, torch.randn(1, *size), args.out, args.target)
+    print(f"wrote {args.out}: {lowered.lowered_layers} int8 layers, input 1x{'x'.join(map(str, size))}; {described}")
     if args.check:
-        return _check_onnx(args.out, lowered, torch.randn(8, *size), args.target)
+        return _check_file(args.out, lowered, torch.randn(8, *size), args.target, fmt.name)
     return 0
 
 
@@ -744,30 +755,18 @@ def _ms(seconds: float) -> str:
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
 
 
-def _check_onnx(path: str, lowered: fx.GraphModule, x: torch.Tensor, target: str | None = None) -> int:
-    """The file's form for its target (:mod:`repq_fx.export.tensorrt_check`), then ONNX Runtime against the
-    lowered model on ``x``: 0 when both pass, else 1 with the reason on stderr."""
-    import onnx
-
+def _check_file(path: str, lowered: fx.GraphModule, x: torch.Tensor, target: str | None = None,
+                fmt: str | None = None) -> int:
+    """Run the file in its runtime against the lowered model on ``x`` (:mod:`repq_fx.export.formats`): 0 when
+    it passes, else 1 with the reason on stderr."""
     from .errors import ExportCheckError
-    from .export.parity import check_onnx_runtime
-    from .export.tensorrt_check import RULES, has_float_convs, structure_problems
-    from .targets import get_target
+    from .export.formats import format_for
 
-    scheme = get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET))
-    problems = structure_problems(onnx.load(path), scheme, float_convs=has_float_convs(lowered))
-    if problems:
-        print(f"check failed: {path} does not have the form target {scheme.name!r} runs in int8:\n  "
-              + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    if any(getattr(scheme, flag) for flag, _ in RULES):
-        print(f"{path} has the Q/DQ form target {scheme.name!r} runs in int8 (symmetric int8, fusable)")
     try:
-        parity = check_onnx_runtime(path, lowered, (x,))
+        print(format_for(path, fmt).check(path, lowered, x, target))
     except ExportCheckError as e:
         print(f"check failed: {e}", file=sys.stderr)
         return 1
-    print(f"ONNX Runtime vs lowered PyTorch on {x.shape[0]} random inputs: {parity}")
     return 0
 
 

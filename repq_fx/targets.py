@@ -57,8 +57,9 @@ class Target:
     narrow_weights: bool = False  # weights in [-(2^(b-1) - 1), 2^(b-1) - 1]: TensorRT's [-127, 127]
     quantize_add_inputs: bool = False  # conv -> add(other): Q/DQ on `other`, none between the conv and the add
     # "uint8", or "int8": an activation grid [0, 2**b - 1] with zero point z stored as [-128, 2**b - 129] with
-    # zero point z - 128 (the same grid; XNNPACK's qint8 tensors)
-    activation_container: str = "uint8"
+    # zero point z - 128 (the same grid; XNNPACK's qint8 tensors); None: each grid in its own type (a signed,
+    # symmetric grid stays int8)
+    activation_container: str | None = "uint8"
 
     def stored_input_max(self, input_max: int) -> int:
         """The largest magnitude of an activation integer as this runtime stores it: ``input_max`` in uint8,
@@ -110,7 +111,7 @@ register_target(Target(
     "trains with it), per-channel int8 weights in [-127, 127], Q/DQ on the residual input of conv + add so "
     "TensorRT fuses conv + add + ReLU; int32 accumulators (no pair-sum limit)", "int8", False,
     "NVIDIA GPUs (TensorRT); ONNX Runtime on any CPU with int8 QDQ kept (session.qdqisint8allowed=1)",
-    symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True))
+    symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True, activation_container=None))
 
 # XNNPACK (ExecuTorch's CPU backend) runs qs8 convs: int8 activations (per tensor, any zero point), int8
 # per-channel weights with zero point 0, int32 bias. Its x86 kernels accumulate pairs in 32 bits (AVX2

@@ -59,6 +59,31 @@ def test_export_without_checkpoint_calibrates_on_random_data(tmp_path: Path, cap
     assert "random" in text and "6 QLinearConv" in text and "0 float Conv" in text
 
 
+@pytest.mark.parametrize("fmt, suffix, runtime", [("pte", ".pte", "XNNPACK"), ("openvino", ".xml", "OpenVINO")])
+def test_export_formats_of_a_trained_checkpoint(fake_fmnist: Path, capsys: pytest.CaptureFixture[str], fmt, suffix,
+                                                runtime) -> None:
+    # one trained model, each runtime's file, checked in that runtime against the lowered model
+    pytest.importorskip("executorch" if fmt == "pte" else "openvino", reason=f"--format {fmt} needs its runtime")
+    fp = _train(fake_fmnist, "fp")
+    q = _train(fake_fmnist, "repq-bn", from_ckpt=str(fp))
+    out = fake_fmnist / f"q{suffix}"
+    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
+                     "--check"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "7 int8 layers" in text and runtime in text and "100.00 %" in text, text
+    if fmt == "pte":
+        assert "XNNPACK runs 6 of 6 convs" in text
+    else:
+        assert (fake_fmnist / "q.bin").is_file() and "7 int8" in text
+
+
+def test_export_refuses_an_unknown_suffix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--input-size", "1x28x28", "--out",
+                     str(tmp_path / "m.tflite")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell the format" in err and "--format onnx|pte|openvino" in err
+
+
 def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("repq_fx.demo.MODEL", "repq_fx.examples.blocks:RepVGGNet")
     lines: list[str] = []
