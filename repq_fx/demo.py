@@ -8,7 +8,9 @@ Steps, on the small RepVGG of ``examples:RepVGGNet`` (9 RepVGG blocks, widths 32
 3. ``lower`` (one int8 conv per block) and ``export_onnx`` (QDQ ONNX);
 4. ONNX Runtime on the 10,000 test images: int8 accuracy, agreement with the lowered PyTorch
    model, the ops of ORT's optimized graph, and batch-1 latency next to the float ONNX of
-   ``repq_fx.merge`` of the float model.
+   ``repq_fx.merge`` of the float model; then one line for each other runtime installed
+   (ExecuTorch with XNNPACK, OpenVINO): the same lowered model's file, its top-1 and its class
+   agreement with the lowered PyTorch model.
 
 Every figure printed is measured in this run. Checkpoints go to ``workdir``; with ``resume`` a
 finished step is reused (delete the folder to start over).
@@ -107,6 +109,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     step = output_steps(lowered)[0]
     qmodel.eval()
     layers = None
+    test_set: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (images, labels, lowered's classes)
     for x, y in test_loader:
         out = int8_session.run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
@@ -120,6 +123,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         fq_agree += int((fake.argmax(1) == ref.argmax(1)).sum())
         fq_steps = max(fq_steps, float(np.abs(fake - ref).max()) / step)
         count += len(y)
+        test_set.append((x, y, torch.from_numpy(ref.argmax(1))))
     figures["ort_int8_top1"] = 100.0 * correct / count
     figures["lowered_top1"] = 100.0 * lowered_correct / count
     figures["argmax_agreement"] = 100.0 * agree / count
@@ -142,7 +146,46 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         f"(same class as PyTorch lowered on {figures['argmax_agreement']:.2f} % of images)")
     log(f"  latency, batch 1, ONNX Runtime 1 thread: float (merged) {lat_float:.3f} ms, int8 {lat_int8:.3f} ms "
         f"({lat_float / lat_int8:.2f}x)")
+    _other_runtimes(lowered, example[0], test_set, work, config.latency_runs, figures, log)
     return figures
+
+
+def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: list, work: Path, runs: int,
+                    figures: dict[str, float], log: Callable[[str], None]) -> None:
+    """One line per other runtime on this machine (:mod:`repq_fx.export.formats`): the same lowered model's
+    file, its top-1, its class agreement with the lowered PyTorch model and its batch-1 latency."""
+    from .export.formats import FORMATS
+
+    others = [f for f in FORMATS.values() if f.name != "onnx"]
+    missing = [f.runtime for f in others if not f.available]
+    log("\n  the same int8 model in the other runtimes on this machine"
+        + (f" (not installed: {', '.join(missing)}; `make setup` installs them)" if missing else ""))
+    for fmt in (f for f in others if f.available):
+        path = str(work / f"repvggnet_int8{fmt.suffix}")
+        fmt.write(lowered, example, path, None)
+        run = fmt.load(path, 1)
+        correct = agree = count = 0
+        for x, y, ref in test_set:
+            classes = run(x).argmax(1)
+            correct += int((classes == y).sum())
+            agree += int((classes == ref).sum())
+            count += len(y)
+        latency = _median_ms(lambda: run(example), runs)
+        figures[f"{fmt.name}_int8_top1"], figures[f"{fmt.name}_agreement"] = 100.0 * correct / count, 100.0 * agree / count
+        figures[f"{fmt.name}_int8_ms"] = latency
+        log(f"  int8 {os.path.basename(path):<22} {fmt.runtime:<21} top-1 {100.0 * correct / count:6.2f} %   (same "
+            f"class as PyTorch lowered on {100.0 * agree / count:.2f} %), batch 1 {latency:.3f} ms")
+
+
+def _median_ms(call: Callable[[], object], runs: int) -> float:
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 def _require_data() -> None:
@@ -153,14 +196,7 @@ def _require_data() -> None:
 
 def _latency(session, runs: int) -> float:
     x = {"input": np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)}
-    for _ in range(10):
-        session.run(None, x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return _median_ms(lambda: session.run(None, x), runs)
 
 
 __all__ = ["DemoConfig", "run_demo"]

@@ -96,6 +96,10 @@ def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch
     assert figures["fake_quant_agreement"] >= 99.0 and "same class as fake quant" in text
     assert abs(figures["ort_int8_top1"] - figures["lowered_top1"]) <= 1.0
     assert figures["ort_int8_ms"] > 0 and figures["ort_float_ms"] > 0
+    from repq_fx.export.formats import FORMATS
+
+    for fmt in (f for f in FORMATS.values() if f.name != "onnx" and f.available):  # one line per other runtime
+        assert figures[f"{fmt.name}_agreement"] >= 99.0 and fmt.runtime in text, fmt.name
     # a second run reuses the finished checkpoints
     again = run_demo(DemoConfig(fp_epochs=1, qat_epochs=1, workdir=str(fake_fmnist / "demo"), latency_runs=5),
                      log=lines.append, progress=False)

@@ -27,6 +27,7 @@ from ..errors import ConfigError, ExportCheckError
 
 Writer = Callable[[fx.GraphModule, torch.Tensor, str, "str | None"], str]
 Checker = Callable[[str, fx.GraphModule, torch.Tensor, "str | None"], str]
+Runner = Callable[[torch.Tensor], torch.Tensor]  # a batch of inputs -> the model's (first) output
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Format:
     runtime: str  # the runtime's name, for messages
     write: Writer  # (lowered, batch-1 example, path, target) -> one line describing the file
     check: Checker  # (path, lowered, random inputs, target) -> what passed; raises ExportCheckError
+    load: Callable[[str, int], Runner]  # (path, threads) -> run the file on a batch
 
     @property
     def available(self) -> bool:
@@ -96,6 +98,14 @@ def _check_onnx(path: str, lowered: fx.GraphModule, inputs: torch.Tensor, target
     return f"{form}ONNX Runtime vs lowered PyTorch on {inputs.shape[0]} random inputs: {parity}"
 
 
+def _load_onnx(path: str, threads: int) -> Runner:
+    from .runtime import session
+
+    ort_session = session(path, threads)
+    name = ort_session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(ort_session.run(None, {name: x.numpy()})[0])
+
+
 def _beside(path: str, suffix: str) -> str:
     return os.path.splitext(path)[0] + suffix
 
@@ -114,6 +124,13 @@ def _check_openvino(path: str, lowered: fx.GraphModule, inputs: torch.Tensor, ta
 
     result = check_openvino(_beside(path, ".onnx"), lowered, (inputs,))
     return f"OpenVINO vs lowered PyTorch on {inputs.shape[0]} random inputs: {result}"
+
+
+def _load_openvino(path: str, threads: int) -> Runner:
+    from .openvino_ir import compile_model, run
+
+    compiled = compile_model(path, threads)
+    return lambda x: torch.from_numpy(run(compiled, (x,))[0])
 
 
 def _write_pte(lowered: fx.GraphModule, example: torch.Tensor, path: str, target: str | None) -> str:
@@ -140,8 +157,17 @@ def _check_pte(path: str, lowered: fx.GraphModule, inputs: torch.Tensor, target:
     return line
 
 
-register_format(Format("onnx", ".onnx", "onnxruntime", "ONNX Runtime", _write_onnx, _check_onnx))
-register_format(Format("pte", ".pte", "executorch", "ExecuTorch (XNNPACK)", _write_pte, _check_pte))
-register_format(Format("openvino", ".xml", "openvino", "OpenVINO", _write_openvino, _check_openvino))
+def _load_pte(path: str, threads: int) -> Runner:
+    """The program's batch is static (one): a batch runs image by image."""
+    from .executorch_pte import load_pte, run_pte
+
+    method = load_pte(path, threads)
+    return lambda x: torch.cat([run_pte(method, (row,))[0] for row in x.split(1)])
+
+
+register_format(Format("onnx", ".onnx", "onnxruntime", "ONNX Runtime", _write_onnx, _check_onnx, _load_onnx))
+register_format(Format("pte", ".pte", "executorch", "ExecuTorch (XNNPACK)", _write_pte, _check_pte, _load_pte))
+register_format(Format("openvino", ".xml", "openvino", "OpenVINO", _write_openvino, _check_openvino,
+                       _load_openvino))
 
 __all__ = ["Format", "FORMATS", "register_format", "format_for"]
