@@ -59,6 +59,7 @@ class Workload:
     workdir: str
     threads: int
     cache: dict  # files shared between backends (the ONNX files)
+    input_shape: tuple[int, ...] = (3, 224, 224)  # one input, without the batch
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,21 @@ register(Backend("executorch-xnnpack", "executorch", _et_int8, _et_float))
 
 # --- the workload ----------------------------------------------------------------------------------
 
+def build_trained(float_ckpt: str, int8_ckpt: str, threads: int, workdir: str) -> Workload:
+    """A network trained by ``repq-fx train`` (e.g. the Fashion-MNIST RepVGGNet of ``make demo``): its float
+    checkpoint merged, its quantized checkpoint lowered."""
+    import repq_fx
+    from repq_fx.train import TrainConfig, restore
+
+    model, _ = restore(float_ckpt)
+    qmodel, ckpt = restore(int8_ckpt)
+    config = TrainConfig.from_dict(ckpt["config"])
+    shape = (1, 28, 28) if config.data == "fashion-mnist" else tuple(config.input_size or (3, 224, 224))
+    merged = repq_fx.merge(copy.deepcopy(model).eval()).eval()
+    name = f"{config.model.split(':')[-1]} ({config.data}, trained)"
+    return Workload(name, model.eval(), merged, repq_fx.lower(qmodel), workdir, threads, {}, shape)
+
+
 def build(name: str, size: int, target: str, bn_gain: float, calib_batches: int, threads: int,
           workdir: str) -> Workload:
     """timm ``name`` (random weights), BN statistics from random data times ``bn_gain``, merged and lowered."""
@@ -205,7 +221,7 @@ def build(name: str, size: int, target: str, bn_gain: float, calib_batches: int,
     qmodel = repq_fx.prepare(model, repq_fx.QConfig(target=target))
     repq_fx.calibrate(qmodel, calib)
     lowered = repq_fx.lower(qmodel)
-    return Workload(name, model, merged, lowered, workdir, threads, {})
+    return Workload(name, model, merged, lowered, workdir, threads, {}, (3, size, size))
 
 
 @dataclass
@@ -227,7 +243,7 @@ def measure(w: Workload, backends: Sequence[Backend], batch: int, args: argparse
     from repq_fx.export.parity import step_agreement
 
     torch.manual_seed(batch)
-    x = torch.randn(batch, 3, args.size, args.size)
+    x = torch.randn(batch, *w.input_shape)
     with torch.no_grad():
         ref = w.lowered(x)
     runners: dict[str, Runner] = {}
@@ -281,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target", default="onnxruntime", help="the QConfig target every runtime's model is trained for")
     parser.add_argument("--bn-gain", type=float, default=0.5)
     parser.add_argument("--calib-batches", type=int, default=2, help="random calibration batches of 8")
+    parser.add_argument("--trained", nargs=2, metavar=("FLOAT_CKPT", "INT8_CKPT"), help="also a network trained by "
+                        "`repq-fx train`, e.g. make demo's .demo/fp_e10.pt .demo/repq-bn_w8a8_e1.pt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -289,8 +307,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     backends = [BACKENDS[n] for n in names]
     workdir = tempfile.mkdtemp(prefix="repq_runtimes_")
     rows: list[Row] = []
-    for model in args.models:
-        w = build(model, args.size, args.target, args.bn_gain, args.calib_batches, args.threads, workdir)
+    workloads = [lambda m=m: build(m, args.size, args.target, args.bn_gain, args.calib_batches, args.threads, workdir)
+                 for m in args.models]
+    if args.trained:
+        workloads.append(lambda: build_trained(*args.trained, args.threads, workdir))
+    for make in workloads:
+        w = make()
+        model = w.name
         for batch in args.batches:
             runs = args.runs if batch == 1 else 1
             rows += measure(w, backends, batch, argparse.Namespace(**{**vars(args), "runs": runs}))
