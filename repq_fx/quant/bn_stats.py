@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..algebra import AffineConv, apply
 from ..algebra.kernels import per_input_channel
+from .precision import float32_function
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 # (weight, bias, stride, padding, dilation, groups, pad_value): the affine conv map a BN reads
@@ -74,6 +75,7 @@ def bn_fold(stats: Sequence[torch.Tensor], weight: torch.Tensor | None, bias: to
     return scale, shift
 
 
+@float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def branch_statistics(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -155,6 +157,7 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelMoments.apply(x)
 
 
+@float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def input_moments(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, biased var)`` of ``x`` in train mode (empty tensors in eval mode: unused)."""
     if not bn.training:
@@ -163,6 +166,7 @@ def input_moments(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, torch.T
     return channel_moments(x)
 
 
+@float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def block_statistics(x: torch.Tensor, branches: Sequence[Branch], bns: Sequence[nn.Module],
                      mode: str) -> tuple[BranchStatistics | None, ...]:
     """The statistics of every BN in ``bns`` (BN ``i`` reads ``branches[i]`` of ``x``), computed together.
