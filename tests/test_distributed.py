@@ -112,7 +112,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                        _gather_equal(_flat([b for q in quantizers for b in q.buffers()]))))
 
     train.make_optimizer = recording
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(after_step)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(after_step)
     try:
         config = TrainConfig(model="examples:RepVGGNet", method="repq-bn", bits=(4, 4), epochs=1, batch_size=16,
                              calib_batches=2, test_subset=20, lr=0.002)
