@@ -249,8 +249,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    "evaluation and checkpoints use the same weights, uncompiled")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision: forward under torch.autocast in "
                    "this dtype (fp16 with a GradScaler); fake quantizers and merged weights stay float32")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: torch.nn.SyncBatchNorm for "
-                   "the float BNs (fp, lsq, ptq); not yet for RepQ's in-block BNs")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics of the global batch "
+                   "(torch.nn.SyncBatchNorm; RepQ's in-block BNs too); --method fp needs --device cuda")
     _add_runtime_options(p)
     p.set_defaults(run=_train)
 

@@ -671,8 +671,9 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
     running statistics behave as ``nn.BatchNorm2d``'s under DDP: each forward normalizes with its own
     process's batch, and the statistics kept are rank 0's. Rank 0 alone logs, shows progress,
     evaluates and writes ``out``; every rank reads it on ``resume``, which needs the same number of
-    processes (the global batch sets the schedule). ``sync_bn``: ``nn.SyncBatchNorm`` (float BNs,
-    CUDA only in torch); not yet for the BNs inside RepQ blocks.
+    processes (the global batch sets the schedule). ``sync_bn``: the BNs become ``nn.SyncBatchNorm``
+    before ``prepare``, and normalize with the statistics of the global batch, those inside RepQ
+    blocks included (:mod:`repq_fx.quant.sync_stats`; ``fp`` runs torch's own, CUDA only).
 
     >>> run_training(TrainConfig(model="examples:RepVGGNet", epochs=1, subset=512), "fp.pt")   # doctest: +SKIP
     epoch 1/1  loss 1.6012  top-1 45.20 %  lr 0.00e+00  3.1 s
@@ -802,16 +803,12 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
 
 
 def _check_sync_bn(config: TrainConfig, sync_bn: bool, device: str, world: int) -> None:
-    """``sync_bn`` where it can work: torch's SyncBatchNorm needs CUDA in a process group; RepQ's
-    in-block statistics (bn_mode batch/estimate) are not synchronised yet."""
-    if not sync_bn:
-        return
-    if config.method in ("repq-bn", "repq-bnest"):
-        raise ConfigError(f"--sync-bn with --method {config.method} is not supported yet: the BN statistics "
-                          "inside RepQ blocks are per process (as nn.BatchNorm2d's under DDP); drop --sync-bn")
-    if world > 1 and torch.device(device).type != "cuda":
-        raise ConfigError("--sync-bn uses torch.nn.SyncBatchNorm, which torch runs on CUDA only; drop it on the "
-                          "CPU (each process then normalizes with its own batch, as nn.BatchNorm2d under DDP)")
+    """``sync_bn`` where it can work: a float model runs torch's own SyncBatchNorm, which needs CUDA in
+    a process group; quantized models synchronise through ``repq_fx.quant.sync_stats`` on any device."""
+    if sync_bn and not config.quantized and world > 1 and torch.device(device).type != "cuda":
+        raise ConfigError("--sync-bn with --method fp uses torch.nn.SyncBatchNorm, which torch runs on CUDA only; "
+                          "drop it on the CPU (each process then normalizes with its own batch, as "
+                          "nn.BatchNorm2d under DDP)")
 
 
 def _save_run(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -215,3 +216,72 @@ def test_training_steps_run_under_autocast(small_repvgg: None, amp: str) -> None
     assert loss == loss and loss > 0
     assert all(p.dtype == torch.float32 for p in qmodel.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, qmodel.parameters()))
+
+
+# ------------------------------------------------------------------ SyncBatchNorm: the global batch's statistics
+
+class _NetWithLoneBN(torch.nn.Module):
+    """Small RepVGG (its BNs inside blocks) and a BatchNorm1d on the logits (a BN left alone in the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from repq_fx.examples.blocks import RepVGGNet
+
+        self.body = RepVGGNet(widths=(8, 16, 32), blocks_per_stage=2)
+        self.bn = torch.nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.body(x))
+
+
+def _sync_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    errors = {}
+    try:
+        for mode in ("batch", "estimate"):
+            torch.manual_seed(0)
+            net = _NetWithLoneBN()
+            # copies: prepare and convert_sync_batchnorm keep the model's Parameter objects, gradients would add up
+            whole = repq_fx.prepare(copy.deepcopy(net), repq_fx.QConfig(bn_mode=mode))  # one process, whole batch
+            synced = repq_fx.prepare(torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net)),
+                                     repq_fx.QConfig(bn_mode=mode))
+            for m in (whole, synced):  # float values: no rounding decision to flip
+                repq_fx.disable_fake_quant(m)
+                m.train()
+            g = torch.Generator().manual_seed(3)
+            x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+            mine = slice(8 * rank, 8 * rank + 8)
+            out = synced(x[mine])
+            F.cross_entropy(out, y[mine]).backward()
+            for p in synced.parameters():  # what DDP does with the gradients
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= 2
+            ref = whole(x)
+            F.cross_entropy(ref, y).backward()
+            pairs = [(a, b) for a, b in zip(synced.parameters(), whole.parameters()) if b.grad is not None]
+            stats = [(a, b) for (n, a), (_, b) in zip(synced.named_buffers(), whole.named_buffers()) if "running" in n]
+            errors[mode] = {
+                "out": ((out - ref[mine]).abs().max() / ref.abs().max()).item(),
+                # relative to the largest gradient: the head's bias, right before the BN, has a gradient of ~0
+                "grad": max((a.grad - b.grad).abs().max().item() for a, b in pairs)
+                / max(b.grad.abs().max().item() for _, b in pairs),
+                "running": max((a - b).abs().max().item() for a, b in stats),
+                "n_stats": len(stats), "n_grads": len(pairs),
+            }
+        torch.save(errors, Path(out_dir) / f"sync{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_dist
+def test_sync_batch_norm_inside_blocks_sees_the_global_batch(tmp_path: Path) -> None:
+    mp.spawn(_sync_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        for mode, err in torch.load(tmp_path / f"sync{rank}.pt").items():
+            # each rank's half of the batch, normalized with the whole batch's statistics, gives the rows
+            # of one process on the whole batch; the gradients (through the all-reduce) and running stats too
+            assert err["out"] < 1e-5 and err["grad"] < 1e-3 and err["running"] < 1e-5, (rank, mode, err)
+            assert err["n_stats"] > 20 and err["n_grads"] > 20
