@@ -233,7 +233,9 @@ def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = Non
                 sync_bn: bool = False) -> nn.Module:
     """The module a run trains: the float model (with ``float_state`` loaded, if given), or its
     quantized form for the config's method (see the module docstring). Not calibrated.
-    ``sync_bn``: the float model's BNs become ``nn.SyncBatchNorm`` first (same state_dict keys).
+    ``sync_bn``: BNs normalize with the statistics of the global batch in a process group: ``fp``
+    converts them to ``nn.SyncBatchNorm`` (same state_dict keys), quantized methods mark the prepared
+    model's BNs (:func:`repq_fx.quant.sync_stats.mark_sync_batch_norm`; DDP refuses SyncBatchNorm on the CPU).
 
     >>> build_model(TrainConfig(model="examples:RepVGGNet", method="lsq")).__class__.__name__
     'GraphModule'
@@ -243,13 +245,15 @@ def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = Non
     model = float_model(config)
     if float_state is not None:
         _load_state(model, float_state, config.from_ckpt or "the float checkpoint")
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if not config.quantized:
-        return model
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
     if config.method in ("lsq", "ptq"):
         model = repq_fx.merge(model.eval())
     qmodel = repq_fx.prepare(model, config.qconfig())
+    if sync_bn:
+        from .quant.sync_stats import mark_sync_batch_norm
+
+        mark_sync_batch_norm(qmodel)
     return qmodel.train()
 
 

@@ -6,6 +6,8 @@
   Python processes importing torch).
 - ``run_training`` in two processes (``torch.multiprocessing`` + gloo): after *every* optimizer
   step the two ranks hold identical parameters (LSQ steps included) and quantizer buffers.
+- ``--sync-bn``: SyncBatchNorm (or marked BNs) inside RepQ blocks and alone, in two processes, give
+  the outputs, gradients and running statistics of one process on the whole batch.
 - ``torch.autocast`` (bfloat16, CPU): the weight integers ``round(w / s)`` and the activation grids
   are those of the float32 model, and training steps run.
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 import repq_fx
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
+from repq_fx.quant.sync_stats import mark_sync_batch_norm
 from repq_fx.train import TrainConfig, restore, run_training, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,13 +243,18 @@ def _sync_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     errors = {}
     try:
-        for mode in ("batch", "estimate"):
+        # SyncBatchNorm converted before prepare, or plain BNs marked after it (what `repq-fx train --sync-bn` does)
+        for mode, how in (("batch", "convert"), ("estimate", "convert"), ("batch", "mark")):
             torch.manual_seed(0)
             net = _NetWithLoneBN()
             # copies: prepare and convert_sync_batchnorm keep the model's Parameter objects, gradients would add up
             whole = repq_fx.prepare(copy.deepcopy(net), repq_fx.QConfig(bn_mode=mode))  # one process, whole batch
-            synced = repq_fx.prepare(torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net)),
-                                     repq_fx.QConfig(bn_mode=mode))
+            if how == "convert":
+                synced = repq_fx.prepare(torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net)),
+                                         repq_fx.QConfig(bn_mode=mode))
+            else:
+                synced = repq_fx.prepare(copy.deepcopy(net), repq_fx.QConfig(bn_mode=mode))
+                assert mark_sync_batch_norm(synced) > 10
             for m in (whole, synced):  # float values: no rounding decision to flip
                 repq_fx.disable_fake_quant(m)
                 m.train()
@@ -263,7 +271,7 @@ def _sync_worker(rank: int, port: int, out_dir: str) -> None:
             F.cross_entropy(ref, y).backward()
             pairs = [(a, b) for a, b in zip(synced.parameters(), whole.parameters()) if b.grad is not None]
             stats = [(a, b) for (n, a), (_, b) in zip(synced.named_buffers(), whole.named_buffers()) if "running" in n]
-            errors[mode] = {
+            errors[f"{mode}/{how}"] = {
                 "out": ((out - ref[mine]).abs().max() / ref.abs().max()).item(),
                 # relative to the largest gradient: the head's bias, right before the BN, has a gradient of ~0
                 "grad": max((a.grad - b.grad).abs().max().item() for a, b in pairs)

@@ -27,8 +27,10 @@ def _torch_forward(module: nn.Module):
 def batch_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """Torch's BatchNorm forward on ``module``'s parameters and buffers, without any activation.
     A training ``nn.SyncBatchNorm`` on the CPU in a process group (which torch's own forward refuses:
-    it runs on CUDA only) normalizes with the global batch's statistics (``quant.sync_stats``)."""
-    if isinstance(module, nn.SyncBatchNorm) and x.device.type == "cpu" and module.training:
+    it runs on CUDA only), or a BN marked by ``quant.sync_stats.mark_sync_batch_norm``, normalizes
+    with the global batch's statistics (``quant.sync_stats``)."""
+    if module.training and ((isinstance(module, nn.SyncBatchNorm) and x.device.type == "cpu")
+                            or getattr(module, "repq_sync_bn", False)):  # quant.sync_stats.SYNC_ATTR
         from ..quant.sync_stats import sync_group
 
         group = sync_group([module])

@@ -1,6 +1,8 @@
 """BN statistics over all processes, for ``nn.SyncBatchNorm`` layers inside RepQ blocks (and alone).
 
-``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` before ``prepare`` marks which BNs synchronise.
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` before ``prepare``, or :func:`mark_sync_batch_norm`
+on the prepared model (plain BN modules, which DDP accepts on the CPU where it refuses
+SyncBatchNorm), marks which BNs synchronise.
 Inside a merged block a BN never runs as a module: ``bn_stats`` computes its batch statistics
 (``bn_mode="batch"``) or estimates them from the block input's moments (``"estimate"``). For a
 SyncBatchNorm in train mode, inside a process group of more than one process, those per-process
@@ -35,7 +37,33 @@ import torch.nn as nn
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
                         category=FutureWarning)
 
-__all__ = ["sync_group", "sync_moments"]
+__all__ = ["SYNC_ATTR", "mark_sync_batch_norm", "synchronises", "sync_group", "sync_moments"]
+
+SYNC_ATTR = "repq_sync_bn"  # a BN module with this attribute True synchronises like a SyncBatchNorm
+
+
+def mark_sync_batch_norm(model: nn.Module) -> int:
+    """Mark every BatchNorm in ``model`` to normalize with the global batch's statistics in a process
+    group (over the default group); returns how many.
+
+    >>> mark_sync_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.BatchNorm1d(2)))
+    2
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            setattr(module, SYNC_ATTR, True)
+            count += 1
+    return count
+
+
+def synchronises(bn: nn.Module) -> bool:
+    """A ``SyncBatchNorm``, or a BN marked by :func:`mark_sync_batch_norm`.
+
+    >>> synchronises(torch.nn.SyncBatchNorm(2)), synchronises(torch.nn.BatchNorm2d(2))
+    (True, False)
+    """
+    return isinstance(bn, nn.SyncBatchNorm) or bool(getattr(bn, SYNC_ATTR, False))
 
 
 def sync_group(bns: Sequence[nn.Module]) -> Any:
@@ -48,8 +76,8 @@ def sync_group(bns: Sequence[nn.Module]) -> Any:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     for bn in bns:
-        if isinstance(bn, nn.SyncBatchNorm) and bn.training:
-            group = bn.process_group or dist.group.WORLD
+        if bn.training and synchronises(bn):
+            group = getattr(bn, "process_group", None) or dist.group.WORLD
             return group if dist.get_world_size(group) > 1 else None
     return None
 
