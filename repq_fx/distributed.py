@@ -176,9 +176,9 @@ def shard_loader(loader: Any, epoch: int, seed: int) -> Any:
     generator = getattr(dataset, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank())
+    kept = {"collate_fn": loader.collate_fn, "num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
+            "worker_init_fn": loader.worker_init_fn, "persistent_workers": loader.persistent_workers}
     if loader.batch_size is None and isinstance(loader.sampler, BatchSampler):
         batches = BatchSampler(sampler, loader.sampler.batch_size, loader.sampler.drop_last)
-        return DataLoader(dataset, batch_size=None, sampler=batches, collate_fn=loader.collate_fn,
-                          num_workers=loader.num_workers)
-    return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+        return DataLoader(dataset, batch_size=None, sampler=batches, **kept)
+    return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last, **kept)
