@@ -337,8 +337,8 @@ CASES: tuple[Case, ...] = (
           lambda: nn.Sequential(_conv_bn(), nn.ReLU(), nn.Conv2d(C, C, 1), nn.BatchNorm2d(C, affine=False)),
           "handled", "folded (scale 1, shift 0)"),
     _case("sync-bn", "SyncBatchNorm", lambda: nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.SyncBatchNorm(C)),
-          "handled", "as BatchNorm on one process; with several processes prepare warns that BN statistics "
-                     "inside blocks are per process"),
+          "handled", "as BatchNorm on one process; in a process group the statistics inside blocks are "
+                     "those of the global batch (quant/sync_stats.py)"),
     _case("root-forward-hook", "a forward hook on the model itself", _with_root_hook, "handled",
           "torch.fx would drop it, so the model is captured with torch.export, which keeps it (explain says so)"),
     _case("squeeze-excitation", "squeeze-excitation pooling over a window read from the input "

@@ -7,7 +7,6 @@ and says what to do, instead of a stack trace from inside FX or a silently wrong
   uninitialized lazy parameters; :func:`unwrap_parallel`: the model inside ``DataParallel``/DDP;
 - :func:`non_finite` / :func:`check_finite`: NaN/Inf in a parameter, a BN statistic or any tensor a
   block's merged weight is computed from, and negative BN running variances;
-- :func:`warn_sync_batch_norm`: SyncBatchNorm inside blocks in a multi-process run.
 
 >>> import torch.nn as nn
 >>> check_model(nn.Conv2d(3, 8, 3), "merge")
@@ -177,8 +176,6 @@ def check_graph(gm: fx.GraphModule, analysis, entry: str) -> None:
     """The checks that need the captured graph and its blocks (``analysis`` from ``find_blocks``)."""
     nodes = _analysis_nodes(analysis)
     check_finite(gm, entry, block_tensors(gm, nodes))
-    if entry == "prepare":
-        warn_sync_batch_norm(gm, nodes)
 
 
 def graph_warnings(gm: fx.GraphModule, analysis) -> list[str]:
@@ -187,31 +184,4 @@ def graph_warnings(gm: fx.GraphModule, analysis) -> list[str]:
     return [f"non-finite value: {b}; merge/prepare refuse this model" for b in bad]
 
 
-def warn_sync_batch_norm(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> None:
-    """Under ``torch.distributed`` with several processes, SyncBatchNorm inside blocks is not synchronized."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    syncs = sorted({t for t, m in _modules_read(gm, nodes) if isinstance(m, nn.SyncBatchNorm)})
-    if syncs:
-        warnings.warn(
-            f"SyncBatchNorm inside blocks ({', '.join(syncs[:5])}): prepare computes their batch statistics "
-            f"per process (as BatchNorm does), not synchronized over the {dist.get_world_size()} processes. "
-            "Use a per-process batch large enough for BN statistics, or bn_mode='running' to freeze them.",
-            UserWarning, stacklevel=3)
-
-
-def _modules_read(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[tuple[str, nn.Module]]:
-    from .capture.graph_utils import fetch_attr
-
-    out = []
-    for node in nodes:
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr":
-                obj = fetch_attr(gm, arg.target)
-                if isinstance(obj, nn.Module):
-                    out.append((arg.target, obj))
-    return out
-
-
-__all__ = ["unwrap_parallel", "check_model", "check_graph", "graph_warnings", "check_finite", "non_finite", "block_tensors", "warn_sync_batch_norm"]
+__all__ = ["unwrap_parallel", "check_model", "check_graph", "graph_warnings", "check_finite", "non_finite", "block_tensors"]

@@ -217,6 +217,10 @@ quantized lr 0.01, no weight decay; SR: Adam lr 5e-4 (fp) / 1e-4 (quantized), ba
 
 Interrupted? Rerun the same command with --resume: it continues after the last finished epoch and
 ends with the same weights as an uninterrupted run.
+
+Many processes: `torchrun --nproc-per-node N -m repq_fx train ...` trains with DistributedDataParallel
+(gloo on the CPU, nccl with --device cuda, one GPU per process). --batch-size is per process (the global
+batch is N times it); rank 0 logs and writes the checkpoint; --resume needs the same N.
 """
 
 
@@ -271,6 +275,10 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="train the model compiled with repq_fx.compile "
                    "(torch.compile, inductor): faster steps after a compilation of seconds to minutes; "
                    "evaluation and checkpoints use the same weights, uncompiled")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision: forward under torch.autocast in "
+                   "this dtype (fp16 with a GradScaler); fake quantizers and merged weights stay float32")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics of the global batch "
+                   "(torch.nn.SyncBatchNorm; RepQ's in-block BNs too); --method fp needs --device cuda")
     _add_runtime_options(p)
     p.set_defaults(run=_train)
 
@@ -441,9 +449,12 @@ def _train(args: argparse.Namespace) -> int:
                          seed=args.seed, calib_batches=args.calib_batches, from_ckpt=args.from_ckpt,
                          test_subset=args.test_subset, target=args.target, input_size=args.input_size,
                          workers=args.workers)
+    from .distributed import session
+
     try:
-        run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                     progress=args.progress, compile=args.compile)
+        with session(args.device) as device:  # torchrun: one process group for the run (repq_fx.distributed)
+            run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
+                         progress=args.progress, compile=args.compile, amp=args.amp, sync_bn=args.sync_bn)
     except KeyboardInterrupt:
         print(f"\ninterrupted; {args.out} holds the last finished epoch: rerun with --resume to continue",
               file=sys.stderr)

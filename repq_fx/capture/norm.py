@@ -25,8 +25,35 @@ def _torch_forward(module: nn.Module):
 
 
 def batch_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Torch's BatchNorm forward on ``module``'s parameters and buffers, without any activation."""
+    """Torch's BatchNorm forward on ``module``'s parameters and buffers, without any activation.
+    A training ``nn.SyncBatchNorm`` on the CPU in a process group (which torch's own forward refuses:
+    it runs on CUDA only), or a BN marked by ``quant.sync_stats.mark_sync_batch_norm``, normalizes
+    with the global batch's statistics (``quant.sync_stats``)."""
+    if module.training and ((isinstance(module, nn.SyncBatchNorm) and x.device.type == "cpu")
+                            or getattr(module, "repq_sync_bn", False)):  # quant.sync_stats.SYNC_ATTR
+        from ..quant.sync_stats import sync_group
+
+        group = sync_group([module])
+        if group is not None:
+            return _synced_batch_norm(x, module, group)
     return _torch_forward(module)(module, x)
+
+
+def _synced_batch_norm(x: torch.Tensor, module: nn.SyncBatchNorm, group: object) -> torch.Tensor:
+    from ..quant.bn_stats import _update_running
+    from ..quant.sync_stats import sync_moments
+
+    dims = (0, *range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    (mean, var, count), = sync_moments([(mean, var, x.numel() // x.shape[1])], group)
+    _update_running([module], [mean], [var], [count])
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var + module.eps).reshape(shape)
+    if module.weight is not None:
+        y = y * module.weight.reshape(shape)
+    if module.bias is not None:
+        y = y + module.bias.reshape(shape)
+    return y
 
 
 def is_batch_norm(module: nn.Module) -> bool:

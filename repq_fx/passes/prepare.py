@@ -37,6 +37,7 @@ from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, ev
 from ..quant.bn_stats import block_statistics, bn_fold, branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from .emit import Emitter, Sym, node_of
+from .float32_weights import keep_weights_float32
 
 _RELUS = (nn.ReLU,)
 _RELU_FUNCTIONS = (F.relu, torch.relu)
@@ -131,6 +132,7 @@ def prepare_graph(gm: fx.GraphModule, config: QConfig, analysis: Analysis | None
     gm.graph.eliminate_dead_code()
     _snapshot_running_stats(gm)
     gm.delete_all_unused_submodules()
+    keep_weights_float32(gm)  # M(theta) in float32 under torch.autocast: the grid does not follow the compute dtype
     for path, module in gm.named_modules():  # so that a quantizer's warnings can name it
         if isinstance(module, (ActFakeQuant, WeightFakeQuant)):
             module.path = path

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from ..algebra import AffineConv, apply
 from ..algebra.kernels import per_input_channel
+from .precision import float32_function
+from .sync_stats import sync_group, sync_moments
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 # (weight, bias, stride, padding, dilation, groups, pad_value): the affine conv map a BN reads
@@ -74,6 +76,7 @@ def bn_fold(stats: Sequence[torch.Tensor], weight: torch.Tensor | None, bias: to
     return scale, shift
 
 
+@float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def branch_statistics(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -101,9 +104,12 @@ def branch_statistics(
         y = x if weight is None else apply(AffineConv(weight, bias, stride, padding, dilation, groups, pad_value), x)
         mean, var = channel_moments(y)
         count = y.numel() // y.shape[1]
+        (mean, var, count), = sync_moments([(mean, var, count)], sync_group([bn]))  # SyncBatchNorm: global batch
     elif mode == "estimate":
         mean_x, var_x = moments if moments is not None else input_moments(x, bn)
         mean, var, count = _estimate(x, mean_x, var_x, weight, bias, stride, padding, dilation, groups)
+        group = sync_group([bn])  # input_moments were of the global batch: so is the count
+        count *= 1 if group is None else torch.distributed.get_world_size(group)
     else:
         raise AssertionError(f"unknown bn_mode {mode!r}")
     _update_running([bn], [mean], [var], [count])
@@ -155,14 +161,18 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelMoments.apply(x)
 
 
+@float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def input_moments(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, biased var)`` of ``x`` in train mode (empty tensors in eval mode: unused)."""
     if not bn.training:
         empty = x.new_empty(0)
         return empty, empty
-    return channel_moments(x)
+    mean, var = channel_moments(x)
+    (mean, var, _), = sync_moments([(mean, var, x.numel() // x.shape[1])], sync_group([bn]))
+    return mean, var
 
 
+@float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def block_statistics(x: torch.Tensor, branches: Sequence[Branch], bns: Sequence[nn.Module],
                      mode: str) -> tuple[BranchStatistics | None, ...]:
     """The statistics of every BN in ``bns`` (BN ``i`` reads ``branches[i]`` of ``x``), computed together.
@@ -174,13 +184,14 @@ def block_statistics(x: torch.Tensor, branches: Sequence[Branch], bns: Sequence[
     out: list[BranchStatistics | None] = [None] * len(bns)
     if not live:
         return tuple(out)
+    live_bns = [bns[i] for i in live]
+    group = sync_group(live_bns)  # SyncBatchNorm in a process group: statistics of the global batch
     if mode == "batch":
-        stats = _batch_statistics(x, [branches[i] for i in live])
+        stats = sync_moments(_batch_statistics(x, [branches[i] for i in live]), group)
     elif mode == "estimate":
-        stats = _estimated_statistics(x, [branches[i] for i in live])
+        stats = _estimated_statistics(x, [branches[i] for i in live], group)
     else:
         raise AssertionError(f"unknown bn_mode {mode!r}")
-    live_bns = [bns[i] for i in live]
     _update_running(live_bns, [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats])
     folds = _fold_together(live_bns, [s[0] for s in stats], [s[1] for s in stats])
     for i, (mean, var, _), (scale, shift) in zip(live, stats, folds):
@@ -380,14 +391,19 @@ def _wide_conv_statistics(x: torch.Tensor, weights: Sequence[torch.Tensor], bias
 
 # ----------------------------------------------------------------- estimated statistics
 
-def _estimated_statistics(x: torch.Tensor, branches: Sequence[Branch]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """``_estimate`` of each branch, from one ``channel_moments`` of ``x``; kernels of one shape together."""
+def _estimated_statistics(x: torch.Tensor, branches: Sequence[Branch],
+                          group: Any = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``_estimate`` of each branch, from one ``channel_moments`` of ``x`` (of the global batch when
+    ``group`` is a process group, see ``sync_stats``); kernels of one shape together."""
     mean_x, var_x = channel_moments(x)
+    local = x.numel() // x.shape[1]
+    (mean_x, var_x, total), = sync_moments([(mean_x, var_x, local)], group)
+    share = total / local  # the global batch over this process's (1 without a group): counts of the global batch
     out: list[Any] = [None] * len(branches)
     stacks: dict[tuple, list[int]] = {}
     for i, (weight, *_rest) in enumerate(branches):
         if weight is None:
-            out[i] = (mean_x, var_x, x.numel() // x.shape[1])
+            out[i] = (mean_x, var_x, total)
         else:
             stacks.setdefault((tuple(weight.shape), branches[i][5]), []).append(i)
     for (shape, groups), members in stacks.items():
@@ -395,7 +411,7 @@ def _estimated_statistics(x: torch.Tensor, branches: Sequence[Branch]) -> list[t
         for i, mean, var in zip(members, means.unbind(0), variances.unbind(0)):
             weight, bias, stride, padding, dilation, groups, _ = branches[i]
             mean = mean if bias is None else mean + bias
-            out[i] = (mean, var, _count(x, weight, stride, padding, dilation))
+            out[i] = (mean, var, round(_count(x, weight, stride, padding, dilation) * share))
     return out
 
 

@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from ..errors import StepCollapsedWarning
 from . import zero_range
+from .precision import autocast_active, to_float32
 from .range_init import mse_affine_range, mse_symmetric_scale
 
 STEP_INITS = ("mse", "minmax")
@@ -302,6 +303,12 @@ class WeightFakeQuant(_FakeQuant):
         return (amax / self.quant_max).clamp_min(torch.finfo(torch.float32).tiny).float().reshape(-1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if autocast_active(w.device.type):  # the grid does not follow the compute dtype (quant/precision.py)
+            with torch.autocast(w.device.type, enabled=False):
+                return self._quantize(to_float32(w))
+        return self._quantize(w)
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
         if not self.learned or not self._flag("initialized") or self.zero_range:
             with torch.no_grad():
                 if self.learned and self.init == "mse" and w.numel():
@@ -425,6 +432,12 @@ class ActFakeQuant(_FakeQuant):
         self._set_flag("observing", on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if autocast_active(x.device.type):  # float32 values on the grid (quant/precision.py)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._quantize(to_float32(x))
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self._flag("observing"):
             self.observe(x)
             return x
