@@ -83,6 +83,24 @@ def test_torchrun_trains_resumes_and_lowers(fake_fmnist: Path) -> None:
     assert not fake_quantizers(lowered)
 
 
+@needs_dist
+def test_torchrun_trains_on_an_image_folder(tmp_path: Path) -> None:
+    # the user's own images, sharded between two processes; each worker process reads its shard's files
+    from test_imagefolder import write_image_folder
+
+    root = write_image_folder(tmp_path / "shapes")
+    out = tmp_path / "w8a8.pt"
+    run = _torchrun(["--data", f"imagefolder:{root}", "--input-size", "16", "--workers", "1", "--epochs", "1",
+                     "--bits", "8/8", "--batch-size", "6"], out)
+    log, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, log
+    assert "global batch 12" in log and log.count("epoch 1/1") == 1, log
+    model, ckpt = restore(out)
+    assert ckpt["world_size"] == 2 and len(ckpt["config"]["classes"]) == 3
+    with torch.no_grad():
+        assert repq_fx.lower(model)(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
 # ------------------------------------------------------------------ two ranks, every step
 
 def _gather_equal(vector: torch.Tensor) -> bool:
