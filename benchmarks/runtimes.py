@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from deploy_latency import _git, machine  # noqa: E402  (the CPU line of the other latency tables)
+from deploy_latency import _git, machine, set_bn_statistics  # noqa: E402  (the CPU line of the other latency tables)
 
 from repq_fx.bench import round_robin  # noqa: E402
 
@@ -205,14 +205,8 @@ def build(name: str, size: int, target: str, bn_gain: float, calib_batches: int,
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
     calib = [torch.randn(8, 3, size, size) for _ in range(calib_batches)]
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
+    set_bn_statistics(model, calib)
     with torch.no_grad():
-        for x in calib:
-            model(x)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.mul_(bn_gain)

@@ -51,3 +51,20 @@ def output_step(lowered: torch.fx.GraphModule) -> float:
     qdq = [n for n in lowered.graph.nodes
            if n.op == "call_module" and isinstance(lowered.get_submodule(n.target), QuantizeDequantize)]
     return float(lowered.get_submodule(qdq[-1].target).scale)
+
+
+def trained_small_repvgg(target: str | None = None, steps: int = 3) -> torch.fx.GraphModule:
+    """A small RepVGG (3 blocks) prepared for ``target`` (default: the default target), calibrated and trained a
+    few SGD steps on random data, lowered: what the runtime tests export."""
+    from repq_fx.examples.blocks import RepVGGNet
+
+    config = repq_fx.QConfig() if target is None else repq_fx.QConfig(target=target)
+    _, qmodel = prepared(lambda: RepVGGNet(widths=(8, 16, 32), blocks_per_stage=1), (8, 1, 28, 28), config)
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(qmodel(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return repq_fx.lower(qmodel.eval())

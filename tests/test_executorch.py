@@ -21,22 +21,9 @@ from repq_fx.examples.blocks import RepVGGNet
 from repq_fx.quant.fake_quant import WeightFakeQuant
 from repq_fx.quant.lowered import QuantizeDequantize, QuantizedConv2d
 from repq_fx.targets import get_target
-from quantized_models import prepared
+from quantized_models import prepared, trained_small_repvgg
 
 
-def _trained(target: str, steps: int = 3) -> torch.fx.GraphModule:
-    """A small RepVGG (3 blocks) prepared for ``target``, calibrated and trained a few SGD steps (random data),
-    lowered."""
-    _, qmodel = prepared(lambda: RepVGGNet(widths=(8, 16, 32), blocks_per_stage=1), (8, 1, 28, 28),
-                         repq_fx.QConfig(target=target))
-    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
-    qmodel.train()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(qmodel(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return repq_fx.lower(qmodel.eval())
 
 
 def test_xnnpack_target_trains_int8_storage_and_weights_within_127() -> None:
@@ -61,7 +48,7 @@ def test_pte_delegates_every_conv_and_matches_the_lowered_model(tmp_path) -> Non
     from repq_fx.export.executorch_pte import export_pte, load_pte, run_pte
 
     torch.manual_seed(0)
-    lowered = _trained("xnnpack")
+    lowered = trained_small_repvgg("xnnpack")
     convs = sum(isinstance(m, QuantizedConv2d) for m in lowered.modules())
     x = torch.randn(16, 1, 28, 28)
     result = export_pte(lowered, (x,), str(tmp_path / "m.pte"))

@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 
 import repq_fx
-from repq_fx.examples.blocks import RepVGGNet
 from repq_fx.quant.lowered import QuantizedConv2d
-from quantized_models import prepared
+from quantized_models import prepared, trained_small_repvgg
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[deploy]')")
 pytest.importorskip("onnxruntime", reason="export_onnx needs onnx and onnxruntime (pip install '.[onnx]')")
@@ -25,22 +24,11 @@ from repq_fx.export.openvino_ir import (check_openvino, compile_model, run,  # n
                                         runtime_precisions, save_ir)
 
 
-def _trained(steps: int = 3) -> torch.fx.GraphModule:
-    """A small RepVGG (3 blocks, default target), calibrated and trained a few SGD steps on random data, lowered."""
-    _, qmodel = prepared(lambda: RepVGGNet(widths=(8, 16, 32), blocks_per_stage=1), (8, 1, 28, 28))
-    optimizer = torch.optim.SGD(qmodel.parameters(), lr=1e-3)
-    qmodel.train()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(qmodel(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return repq_fx.lower(qmodel.eval())
 
 
 def test_openvino_runs_every_conv_in_int8_and_matches_layer_by_layer(tmp_path) -> None:
     torch.manual_seed(0)
-    lowered = _trained()
+    lowered = trained_small_repvgg()
     path = str(tmp_path / "m.onnx")
     repq_fx.export_onnx(lowered, (torch.randn(1, 1, 28, 28),), path)
     x = torch.randn(16, 1, 28, 28)
