@@ -47,6 +47,8 @@ class QuantizeDequantize(nn.Module):
     Rounds in float32 as the training-time quantizer did, whatever ``x``'s dtype.
     """
 
+    explicit_range = False  # traced form: clamp a narrow grid after the quantize (see reference())
+
     def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, quant_min: int,
                  quant_max: int) -> None:
         super().__init__()
@@ -76,10 +78,34 @@ class QuantizeDequantize(nn.Module):
         return y.to(x.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """``dequantize_per_tensor(quantize_per_tensor(x))``: the same values, as reference-representation ops."""
+        """``dequantize_per_tensor(quantize_per_tensor(x))``: the same values, as reference-representation ops.
+
+        With :attr:`explicit_range` set and a grid narrower than its 8-bit container (4-bit activations), an
+        integer ``clamp`` to ``[quant_min, quant_max]`` follows the quantize: inductor's x86 passes fuse
+        ``conv -> quantize`` into one int8 conv that saturates at the container's limits only (they drop the
+        quantize's range), and the clamp keeps the trained grid. Off by default: the ONNX exporter adds its own.
+        """
         args = (self._scale_value, self._zero_point_value, self.quant_min, self.quant_max, self.container)
         q = _qd.quantize_per_tensor.default(x.float(), *args)
+        if self.explicit_range:
+            q = self._clamp_to_grid(q)
         return _qd.dequantize_per_tensor.default(q, *args).to(x.dtype)
+
+    def _clamp_to_grid(self, q: torch.Tensor) -> torch.Tensor:
+        # clamp_max before clamp_min, each only where needed: TorchAO's float-output hardtanh pattern takes
+        # clamp_max(clamp_min(int8 conv)) for a float hardtanh and fails on the uint8 conv (torchao 0.18)
+        info = torch.iinfo(self.container)
+        if self.quant_max < info.max:
+            q = q.clamp_max(self.quant_max)
+        if self.quant_min > info.min:
+            q = q.clamp_min(self.quant_min)
+        return q
+
+    @property
+    def narrow(self) -> bool:
+        """True when the grid ``[quant_min, quant_max]`` is narrower than its 8-bit container."""
+        info = torch.iinfo(self.container)
+        return (self.quant_min, self.quant_max) != (info.min, info.max)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, "
