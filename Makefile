@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PKGS)
-	$(PY) -m pip install --quiet -e '.[timm,onnx,dev,deploy]'
+	$(PY) -m pip install --quiet -e '.[timm,onnx,dev,deploy,inductor]'
 	touch $@
 
 test: $(STAMP)

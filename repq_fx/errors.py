@@ -62,6 +62,11 @@ class ExportCheckError(ExportError):
     """The exported file, run in its runtime, disagrees with the lowered PyTorch model."""
 
 
+class CompileError(RepQError):
+    """``compile_int8`` cannot run the lowered model as int8 kernels here (no TorchAO, no oneDNN, not x86), or
+    inductor left an integer layer as a float convolution."""
+
+
 class AlreadyPreparedError(RepQError):
     """The model already carries fake quantizers (``repq_fx.prepare`` or ``torch.ao.quantization``)."""
 

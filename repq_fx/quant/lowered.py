@@ -47,6 +47,8 @@ class QuantizeDequantize(nn.Module):
     Rounds in float32 as the training-time quantizer did, whatever ``x``'s dtype.
     """
 
+    explicit_range = False  # traced form: clamp a narrow grid after the quantize (see reference())
+
     def __init__(self, scale: float | torch.Tensor, zero_point: int | torch.Tensor, quant_min: int,
                  quant_max: int, container: str | None = None) -> None:
         super().__init__()
@@ -103,10 +105,35 @@ class QuantizeDequantize(nn.Module):
         return y.to(x.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """``dequantize_per_tensor(quantize_per_tensor(x))``: the same values, as reference-representation ops."""
+        """``dequantize_per_tensor(quantize_per_tensor(x))``: the same values, as reference-representation ops.
+
+        With :attr:`explicit_range` set and a grid narrower than its 8-bit container (4-bit activations), an
+        integer ``clamp`` to ``[quant_min, quant_max]`` follows the quantize: inductor's x86 passes fuse
+        ``conv -> quantize`` into one int8 conv that saturates at the container's limits only (they drop the
+        quantize's range), and the clamp keeps the trained grid. Off by default: the ONNX exporter adds its own.
+        """
         args = (self._scale_value, *self.stored())
         q = _qd.quantize_per_tensor.default(_as(x, torch.float32), *args)
+        if self.explicit_range:
+            q = self._clamp_to_grid(q, *args[2:4])
         return _as(_qd.dequantize_per_tensor.default(q, *args), x.dtype)
+
+    def _clamp_to_grid(self, q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``q`` clamped to the stored grid ``[lo, hi]`` (:meth:`stored`)."""
+        # clamp_max before clamp_min, each only where needed: TorchAO's float-output hardtanh pattern takes
+        # clamp_max(clamp_min(int8 conv)) for a float hardtanh and fails on the uint8 conv (torchao 0.18)
+        info = torch.iinfo(self.container)
+        if hi < info.max:
+            q = q.clamp_max(hi)
+        if lo > info.min:
+            q = q.clamp_min(lo)
+        return q
+
+    @property
+    def narrow(self) -> bool:
+        """True when the grid ``[quant_min, quant_max]`` is narrower than its 8-bit container."""
+        info = torch.iinfo(self.container)
+        return tuple(self.stored()[1:3]) != (info.min, info.max)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale.item():.6g}, zero_point={int(self.zero_point)}, "
