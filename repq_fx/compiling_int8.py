@@ -78,7 +78,8 @@ class Int8CompiledModule(nn.Module):
 
 def inductor_form(lowered: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``lowered`` (eval mode) whose traced form inductor's x86 passes turn into int8 oneDNN ops:
-    int8 weight storage, and an integer clamp after each quantize whose grid is narrower than 8 bits.
+    int8 weight storage, uint8 activation storage, and an integer clamp after each quantize whose grid is
+    narrower than 8 bits.
 
     >>> import torch, torch.nn as nn, repq_fx
     >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3)), repq_fx.QConfig(act_bits=4))
@@ -95,6 +96,7 @@ def inductor_form(lowered: fx.GraphModule) -> fx.GraphModule:
         if isinstance(m, (QuantizedConv2d, QuantizedLinear)):
             m.set_weight_container("int8")
         elif isinstance(m, QuantizeDequantize):
+            m.set_container("uint8")  # oneDNN's x86 int8 convs take uint8 activations (an xnnpack model's int8 shifts back)
             m.explicit_range = True
     return form
 

@@ -109,7 +109,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     step = output_steps(lowered)[0]
     qmodel.eval()
     layers = None
-    test_set: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (images, labels, lowered's classes)
+    test_set: list[tuple[torch.Tensor, ...]] = []  # (images, labels, lowered's classes, ONNX Runtime's classes)
     for x, y in test_loader:
         out = int8_session.run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
@@ -123,7 +123,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         fq_agree += int((fake.argmax(1) == ref.argmax(1)).sum())
         fq_steps = max(fq_steps, float(np.abs(fake - ref).max()) / step)
         count += len(y)
-        test_set.append((x, y, torch.from_numpy(ref.argmax(1))))
+        test_set.append((x, y, torch.from_numpy(ref.argmax(1)), torch.from_numpy(out.argmax(1))))
     figures["ort_int8_top1"] = 100.0 * correct / count
     figures["lowered_top1"] = 100.0 * lowered_correct / count
     figures["argmax_agreement"] = 100.0 * agree / count
@@ -165,7 +165,7 @@ def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: l
         fmt.write(lowered, example, path, None)
         run = fmt.load(path, 1)
         correct = agree = count = 0
-        for x, y, ref in test_set:
+        for x, y, ref, _ in test_set:
             classes = run(x).argmax(1)
             correct += int((classes == y).sum())
             agree += int((classes == ref).sum())
@@ -175,6 +175,32 @@ def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: l
         figures[f"{fmt.name}_int8_ms"] = latency
         log(f"  int8 {os.path.basename(path):<22} {fmt.runtime:<21} top-1 {100.0 * correct / count:6.2f} %   (same "
             f"class as PyTorch lowered on {100.0 * agree / count:.2f} %), batch 1 {latency:.3f} ms")
+    _pytorch_int8(lowered, example, test_set, runs, figures, log)
+
+
+def _pytorch_int8(lowered: torch.nn.Module, example: torch.Tensor, test_set: list, runs: int,
+                  figures: dict[str, float], log: Callable[[str], None]) -> None:
+    """The lowered model as oneDNN int8 convs in PyTorch itself (:func:`repq_fx.compile_int8`), against the
+    ONNX export's classes, with the eager merged float model's batch-1 latency beside it."""
+    import repq_fx
+    from .errors import CompileError
+
+    try:
+        fast = repq_fx.compile_int8(lowered, (example,))
+    except (CompileError, RuntimeError) as e:  # no TorchAO or oneDNN (CompileError), no C++ compiler for inductor
+        log(f"  int8 PyTorch (torch.compile): not run ({str(e).splitlines()[0]})")
+        return
+    correct = agree = count = 0
+    for x, y, _, ort_classes in test_set:
+        classes = fast(x).argmax(1)
+        correct += int((classes == y).sum())
+        agree += int((classes == ort_classes).sum())
+        count += len(y)
+    latency = _median_ms(lambda: fast(example), runs)
+    figures["pytorch_int8_top1"], figures["pytorch_int8_agreement"] = 100.0 * correct / count, 100.0 * agree / count
+    figures["pytorch_int8_ms"] = latency
+    log(f"  int8 PyTorch (repq_fx.compile_int8)  oneDNN int8 convs     top-1 {100.0 * correct / count:6.2f} %   "
+        f"(same class as ONNX Runtime on {100.0 * agree / count:.2f} %), batch 1 {latency:.3f} ms")
 
 
 def _median_ms(call: Callable[[], object], runs: int) -> float:

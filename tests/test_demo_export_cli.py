@@ -100,6 +100,10 @@ def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch
 
     for fmt in (f for f in FORMATS.values() if f.name != "onnx" and f.available):  # one line per other runtime
         assert figures[f"{fmt.name}_agreement"] >= 99.0 and fmt.runtime in text, fmt.name
+    if "pytorch_int8_agreement" in figures:  # PyTorch's own int8 (compile_int8) against the ONNX export's classes
+        assert figures["pytorch_int8_agreement"] >= 99.0
+    else:
+        assert "int8 PyTorch (torch.compile): not run" in text
     # a second run reuses the finished checkpoints
     again = run_demo(DemoConfig(fp_epochs=1, qat_epochs=1, workdir=str(fake_fmnist / "demo"), latency_runs=5),
                      log=lines.append, progress=False)
