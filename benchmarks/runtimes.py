@@ -11,7 +11,9 @@ block) in the same runtime:
 - ``onnxruntime``: ``export_onnx`` (QDQ) / float ONNX, CPU session;
 - ``openvino``: the same two ONNX files, ``compile_model("CPU")``, f32 inference precision;
 - ``executorch-xnnpack``: ``export_pte`` (every conv delegated, int8) / float ``.pte`` (XNNPACK fp32),
-  one ``.pte`` per batch size (static shapes).
+  one ``.pte`` per batch size (static shapes);
+- ``pytorch``: ``repq_fx.compile_int8`` (oneDNN int8 convs through ``torch.compile``) / the merged float
+  model run eagerly, as a PyTorch user runs it.
 
 A runtime is a row of :data:`BACKENDS` (name -> the package it needs, a builder of its int8 and of
 its float runner); add one with :func:`register`. Parity: each int8 runtime's outputs on the timed
@@ -173,6 +175,26 @@ def _et_float(w: Workload, x: torch.Tensor) -> tuple[Runner, str]:
     return _pte_runner(path, w.threads), f"{d.delegated_convs}/{d.delegated_convs + d.non_delegated_convs} convs delegated"
 
 
+def _torch_int8(w: Workload, x: torch.Tensor) -> tuple[Runner, str]:
+    import repq_fx
+    from repq_fx.compiling_int8 import int8_ops_compiled
+
+    if "compile_int8" not in w.cache:  # one module; it recompiles per batch size (static shapes)
+        w.cache["compile_int8"] = repq_fx.compile_int8(w.lowered, dynamic=False)
+    fast = w.cache["compile_int8"]
+    ops = int8_ops_compiled(fast, (x,))
+    return (lambda x: [fast(x)]), f"{ops} oneDNN int8 ops (torch.compile)"
+
+
+def _torch_float(w: Workload, x: torch.Tensor) -> tuple[Runner, str]:
+    def run(x: torch.Tensor) -> list:
+        with torch.no_grad():
+            return [w.merged(x)]
+
+    return run, "merged float, eager"
+
+
+register(Backend("pytorch", "torchao", _torch_int8, _torch_float))
 register(Backend("onnxruntime", "onnxruntime", _ort_int8, _ort_float))
 register(Backend("openvino", "openvino", _ov_int8, _ov_float))
 register(Backend("executorch-xnnpack", "executorch", _et_int8, _et_float))
