@@ -20,9 +20,13 @@ finished step is reused (delete the folder to start over).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -146,8 +150,30 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         f"(same class as PyTorch lowered on {figures['argmax_agreement']:.2f} % of images)")
     log(f"  latency, batch 1, ONNX Runtime 1 thread: float (merged) {lat_float:.3f} ms, int8 {lat_int8:.3f} ms "
         f"({lat_float / lat_int8:.2f}x)")
-    _other_runtimes(lowered, example[0], test_set, work, config.latency_runs, figures, log)
+    with _runtime_chatter_captured():
+        _other_runtimes(lowered, example[0], test_set, work, config.latency_runs, figures, log)
     return figures
+
+
+@contextlib.contextmanager
+def _runtime_chatter_captured():
+    """The runtimes' own log lines (ExecuTorch's C++ cpuinfo and thread-pool lines, torch.compile's warnings)
+    are kept out of the demo's output: stderr goes to a temporary file, printed only if the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: list, work: Path, runs: int,
