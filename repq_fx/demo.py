@@ -190,24 +190,19 @@ def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: l
         path = str(work / f"repvggnet_int8{fmt.suffix}")
         fmt.write(lowered, example, path, None)
         run = fmt.load(path, 1)
-        correct = agree = count = 0
-        for x, y, ref, _ in test_set:
-            classes = run(x).argmax(1)
-            correct += int((classes == y).sum())
-            agree += int((classes == ref).sum())
-            count += len(y)
+        top1, agree = _top1_and_agreement(run, test_set, against=2)
         latency = _median_ms(lambda: run(example), runs)
-        figures[f"{fmt.name}_int8_top1"], figures[f"{fmt.name}_agreement"] = 100.0 * correct / count, 100.0 * agree / count
+        figures[f"{fmt.name}_int8_top1"], figures[f"{fmt.name}_agreement"] = top1, agree
         figures[f"{fmt.name}_int8_ms"] = latency
-        log(f"  int8 {os.path.basename(path):<22} {fmt.runtime:<21} top-1 {100.0 * correct / count:6.2f} %   (same "
-            f"class as PyTorch lowered on {100.0 * agree / count:.2f} %), batch 1 {latency:.3f} ms")
+        log(f"  int8 {os.path.basename(path):<22} {fmt.runtime:<21} top-1 {top1:6.2f} %   (same "
+            f"class as PyTorch lowered on {agree:.2f} %), batch 1 {latency:.3f} ms")
     _pytorch_int8(lowered, example, test_set, runs, figures, log)
 
 
 def _pytorch_int8(lowered: torch.nn.Module, example: torch.Tensor, test_set: list, runs: int,
                   figures: dict[str, float], log: Callable[[str], None]) -> None:
-    """The lowered model as oneDNN int8 convs in PyTorch itself (:func:`repq_fx.compile_int8`), against the
-    ONNX export's classes, with the eager merged float model's batch-1 latency beside it."""
+    """The lowered model as oneDNN int8 convs in PyTorch itself (:func:`repq_fx.compile_int8`): top-1, class
+    agreement with the ONNX export, batch-1 latency."""
     import repq_fx
     from .errors import CompileError
 
@@ -216,17 +211,24 @@ def _pytorch_int8(lowered: torch.nn.Module, example: torch.Tensor, test_set: lis
     except (CompileError, RuntimeError) as e:  # no TorchAO or oneDNN (CompileError), no C++ compiler for inductor
         log(f"  int8 PyTorch (torch.compile): not run ({str(e).splitlines()[0]})")
         return
-    correct = agree = count = 0
-    for x, y, _, ort_classes in test_set:
-        classes = fast(x).argmax(1)
-        correct += int((classes == y).sum())
-        agree += int((classes == ort_classes).sum())
-        count += len(y)
+    top1, agree = _top1_and_agreement(fast, test_set, against=3)
     latency = _median_ms(lambda: fast(example), runs)
-    figures["pytorch_int8_top1"], figures["pytorch_int8_agreement"] = 100.0 * correct / count, 100.0 * agree / count
+    figures["pytorch_int8_top1"], figures["pytorch_int8_agreement"] = top1, agree
     figures["pytorch_int8_ms"] = latency
-    log(f"  int8 PyTorch (repq_fx.compile_int8)  oneDNN int8 convs     top-1 {100.0 * correct / count:6.2f} %   "
-        f"(same class as ONNX Runtime on {100.0 * agree / count:.2f} %), batch 1 {latency:.3f} ms")
+    log(f"  int8 PyTorch (repq_fx.compile_int8)  oneDNN int8 convs     top-1 {top1:6.2f} %   "
+        f"(same class as ONNX Runtime on {agree:.2f} %), batch 1 {latency:.3f} ms")
+
+
+def _top1_and_agreement(run: Callable[[torch.Tensor], torch.Tensor], test_set: list, against: int) -> tuple[float, float]:
+    """Top-1 (%) of ``run`` on the test set, and how often (%) its class is the one in column ``against`` of
+    ``test_set`` (2: the lowered PyTorch model's, 3: ONNX Runtime's)."""
+    correct = agree = count = 0
+    for batch in test_set:
+        classes = run(batch[0]).argmax(1)
+        correct += int((classes == batch[1]).sum())
+        agree += int((classes == batch[against]).sum())
+        count += len(batch[1])
+    return 100.0 * correct / count, 100.0 * agree / count
 
 
 def _median_ms(call: Callable[[], object], runs: int) -> float:
