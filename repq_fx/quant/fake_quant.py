@@ -44,12 +44,12 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..config import STEP_INITS
 from ..errors import StepCollapsedWarning
 from . import zero_range
 from .precision import autocast_active, to_float32
 from .range_init import mse_affine_range, mse_symmetric_scale
 
-STEP_INITS = ("mse", "minmax")
 STEP_FLOOR = torch.finfo(torch.float32).eps  # a learned step is never below this (see _keep_step_positive)
 SAMPLES_PER_BATCH = 1 << 16  # activation values kept per observed batch for the MSE search
 MAX_SAMPLES = 1 << 19

@@ -31,6 +31,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..algebra.affine import pair
+
 _FLOAT32_EXACT = 2 ** 24
 _INT32 = torch.iinfo(torch.int32)
 _qd = torch.ops.quantized_decomposed  # registered by the import of torch.ao...._decomposed below
@@ -249,8 +251,8 @@ class QuantizedConv2d(_IntegerLayer):
                  input_scale: float | torch.Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
                  groups: int = 1, weight_bits: int = 8, weight_container: str = "int8") -> None:
         super().__init__(weight, weight_scale, bias, input_scale, weight_bits, weight_container)
-        self.stride, self.padding = _pair(stride), _pair(padding)
-        self.dilation, self.groups = _pair(dilation), int(groups)
+        self.stride, self.padding = pair(stride), pair(padding)
+        self.dilation, self.groups = pair(dilation), int(groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tracing():  # x comes dequantized from the QuantizeDequantize before this layer
@@ -286,13 +288,6 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)``, and no op at all in a traced graph when it has that type already (a no-op ``to`` between a
     dequantize and its conv hides the quantized pattern from XNNPACK's partitioner)."""
     return x if x.dtype == dtype else x.to(dtype)
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(e) for e in v)
-    return v if len(v) == 2 else (v[0], v[0])
 
 
 __all__ = ["QuantizeDequantize", "QuantizedConv2d", "QuantizedLinear"]
