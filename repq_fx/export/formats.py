@@ -73,9 +73,9 @@ def format_for(path: str, name: str | None = None) -> Format:
 
 
 def _write_onnx(lowered: fx.GraphModule, example: torch.Tensor, path: str, target: str | None) -> str:
-    from ..api import export_onnx
+    from .onnx_qdq import export_qdq
 
-    export_onnx(lowered, (example,), path, target=target)
+    export_qdq(lowered, (example,), path, target=target)
     return f"QDQ ONNX for ONNX Runtime (batch dynamic), target {target or lowered.repq_target}"
 
 
