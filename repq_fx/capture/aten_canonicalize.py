@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ..errors import CaptureError, UnsupportedOpError
 from .norm import batch_norm, is_batch_norm
-from .graph_utils import size_function
+from .graph_utils import finish_pass, size_function
 from .slice_padding import SlicePadding, Sizes, bind, find_slice_paddings
 from .tracer import LeafTracer
 
@@ -172,11 +172,7 @@ def canonicalize_exported(ep: Any, root: nn.Module, *, mode: str, sizes: list[Si
     # keeps repq_fx's own graph functions as calls (export's make_fx tracer cannot be rebuilt)
     ctx.graph._tracer_cls, ctx.graph._tracer_extras = LeafTracer, {}
     gm = fx.GraphModule(root, ctx.graph, name)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return finish_pass(gm)
 
 
 # -- signature ------------------------------------------------------------------------------------

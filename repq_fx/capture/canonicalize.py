@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .graph_utils import fetch_attr, free_module_path, is_size_value
+from .graph_utils import fetch_attr, finish_pass, free_module_path, is_size_value
 from .norm import batch_norm, is_batch_norm
 from .tracer import STOCHASTIC_DEPTH
 
@@ -493,8 +493,5 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
     _linear_then_batch_norm(gm)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return finish_pass(gm, unused_submodules=False)
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..algebra import ConvParams, to_module
 from ..capture.canonicalize import CHANNELS_FIRST_FOR_LINEAR
-from ..capture.graph_utils import free_module_path, param_dtype
+from ..capture.graph_utils import finish_pass, free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, find_blocks
 
 
@@ -26,11 +26,7 @@ def merge_blocks(gm: fx.GraphModule, analysis: Analysis | None = None) -> fx.Gra
     for block in analysis.blocks:
         if block.merged and not _is_plain_conv(block):
             replaced[block.region.exit] = _replace_with_conv(gm, block, dtype, replaced)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return finish_pass(gm)
 
 
 def _is_plain_conv(block: Block) -> bool:
