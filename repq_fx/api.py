@@ -270,16 +270,10 @@ def export_onnx(lowered: fx.GraphModule, example_inputs: Sequence[Any] | torch.T
     model = export_qdq(lowered, example_inputs, path, target=target)
     if check:
         from .export.parity import check_onnx_runtime
-        from .export.tensorrt_check import has_float_convs, structure_problems
+        from .export.tensorrt_check import require_target_form
         from .targets import DEFAULT_TARGET, get_target
 
-        scheme = get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET))
-        problems = structure_problems(model, scheme, float_convs=has_float_convs(lowered))
-        if problems:
-            from .errors import ExportCheckError
-
-            listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            raise ExportCheckError(f"{path} does not have the form target {scheme.name!r} runs in int8: {listed}")
+        require_target_form(model, path, lowered, get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET)))
 
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         check_onnx_runtime(path, lowered, inputs)

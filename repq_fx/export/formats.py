@@ -85,15 +85,11 @@ def _check_onnx(path: str, lowered: fx.GraphModule, inputs: torch.Tensor, target
 
     from ..targets import get_target
     from .parity import check_onnx_runtime
-    from .tensorrt_check import RULES, has_float_convs, structure_problems
+    from .tensorrt_check import require_target_form
 
     scheme = get_target(target or getattr(lowered, "repq_target", None) or "onnxruntime")
-    problems = structure_problems(onnx.load(path), scheme, float_convs=has_float_convs(lowered))
-    if problems:
-        raise ExportCheckError(f"{path} does not have the form target {scheme.name!r} runs in int8:\n  "
-                               + "\n  ".join(problems))
     form = (f"{path} has the Q/DQ form target {scheme.name!r} runs in int8 (symmetric int8, fusable)\n"
-            if any(getattr(scheme, flag) for flag, _ in RULES) else "")
+            if require_target_form(onnx.load(path), path, lowered, scheme) else "")
     parity = check_onnx_runtime(path, lowered, (inputs,))
     return f"{form}ONNX Runtime vs lowered PyTorch on {inputs.shape[0]} random inputs: {parity}"
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from ..errors import ExportCheckError
 from ..targets import Target, get_target
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -201,6 +202,16 @@ def check_tensorrt_qdq(model: onnx.ModelProto, float_convs: bool = False) -> lis
     """The problems TensorRT's explicit int8 quantization has with ``model`` (see the module docstring);
     an empty list when there are none. ``float_convs``: convs left in float on purpose are fine."""
     return structure_problems(model, get_target("tensorrt"), float_convs)
+
+
+def require_target_form(model: onnx.ModelProto, path: str, lowered: fx.GraphModule, target: Target) -> bool:
+    """Raise :class:`~repq_fx.errors.ExportCheckError` listing the problems when ``model`` (written at ``path``
+    from ``lowered``) breaks a structural rule of ``target``; return whether ``target`` has any such rule."""
+    problems = structure_problems(model, target, float_convs=has_float_convs(lowered))
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ExportCheckError(f"{path} does not have the form target {target.name!r} runs in int8: {listed}")
+    return any(getattr(target, flag) for flag, _ in RULES)
 
 
 def has_float_convs(lowered: fx.GraphModule) -> bool:
