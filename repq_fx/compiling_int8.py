@@ -49,6 +49,7 @@ from torch import nn
 
 from .errors import CompileError, ConfigError, SaturationError
 from .quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
+from .targets import TARGETS, get_target
 
 # inductor's counters: one per qconv/qlinear lowered to a oneDNN int8 op (unary: ReLU or none fused; binary: add)
 _INT8_OP_COUNTERS = ("qconv_unary_lower_count", "qconv2d_binary_lower_count", "qlinear_unary_lower_count",
@@ -139,8 +140,9 @@ def compile_int8(lowered: fx.GraphModule, example_inputs: Sequence[Any] | None =
     autograd; it compiles a copy of ``lowered`` with the weights frozen into constants, so later changes
     to ``lowered`` do not reach it. It runs on x86 CPUs with TorchAO installed; inductor needs a C++ compiler.
 
-    Weights whose 16-bit pair sums can overflow on x86 CPUs without VNNI (models prepared for the
-    ``"onnxruntime-u8u8"`` or ``"onnxruntime-vnni"`` targets) raise a
+    Weights whose 16-bit pair sums can overflow on x86 CPUs without VNNI (full-range 8-bit weights: models
+    prepared for every target but ``"onnxruntime"``, i.e. ``"onnxruntime-u8u8"``, ``"onnxruntime-vnni"``,
+    ``"tensorrt"`` and ``"xnnpack"``) raise a
     :class:`~repq_fx.errors.SaturationError`; ``allow_vnni_only=True`` compiles them with a warning (exact only
     on CPUs with VNNI). With ``example_inputs`` it compiles now, runs them once and raises
     :class:`~repq_fx.errors.CompileError` unless every integer layer became a oneDNN int8 op (inductor's own
@@ -154,7 +156,7 @@ def compile_int8(lowered: fx.GraphModule, example_inputs: Sequence[Any] | None =
     False
     """
     form = inductor_form(lowered)
-    _check_pair_sums(form, allow_vnni_only)
+    _check_pair_sums(form, allow_vnni_only, getattr(lowered, "repq_target", None))
     register_x86_passes()
     mode = compile_kwargs.pop("mode", None)
     options = dict(compile_kwargs.pop("options", None) or {})
@@ -202,7 +204,7 @@ def _integer_layers(gm: fx.GraphModule) -> list[fx.Node]:
             and isinstance(gm.get_submodule(n.target), (QuantizedConv2d, QuantizedLinear))]
 
 
-def _check_pair_sums(form: fx.GraphModule, allow_vnni_only: bool) -> None:
+def _check_pair_sums(form: fx.GraphModule, allow_vnni_only: bool, target: str | None) -> None:
     from .export.saturation import int16_pair_overflows  # here: repq_fx.export imports onnx, optional
 
     overflows = int16_pair_overflows(form)
@@ -210,11 +212,13 @@ def _check_pair_sums(form: fx.GraphModule, allow_vnni_only: bool) -> None:
         return
     listed = "; ".join(str(o) for o in overflows[:3]) + (f"; and {len(overflows) - 3} more" if len(overflows) > 3
                                                          else "")
+    trained = (f"The model was prepared for target {target!r}, a grid for {get_target(target).summary.split(':')[0]}"
+               f" (run it there: repq-fx export). " if target in TARGETS else "")
     if not allow_vnni_only:
         raise SaturationError(
             f"{len(overflows)} int8 layers can overflow the 16-bit pair sums of oneDNN's u8s8 kernels on x86 CPUs "
-            f"without VNNI ({listed}). Prepare the model with QConfig(target='onnxruntime') to train a grid every "
-            "x86 CPU computes exactly, or pass allow_vnni_only=True to run it on CPUs with VNNI only")
+            f"without VNNI ({listed}). {trained}Prepare the model with QConfig(target='onnxruntime') to train a "
+            "grid every x86 CPU computes exactly, or pass allow_vnni_only=True to run it on CPUs with VNNI only")
     warnings.warn(f"compile_int8: {len(overflows)} int8 layers are exact only on x86 CPUs with VNNI ({listed})",
                   RuntimeWarning, stacklevel=3)
 

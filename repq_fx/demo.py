@@ -21,6 +21,7 @@ finished step is reused (delete the folder to start over).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import statistics
 import sys
@@ -157,23 +158,51 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
 
 @contextlib.contextmanager
 def _runtime_chatter_captured():
-    """The runtimes' own log lines (ExecuTorch's C++ cpuinfo and thread-pool lines, torch.compile's warnings)
-    are kept out of the demo's output: stderr goes to a temporary file, printed only if the block fails."""
+    """The runtimes' own log lines are kept out of the demo's output: what C++ code writes to file descriptor 2
+    (ExecuTorch's cpuinfo and thread-pool lines) goes to a temporary file, printed only if the block fails,
+    and other packages' Python warnings (torch.compile's) are dropped. Python's own stderr still reaches the
+    terminal (``sys.stderr``, and logging handlers that write to it), and so do repq_fx's warnings."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        os.dup2(captured.fileno(), 2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        saved = os.dup(2)
+        original = sys.stderr
+        terminal = open(saved, "w", buffering=1, closefd=False, encoding=getattr(original, "encoding", None),
+                        errors="backslashreplace")
+        handlers = [h for h in _stream_handlers() if h.stream is original]
         try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                os.dup2(captured.fileno(), 2)
+                sys.stderr = terminal
+                for handler in handlers:
+                    handler.setStream(terminal)
+                try:
+                    yield
+                except BaseException:
+                    os.dup2(saved, 2)
+                    captured.seek(0)
+                    terminal.write(captured.read().decode(errors="replace"))
+                    raise
+                finally:
+                    terminal.flush()
+                    os.dup2(saved, 2)
+                    sys.stderr = original
+                    for handler in handlers:
+                        handler.setStream(original)
         finally:
-            os.dup2(saved, 2)
+            terminal.close()
             os.close(saved)
+        package = Path(sys.modules[__name__.split(".")[0]].__file__).resolve().parent
+        for w in caught:
+            if Path(w.filename).resolve().is_relative_to(package):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    """Every logging handler that writes to a stream, on the root logger and on every named logger."""
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger)]
+    return [h for logger in loggers for h in logger.handlers if isinstance(h, logging.StreamHandler)]
 
 
 def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: list, work: Path, runs: int,

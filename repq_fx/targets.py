@@ -110,7 +110,9 @@ register_target(Target(
     "(after a ReLU only [0, 127] is used: TensorRT's symmetric scheme wastes the sign bit there, and the QAT "
     "trains with it), per-channel int8 weights in [-127, 127], Q/DQ on the residual input of conv + add so "
     "TensorRT fuses conv + add + ReLU; int32 accumulators (no pair-sum limit)", "int8", False,
-    "NVIDIA GPUs (TensorRT); ONNX Runtime on any CPU with int8 QDQ kept (session.qdqisint8allowed=1)",
+    "NVIDIA GPUs (TensorRT); ONNX Runtime's CPU kernels with int8 QDQ kept (session.qdqisint8allowed=1, measured "
+    "on x86 AVX2); not OpenVINO or compile_int8 on x86 (they shift int8 activations into uint8, where 16-bit pair "
+    "sums overflow without VNNI)",
     symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True, activation_container=None))
 
 # XNNPACK (ExecuTorch's CPU backend) runs qs8 convs: int8 activations (per tensor, any zero point), int8

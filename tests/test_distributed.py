@@ -311,3 +311,38 @@ def test_sync_batch_norm_inside_blocks_sees_the_global_batch(tmp_path: Path) -> 
             # of one process on the whole batch; the gradients (through the all-reduce) and running stats too
             assert err["out"] < 1e-5 and err["grad"] < 1e-3 and err["running"] < 1e-5, (rank, mode, err)
             assert err["n_stats"] > 20 and err["n_grads"] > 20
+
+
+def _half_sync_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from repq_fx.capture.norm import batch_norm
+
+        bn = torch.nn.BatchNorm2d(4)
+        mark_sync_batch_norm(bn)
+        g = torch.Generator().manual_seed(5)
+        # 40,960 values per channel on each rank: the global count, 81,920, is past fp16's largest number
+        whole = (torch.randn(20, 4, 64, 64, generator=g) * 3 + 2).half()
+        mine = whole[10 * rank: 10 * rank + 10]
+        y = batch_norm(mine, bn.train())
+        ref = torch.nn.functional.batch_norm(whole.double(), None, None, training=True)[10 * rank: 10 * rank + 10]
+        torch.save({"dtype": str(y.dtype), "finite": bool(torch.isfinite(y).all()),
+                    "err": (y.double() - ref).abs().max().item(),
+                    "running_var": bn.running_var.clone(), "ref_var": whole.double().var(dim=(0, 2, 3))},
+                   Path(out_dir) / f"half{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_dist
+def test_sync_batch_norm_of_half_inputs_counts_past_fp16(tmp_path: Path) -> None:
+    """Regression: fp16 statistics and counts overflowed (OverflowError / inf) once the global count passed 65504."""
+    mp.spawn(_half_sync_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"half{rank}.pt")
+        assert got["dtype"] == "torch.float16" and got["finite"]
+        assert got["err"] < 2e-2  # fp16 output rounding of values within a few units
+        expected = 0.9 * 1 + 0.1 * got["ref_var"]  # momentum 0.1 from running_var 1, unbiased over 81,920
+        assert torch.allclose(got["running_var"].double(), expected, rtol=1e-4)

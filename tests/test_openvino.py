@@ -62,3 +62,42 @@ def test_onnx_of_an_xnnpack_model_is_refused_where_x86_kernels_would_saturate(tm
     assert max(int(m.weight.abs().max()) for m in lowered.modules() if isinstance(m, QuantizedConv2d)) > 64
     with pytest.raises(repq_fx.errors.SaturationError, match="target='onnxruntime'"):
         repq_fx.export_onnx(lowered, (torch.randn(1, 3, 12, 12),), str(tmp_path / "m.onnx"))
+
+
+def test_openvino_file_of_a_tensorrt_model_is_refused_where_x86_kernels_would_saturate(tmp_path) -> None:
+    """Regression: the tensorrt grid's signed activations reach 128 in ONNX Runtime's view (int8 kept) and passed
+    the pair-sum check, but OpenVINO shifts them into uint8 (up to 255): a written IR was up to 10 steps off."""
+    from repq_fx.export.formats import FORMATS
+    from repq_fx.export.saturation import int16_pair_overflows
+
+    _, qmodel = prepared(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), (4, 3, 12, 12),
+                         repq_fx.QConfig(target="tensorrt"))
+    lowered = repq_fx.lower(qmodel)
+    assert int16_pair_overflows(lowered, stored=False) == []  # ONNX Runtime's view: exact
+    shifted = int16_pair_overflows(lowered, stored=False, signed_as_uint8=True)
+    assert shifted and all(o.input_max == 255 for o in shifted)
+    with pytest.raises(repq_fx.errors.SaturationError, match="OpenVINO runs as uint8.*target='onnxruntime'"):
+        FORMATS["openvino"].write(lowered, torch.randn(1, 3, 12, 12), str(tmp_path / "m.xml"), None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_openvino_file_is_written_alone_and_checked_itself(tmp_path) -> None:
+    """Regression: the intermediate ONNX replaced a sibling m.onnx (or, with --out m.onnx, the output itself),
+    and --check ran that sibling instead of the written IR."""
+    from repq_fx.export.formats import FORMATS, format_for
+
+    for path in ("m.onnx", "m"):
+        with pytest.raises(repq_fx.errors.ConfigError, match=r"format openvino writes a \.xml file.*name it m\.xml"):
+            format_for(path, "openvino")
+    with pytest.raises(repq_fx.errors.ConfigError, match=r"writes a \.onnx file"):
+        format_for("m.bin", "onnx")
+    torch.manual_seed(0)
+    lowered, other = trained_small_repvgg(), trained_small_repvgg(steps=1)
+    (tmp_path / "m.onnx").write_text("the user's own file")
+    xml, x = str(tmp_path / "m.xml"), torch.randn(16, 1, 28, 28)
+    FORMATS["openvino"].write(lowered, x[:1], xml, None)
+    assert (tmp_path / "m.onnx").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.onnx", "m.xml"]
+    assert "OpenVINO IR m.xml" in FORMATS["openvino"].check(xml, lowered, x, None)
+    with pytest.raises(repq_fx.errors.ExportCheckError, match="is not the model that was checked"):
+        FORMATS["openvino"].check(xml, other, x, None)  # the file on disk is another model's

@@ -86,6 +86,16 @@ def test_weights_that_overflow_16_bit_pair_sums_are_refused_before_compiling() -
         repq_fx.compile_int8(lowered, allow_vnni_only=True)
 
 
+@pytest.mark.parametrize("target, runtime", [("tensorrt", "TensorRT"), ("xnnpack", "ExecuTorch XNNPACK"),
+                                             ("onnxruntime-u8u8", "ONNX Runtime u8u8")])
+def test_a_model_trained_for_another_runtime_is_refused_naming_its_target(target: str, runtime: str) -> None:
+    """Regression: the refusal named only the ONNX Runtime targets; it names the model's own target and runtime."""
+    lowered = _lowered(target=target)
+    with pytest.raises(repq_fx.SaturationError,
+                       match=f"prepared for target '{target}', a grid for {runtime}.*target='onnxruntime'"):
+        repq_fx.compile_int8(lowered)
+
+
 def test_the_lowered_model_is_left_as_it_was() -> None:
     lowered = _lowered(target="onnxruntime-u8u8")
     with warnings.catch_warnings():

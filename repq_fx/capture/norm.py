@@ -44,16 +44,19 @@ def _synced_batch_norm(x: torch.Tensor, module: nn.SyncBatchNorm, group: object)
     from ..quant.sync_stats import sync_moments
 
     dims = (0, *range(2, x.dim()))
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+    # statistics in float32 at least (as torch's BN kernels keep them for half inputs): fp16 would round the
+    # moments, and its variance of a large batch can overflow
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    var, mean = torch.var_mean(wide, dim=dims, unbiased=False)
     (mean, var, count), = sync_moments([(mean, var, x.numel() // x.shape[1])], group)
     _update_running([module], [mean], [var], [count])
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.reshape(shape)) * torch.rsqrt(var + module.eps).reshape(shape)
+    y = (wide - mean.reshape(shape)) * torch.rsqrt(var + module.eps).reshape(shape)
     if module.weight is not None:
         y = y * module.weight.reshape(shape)
     if module.bias is not None:
         y = y + module.bias.reshape(shape)
-    return y
+    return y.to(x.dtype)
 
 
 def is_batch_norm(module: nn.Module) -> bool:

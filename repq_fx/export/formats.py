@@ -6,8 +6,12 @@ int8 convs XNNPACK runs. A row says how to write the file and how to check it ag
 model in its runtime; a check raises :class:`~repq_fx.errors.ExportCheckError` and returns one
 line to print when it passes.
 
->>> format_for("model.pte").name, format_for("model.xml").name, format_for("m.bin", "onnx").name
+>>> format_for("model.pte").name, format_for("model.xml").name, format_for("m.onnx", "onnx").name
 ('pte', 'openvino', 'onnx')
+>>> format_for("model.onnx", "openvino")
+Traceback (most recent call last):
+...
+repq_fx.errors.ConfigError: format openvino writes a .xml file, but the path 'model.onnx' ends in '.onnx'; name it model.xml
 >>> format_for("model.tflite")
 Traceback (most recent call last):
 ...
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,12 +63,19 @@ def register_format(fmt: Format) -> Format:
 
 
 def format_for(path: str, name: str | None = None) -> Format:
-    """The format ``name``, else the one ``path``'s suffix names; a :class:`ConfigError` when neither says."""
+    """The format ``name``, else the one ``path``'s suffix names; a :class:`ConfigError` when neither says, or
+    when ``path`` does not end in the suffix of format ``name`` (a file is never written under another
+    format's name, where it would replace that format's file)."""
+    root, suffix = os.path.splitext(path)
+    suffix = suffix.lower()
     if name is not None:
         if name not in FORMATS:
             raise ConfigError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
-        return FORMATS[name]
-    suffix = os.path.splitext(path)[1].lower()
+        fmt = FORMATS[name]
+        if suffix != fmt.suffix:
+            raise ConfigError(f"format {name} writes a {fmt.suffix} file, but the path {path!r} "
+                              f"{f'ends in {suffix!r}' if suffix else 'has no suffix'}; name it {root}{fmt.suffix}")
+        return fmt
     for fmt in FORMATS.values():
         if fmt.suffix == suffix:
             return fmt
@@ -107,19 +119,28 @@ def _beside(path: str, suffix: str) -> str:
 
 
 def _write_openvino(lowered: fx.GraphModule, example: torch.Tensor, path: str, target: str | None) -> str:
-    from .openvino_ir import save_ir
+    """The IR converted from the QDQ ONNX, which is written to a temporary folder (never beside ``path``,
+    where it would replace a file of the user's)."""
+    from .openvino_ir import require_exact_in_openvino, save_ir
 
-    onnx_path = _beside(path, ".onnx")
-    _write_onnx(lowered, example, onnx_path, target)
-    save_ir(onnx_path, path)
-    return f"OpenVINO IR ({os.path.basename(_beside(path, '.bin'))} beside it), converted from {onnx_path}"
+    require_exact_in_openvino(lowered, target)
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = os.path.join(folder, "model.onnx")
+        _write_onnx(lowered, example, onnx_path, target)
+        save_ir(onnx_path, path)
+    return f"OpenVINO IR ({os.path.basename(_beside(path, '.bin'))} beside it), converted from the QDQ ONNX"
 
 
 def _check_openvino(path: str, lowered: fx.GraphModule, inputs: torch.Tensor, target: str | None) -> str:
+    """The written IR end to end; layer by layer on the QDQ ONNX it was converted from (cut by
+    :func:`~repq_fx.export.parity.segment_parity`, which reads ONNX), written again to a temporary folder."""
     from .openvino_ir import check_openvino
 
-    result = check_openvino(_beside(path, ".onnx"), lowered, (inputs,))
-    return f"OpenVINO vs lowered PyTorch on {inputs.shape[0]} random inputs: {result}"
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = os.path.join(folder, "model.onnx")
+        _write_onnx(lowered, inputs[:1], onnx_path, target)
+        result = check_openvino(onnx_path, lowered, (inputs,), deployed=path)
+    return f"OpenVINO IR {os.path.basename(path)} vs lowered PyTorch on {inputs.shape[0]} random inputs: {result}"
 
 
 def _load_openvino(path: str, threads: int) -> Runner:

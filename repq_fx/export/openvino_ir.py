@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ExportCheckError, ExportError
-from .parity import AGREEMENT, cpu_int8_features, segment_parity, step_agreement
+from .parity import AGREEMENT, cpu_int8_features, output_steps, segment_parity, step_agreement
 
 INT8 = ("u8", "i8")  # runtime precisions of an integer kernel
 _LAYERS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
@@ -115,13 +115,16 @@ def _run_segment(threads: int):
 
 
 def check_openvino(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Tensor],
-                   threads: int = 1) -> OpenVINOParity:
-    """OpenVINO against ``lowered``: every quantizer's stretch alone on the lowered model's values, then end to
-    end. Raises :class:`~repq_fx.errors.ExportCheckError` when a layer has fewer than 99.9 % of its outputs
+                   threads: int = 1, deployed: str | None = None) -> OpenVINOParity:
+    """OpenVINO against ``lowered``: every quantizer's stretch of the QDQ ONNX file ``path`` alone on the lowered
+    model's values, then end to end the file ``deployed`` (an IR ``.xml`` converted from ``path``; default:
+    ``path`` itself). Raises :class:`~repq_fx.errors.ExportCheckError` when a layer has fewer than 99.9 % of its outputs
     within one step (or an integer layer any value further), or when no conv runs in int8."""
     inputs = tuple(inputs)
     layers = [s for s in segment_parity(path, lowered, inputs, threads, run=_run_segment(threads))]
-    result = openvino_parity(path, lowered, inputs, threads)
+    if deployed is not None:
+        _require_same_outputs(path, deployed, lowered, inputs, threads)
+    result = openvino_parity(deployed or path, lowered, inputs, threads)
     result = OpenVINOParity(result.int8_convs, result.float_convs, result.int8_gemms, result.within_one_step,
                             result.max_steps, len(layers), min((s.within_one_step for s in layers), default=1.0))
     bad = [s for s in layers if not s.ok]
@@ -132,6 +135,48 @@ def check_openvino(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
     if result.int8_convs == 0 and result.float_convs:
         raise ExportCheckError(f"OpenVINO runs no conv in int8: {result}")
     return result
+
+
+def _require_same_outputs(path: str, deployed: str, lowered: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+                          threads: int) -> None:
+    """The deployed file runs as the checked ONNX file does in OpenVINO (within one output step): it is that
+    model, not another one (a stale file, another checkpoint's)."""
+    worst = 0.0
+    pairs = zip(run(compile_model(path, threads), inputs), run(compile_model(deployed, threads), inputs),
+                output_steps(lowered))
+    for a, b, step in pairs:
+        scale = step if step else max(float(np.abs(a).max()), 1.0) * 1e-5
+        worst = max(worst, float((np.abs(a.astype(np.float64) - b.astype(np.float64)) / scale).max(initial=0.0)))
+    if worst > 1.001:
+        raise ExportCheckError(f"{deployed} is not the model that was checked: in OpenVINO its outputs differ from "
+                               f"the lowered model's QDQ ONNX by up to {worst:.1f} output steps; write it again "
+                               "from this model")
+
+
+def require_exact_in_openvino(lowered: fx.GraphModule, target: str | None = None) -> None:
+    """Refuse a model whose signed activations OpenVINO would compute wrong on x86 CPUs without VNNI.
+
+    OpenVINO's CPU plugin runs an int8 activation as uint8, shifted by 128 (measured), so a signed grid
+    (the ``tensorrt`` target's) reaches 255 at the input of oneDNN's u8s8 kernels, whose 16-bit pair sums
+    then overflow with weights the target allows. Unsigned grids are the same in every x86 runtime and are
+    judged by the ONNX export's own check (:func:`repq_fx.export.onnx_qdq.export_qdq`).
+    """
+    from ..errors import SaturationError
+    from ..targets import DEFAULT_TARGET, get_target
+    from .saturation import int16_pair_overflows
+
+    scheme = get_target(target or getattr(lowered, "repq_target", DEFAULT_TARGET))
+    if not scheme.symmetric_activations:
+        return
+    overflows = int16_pair_overflows(lowered, stored=False, signed_as_uint8=True)
+    if overflows:
+        listed = "; ".join(str(o) for o in overflows[:3]) + (f"; and {len(overflows) - 3} more"
+                                                             if len(overflows) > 3 else "")
+        raise SaturationError(
+            f"target {scheme.name!r} trains signed activations, which OpenVINO runs as uint8 (shifted by 128) on "
+            f"x86; then {len(overflows)} int8 layers can overflow the 16-bit pair sums of its u8s8 kernels on CPUs "
+            f"without VNNI ({listed}). Write this model as .onnx for {scheme.exact_on.split(';')[0]}; for OpenVINO, "
+            "prepare it with QConfig(target='onnxruntime'), whose grid OpenVINO computes exactly on every CPU")
 
 
 def save_ir(onnx_path: str, xml_path: str) -> str:
@@ -154,4 +199,4 @@ def save_ir(onnx_path: str, xml_path: str) -> str:
 
 
 __all__ = ["INT8", "OpenVINOParity", "compile_model", "runtime_precisions", "run", "openvino_parity",
-           "check_openvino", "save_ir"]
+           "check_openvino", "require_exact_in_openvino", "save_ir"]

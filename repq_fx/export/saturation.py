@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
-from ..targets import INT16_MAX
+from ..targets import ACTIVATION_SHIFT, INT16_MAX
 
 _UINT8_MAX = 255
 
@@ -52,23 +52,28 @@ def _pair_sums(weight: torch.Tensor, input_max: int) -> torch.Tensor:
     return top * int(input_max)
 
 
-def input_max(gm: fx.GraphModule, layer: fx.Node, stored: bool = True) -> int:
+def input_max(gm: fx.GraphModule, layer: fx.Node, stored: bool = True, signed_as_uint8: bool = False) -> int:
     """The largest magnitude of the integers the input of an integer layer can take, as its quantizer stores
     them (``quant_max`` in uint8; 128 for a grid shifted into int8) or, with ``stored=False``, on its own grid
     (``quant_max``: what x86 ONNX runtimes compute with, which run int8 activations as uint8); 255 when the
-    input is not produced by a quantizer (the uint8 container's limit)."""
+    input is not produced by a quantizer (the uint8 container's limit). ``signed_as_uint8``: a signed grid
+    ``[lo, hi]`` counts as ``hi + 128``, the largest value once shifted into uint8, as OpenVINO runs it on x86."""
     x = layer.args[0]
     if isinstance(x, fx.Node) and x.op == "call_module":
         module = gm.get_submodule(x.target)
         if isinstance(module, QuantizeDequantize):
             _, lo, hi, _ = module.stored() if stored else (None, module.quant_min, module.quant_max, None)
+            if signed_as_uint8 and lo < 0:
+                return int(hi) + ACTIVATION_SHIFT
             return max(abs(lo), abs(hi))
     return _UINT8_MAX
 
 
-def int16_pair_overflows(lowered: fx.GraphModule, stored: bool = True) -> list[PairSumOverflow]:
+def int16_pair_overflows(lowered: fx.GraphModule, stored: bool = True,
+                         signed_as_uint8: bool = False) -> list[PairSumOverflow]:
     """Every integer layer of ``lowered`` whose worst pair sum exceeds int16 (empty: safe everywhere); inputs as
-    stored, or on their own grids (``stored=False``, see :func:`input_max`).
+    stored, or on their own grids (``stored=False``), signed grids shifted into uint8 or not (see
+    :func:`input_max`).
 
     >>> import torch.nn as nn, repq_fx
     >>> q = repq_fx.prepare(nn.Sequential(nn.Conv2d(3, 8, 3)), repq_fx.QConfig(target="onnxruntime-vnni"))
@@ -87,7 +92,7 @@ def int16_pair_overflows(lowered: fx.GraphModule, stored: bool = True) -> list[P
         module = lowered.get_submodule(node.target)
         if not isinstance(module, (QuantizedConv2d, QuantizedLinear)) or not module.weight.numel():
             continue
-        a_max = input_max(lowered, node, stored)
+        a_max = input_max(lowered, node, stored, signed_as_uint8)
         sums = _pair_sums(module.weight, a_max)
         channel = int(sums.argmax())
         if int(sums[channel]) > INT16_MAX:

@@ -85,7 +85,8 @@ def sync_group(bns: Sequence[nn.Module]) -> Any:
 def sync_moments(stats: Sequence[tuple[torch.Tensor, torch.Tensor, int]], group: Any
                  ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """Per-process ``(mean, biased var, count)`` of each BN -> those of the global batch (two
-    autograd-aware all-reduces for all of them together); ``group`` None returns ``stats``.
+    autograd-aware all-reduces for all of them together, in float64; the statistics come back in float32
+    or wider); ``group`` None returns ``stats``.
 
     >>> sync_moments([(torch.zeros(2), torch.ones(2), 8)], None)[0][2]
     8
@@ -94,20 +95,24 @@ def sync_moments(stats: Sequence[tuple[torch.Tensor, torch.Tensor, int]], group:
         return list(stats)
     from torch.distributed.nn.functional import all_reduce
 
+    # counts and sums in float64: a count above 65504 is inf in fp16 (and 2**24 is where float32 stops counting);
+    # the statistics come back in float32 at least
     ref = stats[0][0]
-    counts = torch.tensor([float(c) for _, _, c in stats], dtype=ref.dtype, device=ref.device)
-    sums = torch.cat([m.reshape(-1) * float(c) for m, _, c in stats] + [counts])
+    out_dtype = torch.promote_types(ref.dtype, torch.float32)
+    counts = torch.tensor([float(c) for _, _, c in stats], dtype=torch.float64, device=ref.device)
+    sums = torch.cat([m.reshape(-1).double() * float(c) for m, _, c in stats] + [counts])
     sums = all_reduce(sums, group=group)
     totals = sums[-len(stats):]
     means, offset = [], 0
     for (m, _, _), n in zip(stats, totals.detach()):
         means.append(sums[offset: offset + m.numel()].reshape(m.shape) / n)
         offset += m.numel()
-    spread = torch.cat([(v + (m - mean).square()).reshape(-1) * float(c)
+    spread = torch.cat([(v.double() + (m.double() - mean).square()).reshape(-1) * float(c)
                         for (m, v, c), mean in zip(stats, means)])
     spread = all_reduce(spread, group=group)
     out, offset = [], 0
     for (m, _, _), mean, n in zip(stats, means, totals.tolist()):
-        out.append((mean, spread[offset: offset + m.numel()].reshape(m.shape) / n, int(round(n))))
+        var = spread[offset: offset + m.numel()].reshape(m.shape) / n
+        out.append((mean.to(out_dtype), var.to(out_dtype), int(round(n))))
         offset += m.numel()
     return out
