@@ -146,35 +146,11 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
     >>> calibrate(qmodel, [(rgb, depth), (rgb, depth, target), {"rgb": rgb, "depth": depth}, ((rgb, depth), target)])
     4
     """
-    acts = [q for q in fake_quantizers(qmodel) if isinstance(q, ActFakeQuant)]
-    if not acts:
-        if isinstance(getattr(qmodel, "repq_config", None), QConfig):
-            raise NotPreparedError(f"calibrate(): this prepared {type(qmodel).__name__} has nothing to quantize "
-                                   "(no conv or linear outside QConfig.skip); it runs in float as it is")
-        raise NotPreparedError("calibrate() needs a model returned by repq_fx.prepare (no fake quantizers found)")
+    acts = _activation_quantizers(qmodel)
     quantizers = fake_quantizers(qmodel)
-    enabled = [bool(q.enabled) for q in quantizers]
     mode = qmodel.training
-    seen = 0
-    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     with _model_state_kept(qmodel), torch.no_grad(), zero_range.collected() as no_range:
-        try:
-            for q in quantizers:
-                q.enable(False)
-                q.reset()  # ranges and steps come from these batches only
-            for q in acts:
-                q.set_observing(True)
-            for batch in batches:
-                inputs = forward_inputs(qmodel, batch)
-                qmodel(*inputs[0], **inputs[1])
-                seen += 1
-                if max_batches is not None and seen >= max_batches:
-                    break
-        finally:
-            for q in acts:
-                q.set_observing(False)
-            for q, on in zip(quantizers, enabled):
-                q.enable(on)
+        seen, inputs = _observe_activations(qmodel, quantizers, acts, batches, max_batches)
         if inputs is None:
             raise RepQError("calibrate() got no batches: pass an iterable of input tensors (or (input, target) "
                             "tuples, tuples of inputs, dicts of keyword inputs)")
@@ -189,6 +165,44 @@ def calibrate(qmodel: torch.nn.Module, batches: Iterable[Any], max_batches: int 
             qmodel.train(mode)
         _steps_for_zero_ranges(quantizers, no_range)
     return seen
+
+
+def _activation_quantizers(qmodel: torch.nn.Module) -> list[ActFakeQuant]:
+    """The activation quantizers of a prepared model; :class:`NotPreparedError` when there are none."""
+    acts = [q for q in fake_quantizers(qmodel) if isinstance(q, ActFakeQuant)]
+    if not acts:
+        if isinstance(getattr(qmodel, "repq_config", None), QConfig):
+            raise NotPreparedError(f"calibrate(): this prepared {type(qmodel).__name__} has nothing to quantize "
+                                   "(no conv or linear outside QConfig.skip); it runs in float as it is")
+        raise NotPreparedError("calibrate() needs a model returned by repq_fx.prepare (no fake quantizers found)")
+    return acts
+
+
+def _observe_activations(qmodel: torch.nn.Module, quantizers: list[Any], acts: list[ActFakeQuant],
+                         batches: Iterable[Any], max_batches: int | None
+                         ) -> tuple[int, tuple[tuple[Any, ...], dict[str, Any]] | None]:
+    """Run ``batches`` in float (every quantizer off and reset, the activation quantizers observing their
+    ranges); returns how many ran and the last one's ``forward`` inputs (None: no batch)."""
+    enabled = [bool(q.enabled) for q in quantizers]
+    seen, inputs = 0, None
+    try:
+        for q in quantizers:
+            q.enable(False)
+            q.reset()  # ranges and steps come from these batches only
+        for q in acts:
+            q.set_observing(True)
+        for batch in batches:
+            inputs = forward_inputs(qmodel, batch)
+            qmodel(*inputs[0], **inputs[1])
+            seen += 1
+            if max_batches is not None and seen >= max_batches:
+                break
+    finally:
+        for q in acts:
+            q.set_observing(False)
+        for q, on in zip(quantizers, enabled):
+            q.enable(on)
+    return seen, inputs
 
 
 def _steps_for_zero_ranges(quantizers: list[Any], reported: list[str]) -> None:
