@@ -211,9 +211,9 @@ def test_layer_check_of_timm_convnext(tmp_path):
     repq_fx.export_onnx(lowered, (x[:1],), path, check=True)
     # the float baseline of the same model from a batch-1 example ("Invalid ranges [2:1]" before)
     from repq_fx.export.float_onnx import export_float
-    from repq_fx.export.runtime import session_from_bytes
+    from repq_fx.export.runtime import session
 
     export_float(repq_fx.merge(model), (x[:1],), str(tmp_path / "f.onnx"))
-    (got,) = session_from_bytes((tmp_path / "f.onnx").read_bytes()).run(None, {"input": x.numpy()})
+    (got,) = session((tmp_path / "f.onnx").read_bytes()).run(None, {"input": x.numpy()})
     with torch.no_grad():
         assert np.allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,19 +61,26 @@ def output_steps(lowered: fx.GraphModule) -> list[float | None]:
         if not isinstance(leaf, fx.Node):
             steps.append(None)
             continue
-        found, stack, seen = [], [leaf], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            module = lowered.get_submodule(n.target) if n.op == "call_module" else None
-            if isinstance(module, QuantizeDequantize):
-                found.append(float(module.scale))
-            else:
-                stack.extend(n.all_input_nodes)
+        modules = (lowered.get_submodule(n.target) for n in _upstream(leaf, lambda n: (
+            [] if _is_quantizer(lowered, n) else n.all_input_nodes)) if n.op == "call_module")
+        found = [float(m.scale) for m in modules if isinstance(m, QuantizeDequantize)]
         steps.append(max(found) if found else None)
     return steps
+
+
+def _upstream(start: fx.Node, inputs_of: Callable[[fx.Node], list[fx.Node]]) -> Iterator[fx.Node]:
+    """``start`` and the nodes it is computed from, each once, reached through ``inputs_of`` (empty: stop)."""
+    stack, seen = [start], set()
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            yield n
+            stack.extend(inputs_of(n))
+
+
+def _is_quantizer(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantizeDequantize)
 
 
 def onnx_runtime_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Tensor],
@@ -169,23 +176,20 @@ def _segment(gm: fx.GraphModule, end: fx.Node, names: dict) -> tuple[list[tuple[
     integer layers inside it."""
     from ..quant.lowered import QuantizedConv2d, QuantizedLinear
 
+    def inputs_of(n: fx.Node) -> list[fx.Node]:
+        if n is end:
+            return n.all_input_nodes[:1]
+        return [] if _is_quantizer(gm, n) or n.op == "placeholder" else n.all_input_nodes
+
     starts: list[tuple[fx.Node, str]] = []
     layers: list[str] = []
-    stack, seen = [end], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        module = gm.get_submodule(n.target) if n.op == "call_module" else None
-        if isinstance(module, QuantizeDequantize) and n is not end:
+    for n in _upstream(end, inputs_of):
+        if n is not end and _is_quantizer(gm, n):
             starts.append((n.args[0], names["quantizers"][n.target][0]))
         elif n.op == "placeholder":
             starts.append((n, names["inputs"][n.name]))
-        else:
-            if isinstance(module, (QuantizedConv2d, QuantizedLinear)):
-                layers.append(n.target)
-            stack.extend(n.all_input_nodes if n is not end else n.all_input_nodes[:1])
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), (QuantizedConv2d, QuantizedLinear)):
+            layers.append(n.target)
     return starts, sorted(layers)
 
 
@@ -215,7 +219,7 @@ def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
     from onnx.utils import Extractor
 
     from .onnx_qdq import TENSOR_NAMES
-    from .runtime import session_from_bytes
+    from .runtime import session
 
     model = onnx.load(path)
     props = {p.key: p.value for p in model.metadata_props}
@@ -239,7 +243,7 @@ def segment_parity(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
         needed = {i.name for i in sub.graph.input}
         feed = {k: v for k, v in feed.items() if k in needed}
         if run is None:
-            (got,) = session_from_bytes(sub.SerializeToString(), threads).run(None, feed)
+            (got,) = session(sub.SerializeToString(), threads).run(None, feed)
         else:
             got = run(sub.SerializeToString(), feed)
         ref = values[node].detach().cpu().numpy()

@@ -19,19 +19,9 @@ import collections
 import tempfile
 
 
-def session(path: str, threads: int = 1):
-    """A CPU ``onnxruntime.InferenceSession`` of ``path`` with ``threads`` intra-op threads, quiet."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    _keep_int8(options)
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def session_from_bytes(model: bytes, threads: int = 1):
-    """:func:`session` of a serialized model held in memory."""
+def session(model: str | bytes, threads: int = 1):
+    """A CPU ``onnxruntime.InferenceSession`` of a file (or a serialized model held in memory) with ``threads``
+    intra-op threads, quiet."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -60,4 +50,4 @@ def _keep_int8(options) -> None:
     options.add_session_config_entry("session.qdqisint8allowed", "1")  # see the module docstring
 
 
-__all__ = ["session", "session_from_bytes", "optimized_ops"]
+__all__ = ["session", "optimized_ops"]
