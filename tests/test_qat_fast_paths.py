@@ -21,7 +21,7 @@ import torch.nn as nn
 from repq_fx.algebra.kernels import add_zero_taps, embed_add, expand_groups
 from repq_fx.quant import embed_add as runtime
 from repq_fx.quant.bn_stats import IDENTITY, Branch, block_statistics, bn_fold, branch_statistics, channel_moments
-from repq_fx.quant.fake_quant import lsq_fake_quantize
+from repq_fx.quant.lsq import lsq_fake_quantize
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,7 +26,12 @@ _SHARED_MODES = (BnMode.BATCH, BnMode.ESTIMATE)
 
 class StatisticsCall(NamedTuple):
     """The arguments of a ``branch_statistics`` node, by name (``moments``: the block input's moments
-    in ``ESTIMATE`` mode, then the BN's share of a ``block_statistics`` node)."""
+    in ``ESTIMATE`` mode, then the BN's share of a ``block_statistics`` node).
+
+    ``prepare`` writes ``branch`` as a :class:`Branch` of nodes and values. A graph re-traced from its
+    code (``pickle``/``torch.load`` of a GraphModule) has a node that constructs it instead, as FX's
+    tracer does for every NamedTuple argument; the values are the same.
+    """
 
     x: fx.Node
     branch: Branch

@@ -32,8 +32,8 @@ class _ChannelMoments(torch.autograd.Function):
     """Per-channel mean and biased variance over ``(N, H, W)``, two passes (mean, then centred squares).
 
     Same values as ``torch.var_mean(x, (0, 2, 3), unbiased=False)`` to rounding, and its exact
-    gradient ``(dmean + 2 (x - mean) dvar) / M``, but 5-10x faster on the CPU, where
-    ``var_mean`` over the non-contiguous ``(0, 2, 3)`` runs a scalar Welford loop.
+    gradient ``(dmean + 2 (x - mean) dvar) / M``, but faster on the CPU, where ``var_mean`` over the
+    non-contiguous ``(0, 2, 3)`` runs a scalar Welford loop.
     """
 
     @staticmethod
