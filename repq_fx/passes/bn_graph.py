@@ -41,7 +41,7 @@ class StatisticsCall(NamedTuple):
 
     @classmethod
     def of(cls, node: fx.Node) -> "StatisticsCall":
-        """The arguments of ``node`` (a ``branch_statistics`` call)."""
+        """The arguments of ``node`` (a ``branch_statistics`` call; see the module's example)."""
         return cls(*node.args, **node.kwargs)
 
 
@@ -56,6 +56,12 @@ def share_block_statistics(gm: fx.GraphModule) -> None:
     group when everything it reads is computed before the group's first BN, so the shared node
     can run first: the BNs of parallel branches do, a BN behind another BN of the same block
     (a 1x1 -> BN -> kxk -> BN chain) does not and starts a group of its own.
+
+    >>> import torch.nn as nn, repq_fx
+    >>> from repq_fx.quant.bn_stats import block_statistics
+    >>> gm = repq_fx.prepare(nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)))   # one BN: nothing to share
+    >>> sum(n.target is block_statistics for n in gm.graph.nodes)
+    0
     """
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_input: dict[fx.Node, list[fx.Node]] = {}
@@ -103,6 +109,11 @@ def snapshot_running_stats(gm: fx.GraphModule) -> None:
     ``branch_statistics`` updates them in place in train mode, as ``nn.BatchNorm2d`` does;
     a merged weight that read them directly (DBB's BN-valued padding) would have its saved
     tensors invalidated for backward.
+
+    >>> import torch.nn as nn, repq_fx
+    >>> gm = repq_fx.prepare(nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)))   # statistics read only
+    >>> [n for n in gm.graph.nodes if n.target == "clone"]
+    []
     """
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or not node.target.endswith(("running_mean", "running_var")):

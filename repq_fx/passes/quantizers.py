@@ -31,7 +31,13 @@ _RELU_FUNCTIONS = (F.relu, torch.relu)
 
 def add_weight_quantizer(gm: fx.GraphModule, path: str, channels: int, config: QConfig) -> str:
     """A ``WeightFakeQuant`` for ``channels`` output channels as ``<path>.weight_fake_quant`` (a free
-    name); returns its path."""
+    name); returns its path.
+
+    >>> import torch.fx as fx, torch.nn as nn
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3)))
+    >>> add_weight_quantizer(gm, "0", 3, QConfig()), add_weight_quantizer(gm, "0", 3, QConfig())
+    ('0.weight_fake_quant', '0.weight_fake_quant_1')
+    """
     quant_path = free_module_path(gm, f"{path}.weight_fake_quant" if path else "weight_fake_quant")
     gm.add_submodule(quant_path, WeightFakeQuant(config.weight_bits, channels, config.weight_quantizer == "lsq",
                                                  config.per_channel, config.step_init))
@@ -39,7 +45,8 @@ def add_weight_quantizer(gm: fx.GraphModule, path: str, channels: int, config: Q
 
 
 def insert_weight_quantizers_for_linears(gm: fx.GraphModule, quantized: list, config: QConfig) -> None:
-    """A weight quantizer between each quantized linear of ``quantized`` (``(node, path)``) and its weight."""
+    """A weight quantizer between each quantized linear of ``quantized`` (``(node, path)``) and its weight
+    (see the module's example)."""
     for node, path in quantized:
         if node.target is not F.linear:
             continue
@@ -52,7 +59,7 @@ def insert_weight_quantizers_for_linears(gm: fx.GraphModule, quantized: list, co
 
 def insert_act_quantizers(gm: fx.GraphModule, quantized: list, config: QConfig) -> None:
     """Activation quantizers on the inputs and outputs of ``quantized`` (``(node, path)``), and each
-    weight grid narrowed for its target and input range."""
+    weight grid narrowed for its target and input range (see the module's example)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     quantized = sorted(quantized, key=lambda q: order[q[0]])
     first = {q[0] for q in quantized if _reads_model_input(q[0])}

@@ -89,7 +89,11 @@ def batch_one(x: torch.Tensor, branch: Branch, bn: nn.Module, moments: Any = Non
 
 def batch_many(x: torch.Tensor, branches: Sequence[Branch], group: Any = None) -> list[Moments]:
     """``batch_one`` of each branch, computed together (see the module docstring); ``group``: the
-    process group of synchronising BNs (``sync_stats``), or ``None``."""
+    process group of synchronising BNs (``sync_stats``), or ``None``.
+
+    >>> [count for _, _, count in batch_many(torch.randn(2, 3, 4, 4), [IDENTITY, IDENTITY])]
+    [32, 32]
+    """
     return sync_moments(batch_statistics(x, branches), group)
 
 

@@ -47,7 +47,7 @@ class Branch(NamedTuple):
         return cls(*(convert(getattr(conv, name)) for name in cls._fields))
 
     def affine(self) -> AffineConv:
-        """The map as an ``AffineConv`` (for a branch with a weight)."""
+        """The map as an ``AffineConv`` (for a branch with a weight; see the module's example)."""
         return AffineConv(*self)
 
 

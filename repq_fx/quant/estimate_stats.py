@@ -42,7 +42,13 @@ def input_moments(x: torch.Tensor, bn: nn.Module) -> tuple[torch.Tensor, torch.T
 
 def estimate_one(x: torch.Tensor, branch: Branch, bn: nn.Module, moments: Any = None) -> Moments:
     """Estimated ``(mean, var, count)`` of ``branch(x)``; ``moments``: the block input's ``input_moments``
-    (computed here when ``None``), of the global batch for a synchronising BN, and so is the count."""
+    (computed here when ``None``), of the global batch for a synchronising BN, and so is the count.
+
+    >>> branch = Branch(torch.full((1, 2, 1, 1), 0.5), None, (1, 1), ((0, 0), (0, 0)), (1, 1), 1)
+    >>> mean, var, count = estimate_one(torch.ones(2, 2, 3, 3), branch, nn.BatchNorm2d(1))
+    >>> mean.tolist(), count
+    ([1.0], 18)
+    """
     mean_x, var_x = moments if moments is not None else input_moments(x, bn)
     mean, var, count = _estimate(x, mean_x, var_x, branch)
     group = sync_group([bn])  # input_moments were of the global batch: so is the count
