@@ -1,12 +1,11 @@
-"""``torch.compile`` for prepared models, with the inductor setting measured to suit them.
+"""``torch.compile`` for prepared models, with the inductor setting that suits them.
 
 A prepared model computes its conv kernels in the graph (each block's merged weight, fake
 quantized). On the CPU, inductor's layout optimization puts every conv of a graph in channels-last
 (it always does when mkldnn is available), and so it also lays those computed kernels out
 channels-last. The conv's backward and the gradient accumulation into the branch kernels then copy
-every kernel-sized tensor back to the default layout: on timm ``repvgg_a0`` at 64x64, batch 16,
-~15 ms of a ~190 ms RepQ-BNEst training step (1 thread), enough to turn 0.95x of the float step into
-1.06x (benchmarks/RESULTS.md, "repq_fx.compile"). A float model does not pay this: its kernels are
+every kernel-sized tensor back to the default layout, at every training step (the measurements:
+benchmarks/RESULTS.md, "repq_fx.compile"). A float model does not pay this: its kernels are
 parameters, which keep their layout. :func:`compile` is ``torch.compile`` with that optimization off
 for models on the CPU, and otherwise exactly ``torch.compile``.
 
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 __all__ = ["compile", "cpu_inductor_options"]
 
@@ -60,7 +61,8 @@ def compile(model: nn.Module, *, backend: str | Callable = "inductor", options: 
     if backend == "inductor":
         mode = kwargs.pop("mode", None)
         if mode is not None and options is not None:
-            raise ValueError("give compile() either mode or options, not both (as torch.compile)")
+            raise ConfigError("give compile() either mode or options, not both (as torch.compile); a mode "
+                              "is a set of inductor options (torch._inductor.list_mode_options)")
         from_mode: dict[str, Any] = {}
         if mode not in (None, "default"):
             from torch._inductor import list_mode_options

@@ -9,6 +9,7 @@ repq_fx.errors.ConfigError: QConfig.bn_mode must be one of 'batch', 'estimate', 
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -17,7 +18,24 @@ from .targets import DEFAULT_TARGET, LEGACY_TARGET, get_target
 
 QUANTIZERS = ("lsq", "minmax")
 STEP_INITS = ("mse", "minmax")
-BN_MODES = ("batch", "estimate", "running")
+
+
+class BnMode(enum.StrEnum):
+    """How a BatchNorm inside a block normalizes in train mode (``QConfig.bn_mode``).
+
+    A ``str``: ``QConfig`` takes the strings users write (``bn_mode="estimate"``) and each member
+    equals its string.
+
+    >>> BnMode("estimate") is BnMode.ESTIMATE, BnMode.BATCH == "batch"
+    (True, True)
+    """
+
+    BATCH = "batch"  # RepQ-BN: exact batch statistics of each branch
+    ESTIMATE = "estimate"  # RepQ-BNEst: estimated from the block input's moments
+    RUNNING = "running"  # the running statistics (a frozen-BN phase)
+
+
+BN_MODES = tuple(mode.value for mode in BnMode)
 
 
 @dataclass(frozen=True, kw_only=True)

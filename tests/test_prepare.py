@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import repq_fx
 from repq_fx.examples import blocks as B
-from repq_fx.quant.bn_stats import branch_statistics
+from repq_fx.quant.bn_stats import BnMode, Branch, branch_statistics
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
 
 REL_TOL = 1e-9
@@ -282,7 +282,8 @@ def test_estimate_mean_is_exact_without_borders() -> None:
     # A 1x1 conv with bias: every output pixel sees one input pixel, no border.
     conv = nn.Conv2d(6, 8, 1, bias=True).double()
     bn = nn.BatchNorm2d(8).double().train()
-    mean, _ = branch_statistics(x, conv.weight, conv.bias, *_geometry(conv)[:2], (1, 1), 1, None, bn, "estimate")
+    branch = Branch(conv.weight, conv.bias, *_geometry(conv)[:2], (1, 1), 1)
+    mean, _ = branch_statistics(x, branch, bn, BnMode.ESTIMATE)
     y = conv(x)
     assert _rel_err(mean, y.mean((0, 2, 3))) <= REL_TOL
     # The running mean moved by momentum * (batch mean) from 0, exactly as nn.BatchNorm2d would.
@@ -292,8 +293,8 @@ def test_estimate_mean_is_exact_without_borders() -> None:
     # x, so that every pixel of x is seen by every tap exactly once. Its output mean is then
     # sum W * E[x], which is what the estimate computes from x's moments.
     conv3 = nn.Conv2d(6, 8, 3, groups=2, bias=False).double()
-    mean3, _ = branch_statistics(x, conv3.weight, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 2, None,
-                                 nn.BatchNorm2d(8).double().train(), "estimate")
+    mean3, _ = branch_statistics(x, Branch(conv3.weight, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 2),
+                                 nn.BatchNorm2d(8).double().train(), BnMode.ESTIMATE)
     true3 = conv3(F.pad(x, (1, 1, 1, 1), mode="circular")).mean((0, 2, 3))
     assert _rel_err(mean3, true3) <= REL_TOL
 
@@ -330,10 +331,10 @@ def _var_errors(correlated: bool) -> dict[str, float]:
     for name, conv in convs.items():
         conv = conv.double()
         stride, padding, dilation, groups = _geometry(conv)
-        args = (conv.weight, None, stride, padding, dilation, groups, None)
+        branch = Branch(conv.weight, None, stride, padding, dilation, groups)
         with torch.no_grad():
-            _, est = branch_statistics(x, *args, nn.BatchNorm2d(16).double().train(), "estimate")
-            _, true = branch_statistics(x, *args, nn.BatchNorm2d(16).double().train(), "batch")
+            _, est = branch_statistics(x, branch, nn.BatchNorm2d(16).double().train(), BnMode.ESTIMATE)
+            _, true = branch_statistics(x, branch, nn.BatchNorm2d(16).double().train(), BnMode.BATCH)
         errs[name] = ((est - true).abs() / true).max().item()
     return errs
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from repq_fx.algebra.kernels import add_zero_taps, embed_add, expand_groups
-from repq_fx.quant.bn_stats import block_statistics, bn_fold, branch_statistics, channel_moments
-from repq_fx.quant.fake_quant import lsq_fake_quantize
+from repq_fx.quant import embed_add as runtime
+from repq_fx.quant.bn_stats import IDENTITY, Branch, block_statistics, bn_fold, branch_statistics, channel_moments
+from repq_fx.quant.lsq import lsq_fake_quantize
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,13 +91,13 @@ def test_channel_moments_match_var_mean() -> None:
 
 # ----------------------------------------------------------------------------- block statistics
 
-def _branches(channels: int, g: torch.Generator) -> list[tuple]:
-    """Branches of one block input: (weight or None, bias, stride, padding, dilation, groups, pad_value)."""
+def _branches(channels: int, g: torch.Generator) -> list[Branch]:
+    """Branches of one block input."""
     def w(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
     c = channels
-    return [
+    return [Branch(*b) for b in [
         (None, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 1, None),                  # identity
         (w(c, c, 3, 3), None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1, None),        # two 3x3 of one geometry
         (w(c, c, 3, 3), w(c), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, None),
@@ -112,7 +113,7 @@ def _branches(channels: int, g: torch.Generator) -> list[tuple]:
         (w(c, c, 3, 1), None, (1, 1), ((1, 1), (0, 0)), (1, 1), 1, None),        # ACB 3x1
         (w(c, 1, 3, 3), None, (1, 1), ((2, 2), (2, 2)), (2, 2), c, None),        # dilated
         (w(c, c, 3, 3), None, (1, 1), ((1, 0), (0, 1)), (1, 1), 1, None),        # one-sided padding
-    ]
+    ]]
 
 
 @pytest.mark.parametrize("mode", ["batch", "estimate"])
@@ -132,8 +133,8 @@ def test_block_statistics_equal_branch_statistics(mode: str, momentum: float | N
         bns.append(bn)
     ref_bns = copy.deepcopy(bns)
     shared = block_statistics(x, branches, bns, mode)
-    got = [branch_statistics(x, *b, bn, mode, s) for b, bn, s in zip(branches, bns, shared)]
-    ref = [branch_statistics(x, *b, bn, mode) for b, bn in zip(branches, ref_bns)]
+    got = [branch_statistics(x, b, bn, mode, s) for b, bn, s in zip(branches, bns, shared)]
+    ref = [branch_statistics(x, b, bn, mode) for b, bn in zip(branches, ref_bns)]
     for stats, (ref_mean, ref_var) in zip(got, ref):
         assert _rel(stats[0], ref_mean) <= 1e-10 and _rel(stats[1], ref_var) <= 1e-10
     # the BN folds computed together (stacked per width) equal bn_fold of each BN on its own
@@ -146,7 +147,7 @@ def test_block_statistics_equal_branch_statistics(mode: str, momentum: float | N
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.allclose(getattr(bn, name).double(), getattr(ref_bn, name).double(), rtol=1e-10, atol=0)
     coeffs = [torch.randn(m.shape[0], generator=g, dtype=torch.float64) for m, _ in ref]
-    inputs = [x] + [t for b in branches for t in (b[0], b[1]) if t is not None]
+    inputs = [x] + [t for b in branches for t in (b.weight, b.bias) if t is not None]
     bn_params = [p for bn in bns for p in (bn.weight, bn.bias)]
     ref_bn_params = [p for bn in ref_bns for p in (bn.weight, bn.bias)]
     loss = sum((s[0] * c).sum() + (s[1] * c.flip(0)).sum() + (f[0] * c).sum() + (f[1] * c).sum()
@@ -161,8 +162,7 @@ def test_block_statistics_equal_branch_statistics(mode: str, momentum: float | N
 
 def test_block_statistics_eval_and_running_modes_use_running_statistics() -> None:
     x = torch.randn(2, 4, 5, 5)
-    branches = [(torch.randn(4, 4, 3, 3), None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1, None),
-                (None, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 1, None)]
+    branches = [Branch(torch.randn(4, 4, 3, 3), None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1), IDENTITY]
     bns = [nn.BatchNorm2d(4).eval(), nn.BatchNorm2d(4).train()]
     assert block_statistics(x, branches, bns, "running") == (None, None)
     stats = block_statistics(x, branches, bns, "batch")
@@ -172,8 +172,9 @@ def test_block_statistics_eval_and_running_modes_use_running_statistics() -> Non
 
 # ----------------------------------------------------------------------------- embed_add
 
+@pytest.mark.parametrize("add", [embed_add, runtime.embed_add], ids=["algebra", "training-kernel"])
 @pytest.mark.parametrize("frame_groups", [1, 2])
-def test_embed_add_equals_padded_sum(frame_groups: int) -> None:
+def test_embed_add_equals_padded_sum(frame_groups: int, add) -> None:
     g = torch.Generator().manual_seed(5)
     out, channels = 8, 8
     frame = torch.randn(out, channels // frame_groups, 5, 3, generator=g, dtype=torch.float64)
@@ -183,7 +184,7 @@ def test_embed_add_equals_padded_sum(frame_groups: int) -> None:
     groups = (frame_groups, channels, 4)
     offsets = ((2, 1), (1, 0), (0, 2))
     params = [frame.clone().requires_grad_()] + [k.clone().requires_grad_() for k in kernels]
-    got = embed_add(params[0], tuple(params[1:]), offsets, groups, frame_groups)
+    got = add(params[0], tuple(params[1:]), offsets, groups, frame_groups)
     ref = params[0]
     for k, (top, left), grp in zip(params[1:], offsets, groups):
         taps = ((top, 5 - top - k.shape[2]), (left, 3 - left - k.shape[3]))
@@ -201,7 +202,7 @@ def test_estimate_moments_match_formula(groups: int, per_group: int, kernel: tup
     """The estimate (``_TapMoments``) against the formula written out with autograd:
     ``mean_o = sum W[o,i,u,v] E[x_i]``, ``var_o = sum W[o,i,u,v]^2 Var[x_i]``; values and gradients."""
     from repq_fx.algebra.kernels import per_input_channel
-    from repq_fx.quant.bn_stats import _estimate_moments
+    from repq_fx.quant.estimate_stats import _estimate_moments
 
     g = torch.Generator().manual_seed(11)
     n, out = 3, 12

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .affine import AffineConv, NoMatch, lattice_gcd
-from .decisions import decide
+from .decisions import concrete, decide
 from .kernels import expand_groups, per_input_channel, redilate
 
 #: pad values closer than this (relative) are the same value; both sides come from the same parameters
@@ -63,7 +63,7 @@ def _composite_pad_value(second: AffineConv, first: AffineConv) -> Any | None | 
         solved = None
     elif first.kernel_size == (1, 1) and first.groups == first.in_channels == first.out_channels and decide(
             "nonzero", "the pad value can be moved before the per-channel scale (no scale is 0)",
-            bool((_value(first.weight) != 0).all()), first.weight):
+            bool((concrete(first.weight) != 0).all()), first.weight):
         diff = _zeros_like_out(first) if target is None else target
         if response is not None:
             diff = diff - response
@@ -85,7 +85,7 @@ def _same(a: Any | None, b: Any | None, question: str) -> bool:
     Two ``None`` are equal whatever the values; otherwise the answer comes from the current
     values and is recorded (``decisions``) under ``question``.
     """
-    va, vb = _value(a), _value(b)
+    va, vb = concrete(a), concrete(b)
     if va is None and vb is None:
         return True
     if va is None:
@@ -94,11 +94,6 @@ def _same(a: Any | None, b: Any | None, question: str) -> bool:
         vb = torch.zeros_like(va)
     scale = max(float(va.abs().max()), float(vb.abs().max()), 1.0) if va.numel() else 1.0
     return decide("equal", question, bool(((va.double() - vb.double()).abs() <= PAD_VALUE_RTOL * scale).all()), va, vb)
-
-
-def _value(x: Any) -> Any:
-    """The numeric value of a tensor or of a symbolic value (see ``passes.emit``)."""
-    return getattr(x, "value", x)
 
 
 def _zeros_like_out(m: AffineConv) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,8 +88,32 @@ def decide(kind: str, question: str, answer: bool, *operands: Any) -> bool:
     return answer
 
 
+_CONCRETE: dict[type, Callable[[Any], Any]] = {}  # symbolic value type -> its current number
+
+
+def register_concrete(kind: type, value_of: Callable[[Any], Any]) -> None:
+    """Values of type ``kind`` stand for numbers the algebra can decide on: ``value_of(v)`` is that
+    number. The algebra runs on tensors and on symbolic values alike (``passes.emit`` registers its
+    own); a decision needs the number now.
+
+    >>> class Boxed:
+    ...     def __init__(self, t): self.t = t
+    >>> register_concrete(Boxed, lambda b: b.t)
+    >>> concrete(Boxed(torch.ones(1))), concrete(torch.zeros(1))
+    (tensor([1.]), tensor([0.]))
+    >>> del _CONCRETE[Boxed]
+    """
+    _CONCRETE[kind] = value_of
+
+
+def concrete(x: Any) -> Any:
+    """The number ``x`` stands for now: ``x`` itself unless its type was registered (``register_concrete``)."""
+    value_of = _CONCRETE.get(type(x))
+    return x if value_of is None else value_of(x)
+
+
 def _detached(x: Any) -> Any:
-    x = getattr(x, "value", x)  # a symbolic value (passes.emit.Sym) carries its number
+    x = concrete(x)
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 

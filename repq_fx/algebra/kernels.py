@@ -90,17 +90,15 @@ def expand_groups(weight: Any, groups: int, target_groups: int) -> Any:
     return expanded.reshape(out_ch, ratio * in_per_group, kh, kw)
 
 
-def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int,
-              inplace: bool = False) -> Any:
+def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> Any:
     """``frame + sum_k add_zero_taps(expand_groups(kernels[k], groups[k], frame_groups), taps_k)`` (R3 with R4, R5).
 
     ``offsets[k]`` is ``(top, left)``: the tap of ``frame`` where ``kernels[k]``'s tap (0, 0) goes.
-    The kernels are added into a copy of ``frame`` where they land instead of being padded and
-    group-expanded to ``frame``'s size first: a 1x1 kernel touches the centre taps only, an
-    identity or depthwise kernel the diagonal only. The values are those of the padded sum
-    (the skipped terms are exact zeros). Symbolic values record it as one call (see ``passes.emit``).
-    ``inplace`` adds into ``frame`` itself (for a temporary that nothing else reads and whose
-    producer did not save it for backward: ``prepare`` decides).
+    The kernels are added into a copy of ``frame`` where they land (:func:`embed_into`) instead of
+    being padded and group-expanded to ``frame``'s size first: a 1x1 kernel touches the centre taps
+    only, an identity or depthwise kernel the diagonal only. The values are those of the padded sum
+    (the skipped terms are exact zeros). A tensor-like with ``__torch_function__`` sees it as one
+    call (``passes.emit`` records it as one graph node).
 
     >>> frame = torch.zeros(2, 2, 3, 3)
     >>> out = embed_add(frame, (torch.ones(2, 2, 1, 1), torch.full((2, 1, 1, 1), 5.0)), ((1, 1), (1, 1)), (1, 2), 1)
@@ -109,63 +107,42 @@ def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_g
             [1., 6.]])
     """
     if has_torch_function((frame, *kernels)):
-        return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups,
-                                     inplace=inplace)
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (frame, *kernels)):
-        out = frame if inplace else frame.clone()  # nothing to differentiate: plain tensor ops
-        _embed(out, kernels, offsets, groups, frame_groups)
-        return out
-    inplace = inplace and not torch.compiler.is_compiling()  # Dynamo cannot trace mark_dirty (a graph break)
-    return _EmbedAdd.apply(frame, tuple(offsets), tuple(groups), frame_groups, inplace, *kernels)
+        return handle_torch_function(embed_add, (frame, *kernels), frame, kernels, offsets, groups, frame_groups)
+    out = frame.clone()
+    embed_into(out, kernels, offsets, groups, frame_groups)
+    return out
 
 
-def _embed(out: torch.Tensor, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> None:
+def embed_into(out: torch.Tensor, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> None:
+    """Add each of ``kernels`` into ``out`` in place, where :func:`embed_add` puts it.
+
+    >>> out = torch.zeros(1, 1, 3, 3)
+    >>> embed_into(out, (torch.ones(1, 1, 1, 1),), ((2, 0),), (1,), 1)
+    >>> out[0, 0, 2].tolist()
+    [1.0, 0.0, 0.0]
+    """
     for kernel, (top, left), g in zip(kernels, offsets, groups):
         region = out[:, :, top:top + kernel.shape[2], left:left + kernel.shape[3]]
         if g == frame_groups:
             region.add_(kernel)
         else:
-            rows, columns, ratio = _group_columns(kernel.shape[0], g, frame_groups, kernel.device)
+            rows, columns, ratio = group_columns(kernel.shape[0], g, frame_groups, kernel.device)
             region.unflatten(1, (ratio, kernel.shape[1])).index_put_((rows, columns), kernel, accumulate=True)
 
 
-def _group_columns(out_channels: int, groups: int, frame_groups: int, device: Any) -> tuple:
-    """Where output ``o`` of a kernel with ``groups`` finds its input columns in a ``frame_groups`` kernel."""
+def group_columns(out_channels: int, groups: int, frame_groups: int, device: Any = None) -> tuple:
+    """``(rows, columns, ratio)``: output ``o`` of a kernel with ``groups`` reads its input columns at
+    ``columns[o]`` of ``ratio`` column blocks of a ``frame_groups`` kernel.
+
+    >>> rows, columns, ratio = group_columns(4, 4, 2)
+    >>> columns.tolist(), ratio
+    ([0, 1, 0, 1], 2)
+    """
     if groups % frame_groups:
         raise AssertionError(f"frame groups {frame_groups} must divide groups {groups}")
     ratio = groups // frame_groups  # kernel groups inside one frame group
     rows = torch.arange(out_channels, device=device)
     return rows, (rows // (out_channels // groups)) % ratio, ratio
-
-
-class _EmbedAdd(torch.autograd.Function):
-    """``embed_add`` with the obvious backward: the frame's gradient is the output's (no copy; autograd's
-    in-place bookkeeping would copy it), each kernel's is the output gradient where it landed."""
-
-    @staticmethod
-    def forward(ctx, frame, offsets, groups, frame_groups, inplace, *kernels):  # type: ignore[override]
-        out = frame if inplace else frame.clone()
-        _embed(out, kernels, offsets, groups, frame_groups)
-        if inplace:
-            ctx.mark_dirty(frame)
-        ctx.layout = (offsets, groups, frame_groups, [k.shape for k in kernels])
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        offsets, groups, frame_groups, shapes = ctx.layout
-        grads = []
-        for i, (shape, (top, left), g) in enumerate(zip(shapes, offsets, groups)):
-            if not ctx.needs_input_grad[5 + i]:
-                grads.append(None)
-                continue
-            region = dout[:, :, top:top + shape[2], left:left + shape[3]]
-            if g == frame_groups:
-                grads.append(region.clone())
-            else:
-                rows, columns, ratio = _group_columns(shape[0], g, frame_groups, dout.device)
-                grads.append(region.unflatten(1, (ratio, shape[1]))[rows, columns])
-        return (dout if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
 
 
 def per_input_channel(vector: Any, out_channels: int, groups: int) -> Any:

@@ -30,15 +30,27 @@ def identity(channels: int, dtype: torch.dtype, device: Any = None) -> AffineCon
     return diagonal(torch.ones(channels, dtype=dtype, device=device), None)
 
 
-def batch_norm(mean: Any, var: Any, weight: Any | None, bias: Any | None, eps: float) -> AffineConv:
-    """R1: BatchNorm with the given statistics, ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+def bn_scale_shift(mean: Any, var: Any, weight: Any | None, bias: Any | None, eps: float) -> tuple[Any, Any]:
+    """R1: a BatchNorm with the given statistics as ``y = scale * x + shift``.
 
-    ``weight``/``bias`` ``None`` means ``affine=False`` (gamma 1, beta 0).
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; ``weight``/``bias``
+    ``None`` means ``affine=False`` (gamma 1, beta 0). Elementwise, so stacked statistics of
+    several BNs (``[B, C]``) fold at once. The one BN-fold formula of the package.
+
+    >>> scale, shift = bn_scale_shift(torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0]), None, 1.0)
+    >>> scale.item(), shift.item()
+    (1.0, -1.0)
     """
     inv_std = torch.rsqrt(var + eps)
     scale = inv_std if weight is None else weight * inv_std
     shift = -mean * scale if bias is None else bias - mean * scale
-    return diagonal(scale, shift)
+    return scale, shift
+
+
+def batch_norm(mean: Any, var: Any, weight: Any | None, bias: Any | None, eps: float) -> AffineConv:
+    """R1: BatchNorm with the given statistics, ``gamma * (x - mean) / sqrt(var + eps) + beta``
+    (see :func:`bn_scale_shift`), as a per-channel scale and shift."""
+    return diagonal(*bn_scale_shift(mean, var, weight, bias, eps))
 
 
 def avg_pool(

@@ -5,12 +5,15 @@ parameters). Any torch function, tensor method or arithmetic operator applied to
 Syms computes the value *and* appends the call to the graph, so the algebra in
 ``repq_fx.algebra`` (plain torch code) is emitted as nodes without a second
 implementation. Real tensors that meet a Sym (identity kernels, masks) become
-non-persistent buffers of the GraphModule.
+non-persistent buffers of the GraphModule. A function may be recorded as another one that
+computes the same values (``recorded_as``: ``prepare`` records the algebra's ``embed_add`` as the
+training kernel ``quant.embed_add.embed_add``). The algebra takes its value-dependent decisions
+on a Sym's current value (registered with ``algebra.decisions.register_concrete``).
 
 >>> import torch, torch.fx as fx
 >>> gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
 >>> em = Emitter(gm)
->>> w = em.input("w", torch.ones(2, 2))
+>>> w = em.wrap(gm.graph.placeholder("w"), torch.ones(2, 2))
 >>> y = (w * 3).sum(dim=0)
 >>> y.value.tolist(), [n.op for n in gm.graph.nodes]
 ([6.0, 6.0], ['placeholder', 'call_function', 'call_method'])
@@ -18,11 +21,13 @@ non-persistent buffers of the GraphModule.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
+
+from ..algebra.decisions import register_concrete
 
 
 class Sym:
@@ -101,13 +106,11 @@ def _flat(args: Any, kwargs: Any) -> list[Any]:
 class Emitter:
     """Appends recorded calls to ``gm.graph`` at the current insertion point."""
 
-    def __init__(self, gm: fx.GraphModule, prefix: str = "_repq_const") -> None:
+    def __init__(self, gm: fx.GraphModule, prefix: str = "_repq_const",
+                 recorded_as: Mapping[Callable, Callable] | None = None) -> None:
         self.gm, self.graph, self.prefix = gm, gm.graph, prefix
+        self.recorded_as = dict(recorded_as or {})  # function -> the function its graph node calls
         self._constants: dict[int, tuple[torch.Tensor, fx.Node]] = {}  # id -> (tensor kept alive, node)
-
-    def input(self, name: str, value: Any) -> Sym:
-        """A placeholder Sym (for tests and standalone use)."""
-        return Sym(self.graph.placeholder(name), value, self)
 
     def wrap(self, node: fx.Node, value: Any) -> Sym:
         """An existing node with its current value."""
@@ -140,7 +143,8 @@ class Emitter:
             # method call, since `torch.Tensor.mul` as a function target has no importable name
             node = self.graph.call_method(name, tree_map(self._to_node, tuple(args)), tree_map(self._to_node, kwargs))
         else:
-            node = self.graph.call_function(func, tree_map(self._to_node, args), tree_map(self._to_node, kwargs))
+            node = self.graph.call_function(self.recorded_as.get(func, func), tree_map(self._to_node, args),
+                                            tree_map(self._to_node, kwargs))
         return self._wrap_result(node, value)
 
     def call_method(self, name: str, self_arg: Sym, args: tuple, kwargs: dict) -> Any:
@@ -165,3 +169,6 @@ def _value(a: Any) -> Any:
 def node_of(a: Any) -> Any:
     """The node of a Sym (other values unchanged)."""
     return a.node if isinstance(a, Sym) else a
+
+
+register_concrete(Sym, _value)

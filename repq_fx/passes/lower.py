@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from ..capture.graph_utils import attributes_read, fetch_attr, free_module_path
+from ..capture.graph_utils import attributes_read, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError, StepCollapsedWarning
 from ..targets import DEFAULT_TARGET, get_target
 from ..quant.bn_stats import branch_statistics, input_moments
@@ -35,27 +35,6 @@ from ..quant.fake_quant import STEP_FLOOR, ActFakeQuant, WeightFakeQuant, collap
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 
 _INT32 = torch.iinfo(torch.int32)
-
-
-def _eval_statistics(x: Any, weight: Any, bias: Any, stride: Any, padding: Any, dilation: Any, groups: Any,
-                     pad_value: Any, bn: nn.Module, mode: str, moments: Any = None) -> tuple:
-    return bn.running_mean, bn.running_var
-
-
-def _no_moments(x: Any, bn: nn.Module) -> tuple:
-    return None, None
-
-
-# What the weight side of a block computes in eval mode, where it reads the block input only
-# for its shape: BN statistics are the running ones.
-_EVAL_RULES: dict[Callable, Callable] = {branch_statistics: _eval_statistics, input_moments: _no_moments}
-
-
-class _Dynamic:
-    """Marks a value that depends on the model input (cannot be folded into constants)."""
-
-    def __init__(self, node: fx.Node) -> None:
-        self.node = node
 
 
 def lower_graph(qmodel: fx.GraphModule) -> fx.GraphModule:
@@ -257,54 +236,71 @@ def _label(node: fx.Node) -> str:
     return f"node {node.name!r}"
 
 
-class _WeightFolder:
-    """Evaluates the weight side of a block (parameters, buffers, constants) with eval-mode BN statistics."""
+class _Dynamic:
+    """Marks a value that depends on the model input (cannot be folded into constants)."""
+
+    def __init__(self, node: fx.Node) -> None:
+        self.node = node
+
+
+def _running_statistics(x: Any, branch: Any, bn: nn.Module, *rest: Any) -> tuple:
+    return bn.running_mean, bn.running_var
+
+
+def _no_moments(x: Any, bn: nn.Module) -> tuple:
+    return None, None
+
+
+class _WeightFolder(fx.Interpreter):
+    """Evaluates the weight side of a block (parameters, buffers, constants) with eval-mode BN statistics.
+
+    Runs only the nodes a weight depends on (each once, shared between layers). A value computed
+    from the model input is a :class:`_Dynamic` marker; the BN statistics, which read the block
+    input only in train mode, are the running ones (``_EVAL_RULES``).
+    """
+
+    # What the weight side of a block computes in eval mode, where it reads the block input only
+    # for its shape: BN statistics are the running ones.
+    _EVAL_RULES: dict[Callable, Callable] = {branch_statistics: _running_statistics, input_moments: _no_moments}
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.env: dict[fx.Node, Any] = {}
+        super().__init__(gm, garbage_collect_values=False)
 
     def value(self, node: fx.Node, layer: fx.Node) -> torch.Tensor:
+        """The value of ``node``, the weight or bias of ``layer``."""
+        position = {n: i for i, n in enumerate(self.graph.nodes)}
         with torch.no_grad():
-            result = self._eval(node)
+            for n in sorted(self._missing(node), key=position.__getitem__):
+                self.env[n] = self.run_node(n)
+        result = self.env[node]
         if isinstance(result, _Dynamic):
             raise RepQError(f"the weight of {_label(layer)} depends on the model input through node "
                             f"{result.node.name!r}; lower() can only fold weights computed from parameters")
         return result
 
-    def _eval(self, root: fx.Node) -> Any:
-        order = []
-        stack, seen = [root], set()
-        while stack:  # the ancestors of root not evaluated yet, in graph order
+    def _missing(self, root: fx.Node) -> set[fx.Node]:
+        """``root`` and its ancestors not evaluated yet."""
+        missing: set[fx.Node] = set()
+        stack = [root]
+        while stack:
             n = stack.pop()
-            if n in seen or n in self.env:
-                continue
-            seen.add(n)
-            order.append(n)
-            stack.extend(n.all_input_nodes)
-        position = {n: i for i, n in enumerate(self.gm.graph.nodes)}
-        for n in sorted(order, key=position.__getitem__):
-            self.env[n] = self._run(n)
-        return self.env[root]
+            if n not in missing and n not in self.env:
+                missing.add(n)
+                stack.extend(n.all_input_nodes)
+        return missing
 
-    def _run(self, n: fx.Node) -> Any:
+    def run_node(self, n: fx.Node) -> Any:
         if n.op == "placeholder":
             return _Dynamic(n)
-        if n.op == "get_attr":
-            return fetch_attr(self.gm, n.target)
-        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.env[a])
-        if n.op == "call_function" and n.target in _EVAL_RULES:
-            return _EVAL_RULES[n.target](*args, **kwargs)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if n.op == "call_function" and n.target in self._EVAL_RULES:
+            return self._EVAL_RULES[n.target](*args, **kwargs)
         dynamic = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, _Dynamic)), None)
         if dynamic is not None:
             return dynamic
-        if n.op == "call_function":
-            return n.target(*args, **kwargs)
-        if n.op == "call_method":
-            return getattr(args[0], n.target)(*args[1:], **kwargs)
-        if n.op == "call_module":
-            return self.gm.get_submodule(n.target)(*args, **kwargs)
-        raise AssertionError(f"cannot fold {n.op} node {n.name}")
+        if n.op == "output":
+            raise AssertionError(f"cannot fold {n.op} node {n.name}")
+        return super().run_node(n)
 
 
 def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:

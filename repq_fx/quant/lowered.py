@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..algebra.affine import pair
+from ..errors import ConfigError
 
 _FLOAT32_EXACT = 2 ** 24
 _INT32 = torch.iinfo(torch.int32)
@@ -85,7 +86,7 @@ class QuantizeDequantize(nn.Module):
         (-125, -128, 127, torch.int8)
         """
         if container not in (None, "int8", "uint8"):
-            raise ValueError(f"container must be 'int8', 'uint8' or None; got {container!r}")
+            raise ConfigError(f"container must be 'int8', 'uint8' or None; got {container!r}")
         self.storage = container
 
     def stored(self) -> tuple[int, int, int, torch.dtype]:
@@ -96,7 +97,8 @@ class QuantizeDequantize(nn.Module):
         lo, hi = self.quant_min + shift, self.quant_max + shift
         info = torch.iinfo(dtype)
         if lo < info.min or hi > info.max:
-            raise ValueError(f"the grid [{self.quant_min}, {self.quant_max}] does not fit {dtype} shifted by {shift}")
+            raise ConfigError(f"the grid [{self.quant_min}, {self.quant_max}] does not fit {dtype} shifted by {shift}; "
+                              "an 8-bit container holds 256 levels, a grid of at most 8 bits (QConfig bits 2..8)")
         return self._zero_point_value + shift, lo, hi, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ class _IntegerLayer(nn.Module):
         if weight.dtype != torch.int8:
             raise TypeError(f"weight must be int8, got {weight.dtype}")
         if weight_container not in ("int8", "uint8"):
-            raise ValueError(f"weight_container must be 'int8' or 'uint8'; got {weight_container!r}")
+            raise ConfigError(f"weight_container must be 'int8' or 'uint8'; got {weight_container!r}")
         self.weight_bits = int(weight_bits)
         self.weight_container = weight_container  # how the traced form stores the weights (a target's choice)
         self.register_buffer("weight", weight.clone())

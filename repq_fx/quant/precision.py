@@ -102,43 +102,25 @@ def float32_function(fn: Fn) -> Fn:
     return wrapper  # type: ignore[return-value]
 
 
-# Float32 twins of the autocast-affected ops of a merged-weight graph (module-level functions, so that
-# a prepared GraphModule's generated code names them and pickles).
+def _float32_twin(op: Callable[..., Any], name: str, written: str) -> Callable[..., torch.Tensor]:
+    """``op`` in float32 under autocast, as a function named ``name`` of this module (so that a prepared
+    GraphModule's generated code names it and pickles)."""
+    def twin(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return float32_call(op, *args, **kwargs)
 
-def conv2d(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``F.conv2d`` in float32 under autocast (a kernel composition of the merged weight)."""
-    return float32_call(F.conv2d, *args, **kwargs)
-
-
-def conv_transpose2d(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``F.conv_transpose2d`` in float32 under autocast."""
-    return float32_call(F.conv_transpose2d, *args, **kwargs)
+    twin.__name__ = twin.__qualname__ = name
+    twin.__doc__ = f"``{written}`` in float32 under autocast."
+    return twin
 
 
-def linear(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``F.linear`` in float32 under autocast."""
-    return float32_call(F.linear, *args, **kwargs)
-
-
-def mm(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``torch.mm`` in float32 under autocast."""
-    return float32_call(torch.mm, *args, **kwargs)
-
-
-def bmm(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``torch.bmm`` in float32 under autocast."""
-    return float32_call(torch.bmm, *args, **kwargs)
-
-
-def matmul(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``torch.matmul`` (``@``) in float32 under autocast."""
-    return float32_call(torch.matmul, *args, **kwargs)
-
-
-def einsum(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``torch.einsum`` in float32 under autocast."""
-    return float32_call(torch.einsum, *args, **kwargs)
-
+# Float32 twins of the autocast-affected ops of a merged-weight graph (kernel compositions of the merged weight)
+conv2d = _float32_twin(F.conv2d, "conv2d", "F.conv2d")
+conv_transpose2d = _float32_twin(F.conv_transpose2d, "conv_transpose2d", "F.conv_transpose2d")
+linear = _float32_twin(F.linear, "linear", "F.linear")
+mm = _float32_twin(torch.mm, "mm", "torch.mm")
+bmm = _float32_twin(torch.bmm, "bmm", "torch.bmm")
+matmul = _float32_twin(torch.matmul, "matmul", "torch.matmul (@)")
+einsum = _float32_twin(torch.einsum, "einsum", "torch.einsum")
 
 FLOAT32_OPS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.conv2d: conv2d, torch.conv2d: conv2d, F.conv_transpose2d: conv_transpose2d,
