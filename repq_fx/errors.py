@@ -79,6 +79,10 @@ class NonFiniteError(InvalidModelError):
     """NaN or Inf in a parameter or BN statistic (or a negative running variance); the message names it."""
 
 
+class RegistrationError(RepQError, TypeError):
+    """A rule, op or label registered with a key or value the registry cannot use; the message says which."""
+
+
 class RepQWarning(UserWarning):
     """Base class of every warning repq_fx gives on purpose (filter them all with this class)."""
 

@@ -1,0 +1,159 @@
+"""Typed views of the canonical ops: a node's arguments bound by name, one class per op.
+
+Every later stage reads a canonical node through its view instead of decoding ``node.args``
+by position: ``ConvView.of(node).groups``. ``of`` also binds a call written with keyword
+arguments or defaults left out (what canonicalize normalizes), and ``args()`` gives the
+canonical positional arguments back.
+
+>>> import torch, torch.fx as fx, torch.nn.functional as F
+>>> gm = fx.symbolic_trace(lambda x, w: F.conv2d(x, w, groups=2))
+>>> conv = ConvView.of(next(n for n in gm.graph.nodes if n.op == "call_function"))
+>>> conv.x.name, conv.stride, conv.groups, len(conv.args())
+('x', 1, 2, 7)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch.fx as fx
+
+V = TypeVar("V", bound="View")
+
+_ALIASES = {"input": "x", "self": "x"}  # torch's names of the tensor argument
+
+
+@dataclass(frozen=True)
+class View:
+    """A canonical node's arguments by name (subclasses list them as fields, in canonical order)."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The argument names, in canonical (positional) order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def of(cls: type[V], node: fx.Node) -> V:
+        """``node``'s positional and keyword arguments bound to the fields (keywords it has no field for are
+        not read; a field ``node`` does not give takes its default)."""
+        names = cls.names()
+        bound = dict(zip(names, node.args))
+        for key, value in node.kwargs.items():
+            key = key if key in names else _ALIASES.get(key, key)
+            if key in names:
+                bound[key] = value
+        return cls(**bound)
+
+    @classmethod
+    def is_canonical(cls, node: fx.Node) -> bool:
+        """Every argument given, positionally (the form canonicalize writes)."""
+        return len(node.args) == len(cls.names()) and not node.kwargs
+
+    def args(self) -> tuple[Any, ...]:
+        """The canonical positional arguments."""
+        return tuple(getattr(self, name) for name in self.names())
+
+    def argument_name(self, position: int | str) -> str:
+        """The name of a positional argument (a keyword names itself).
+
+        >>> CatView([], 1).argument_name(1), CatView([], 1).argument_name(5)
+        ('dim', 'argument 5')
+        """
+        if isinstance(position, str):
+            return position
+        names = self.names()
+        return names[position] if position < len(names) else f"argument {position}"
+
+
+@dataclass(frozen=True)
+class ConvView(View):
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``."""
+
+    x: Any
+    weight: Any
+    bias: Any = None
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: Any = 1
+
+
+@dataclass(frozen=True)
+class BatchNormView(View):
+    """``ir.batch_norm(x, <get_attr of the BatchNorm module>)``."""
+
+    x: Any
+    module: Any
+
+
+@dataclass(frozen=True)
+class AvgPoolView(View):
+    """``F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``."""
+
+    x: Any
+    kernel_size: Any
+    stride: Any = None
+    padding: Any = 0
+    ceil_mode: Any = False
+    count_include_pad: Any = True
+    divisor_override: Any = None
+
+
+@dataclass(frozen=True)
+class PadView(View):
+    """``F.pad(x, pad, mode, value)``."""
+
+    x: Any
+    pad: Any
+    mode: Any = "constant"
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class CropView(View):
+    """``x[index]`` (``operator.getitem``): a crop ``x[:, :, a:-b, c:-d]`` when the rules accept it."""
+
+    x: Any
+    index: Any
+
+
+@dataclass(frozen=True)
+class ArithView(View):
+    """``operator.add/sub/mul/truediv(a, b)`` and ``operator.neg(a)``."""
+
+    a: Any
+    b: Any = None
+
+
+@dataclass(frozen=True)
+class CatView(View):
+    """``torch.cat(tensors, dim)``."""
+
+    tensors: Any
+    dim: Any = 0
+
+
+def conv_padding(padding: Any, weight_shape: Any, dilation: Any) -> Any:
+    """A conv's ``padding`` as numbers: ``"valid"`` and ``"same"`` (odd kernels) resolved, None for ``"same"``
+    with an even kernel (torch pads it asymmetrically); numbers pass through.
+
+    >>> conv_padding("same", (8, 3, 3, 5), 1), conv_padding("valid", (8, 3, 3, 3), 2), conv_padding(1, (), 1)
+    ((1, 2), (0, 0), 1)
+    >>> conv_padding("same", (8, 3, 2, 2), [1]) is None
+    True
+    """
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0, 0)
+    d = list(dilation) if isinstance(dilation, (list, tuple)) else [dilation, dilation]
+    d = d * 2 if len(d) == 1 else d
+    total = [di * (k - 1) for di, k in zip(d, tuple(weight_shape)[2:])]
+    if any(t % 2 for t in total):
+        return None
+    return tuple(t // 2 for t in total)
+
+
+__all__ = ["View", "ConvView", "BatchNormView", "AvgPoolView", "PadView", "CropView", "ArithView", "CatView",
+           "conv_padding"]
