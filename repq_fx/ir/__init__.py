@@ -32,14 +32,14 @@ cat                         ``torch.cat(tensors, dim)``                         
 """
 from __future__ import annotations
 
-from .graph import (attributes_read, fetch_attr, finish_pass, free_module_path, hook_kinds, insert_call,
-                    is_size_value, param_dtype, size_function)
+from .graph import (attributes_read, fetch_attr, finish_pass, free_module_path, hook_kinds, input_dependent,
+                    insert_call, is_size_value, param_dtype, size_function)
 from .norm import batch_norm, is_batch_norm
 from .records import OpRecord, conv_module_refusal, module_refusal, record_of, register_record
 from .rules import ERASED, KEEP, RuleTable, apply
 from .views import ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, PadView, View, conv_padding
 
-__all__ = ["attributes_read", "fetch_attr", "finish_pass", "free_module_path", "hook_kinds", "insert_call",
+__all__ = ["attributes_read", "fetch_attr", "finish_pass", "free_module_path", "hook_kinds", "input_dependent", "insert_call",
            "is_size_value", "param_dtype", "size_function", "batch_norm", "is_batch_norm", "OpRecord",
            "conv_module_refusal", "module_refusal", "record_of", "register_record", "ERASED", "KEEP", "RuleTable",
            "apply", "ArithView", "AvgPoolView", "BatchNormView", "CatView", "ConvView", "CropView", "PadView", "View",

@@ -70,6 +70,20 @@ def attributes_read(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     return found
 
 
+def input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value depends on a graph input (the rest compute from parameters and constants).
+
+    >>> gm = fx.symbolic_trace(nn.Linear(2, 3))
+    >>> sorted(n.name for n in input_dependent(gm.graph))
+    ['input_1', 'linear', 'output']
+    """
+    out: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
 def free_module_path(root: nn.Module, target: str) -> str:
     """``target``, or ``target_1``, ``target_2``... whichever is not taken yet (a dotted path: the last
     name is made free in the module it names; torch.fx's own helper picks the suffix).
