@@ -54,15 +54,16 @@ class View:
         """The canonical positional arguments."""
         return tuple(getattr(self, name) for name in self.names())
 
-    def argument_name(self, position: int | str) -> str:
+    @classmethod
+    def argument_name(cls, position: int | str) -> str:
         """The name of a positional argument (a keyword names itself).
 
-        >>> CatView([], 1).argument_name(1), CatView([], 1).argument_name(5)
+        >>> CatView.argument_name(1), CatView.argument_name(5)
         ('dim', 'argument 5')
         """
         if isinstance(position, str):
             return position
-        names = self.names()
+        names = cls.names()
         return names[position] if position < len(names) else f"argument {position}"
 
 
