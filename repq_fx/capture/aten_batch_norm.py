@@ -35,11 +35,11 @@ def map_batch_norms(ctx: Context) -> None:
 
 def _map_batch_norm(ctx: Context, node: fx.Node) -> None:
     args = bind(node)
-    packet = packet(node.target)
+    name = packet(node.target)
     if "training" in args:
         training = bool(args["training"])
     else:
-        training = packet in ("_batch_norm_with_update", "_batch_norm_with_update_functional")
+        training = name in ("_batch_norm_with_update", "_batch_norm_with_update_functional")
     owner = _bn_owner(ctx, node, args)
     module = ctx.root.get_submodule(owner)
     expected = ctx.mode == "train" or module.running_mean is None

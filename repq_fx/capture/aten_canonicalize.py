@@ -35,6 +35,7 @@ module's own (its train/eval mode would be frozen), a random op in a train-mode 
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch

@@ -153,15 +153,15 @@ def _dropout(ctx: Context, node: fx.Node, a: dict) -> Any:
     x = a.get("input", a.get("self"))
     p = float(a["p"])
     train = a.get("train", True)
-    packet = packet(node.target)
-    if packet == "native_dropout":
+    name = packet(node.target)
+    if name == "native_dropout":
         getters = {u.args[1]: u for u in node.users if u.target is operator.getitem}
         if any(i != 0 and g.users for i, g in getters.items()) or len(getters) != len(node.users):
             raise UnsupportedOpError(f"{op_name(node)} at {where(node)}: the dropout mask is used by the model")
         if p == 0 or not train:
             out = x
         else:
-            out = _dropout_module(ctx, node, x, p, packet)
+            out = _dropout_module(ctx, node, x, p, name)
         for i, g in getters.items():
             if i == 0:
                 g.replace_all_uses_with(out)
@@ -170,12 +170,12 @@ def _dropout(ctx: Context, node: fx.Node, a: dict) -> Any:
         return ERASED
     if p == 0 or not train:
         return x
-    return _dropout_module(ctx, node, x, p, packet)
+    return _dropout_module(ctx, node, x, p, name)
 
 
-def _dropout_module(ctx: Context, node: fx.Node, x: fx.Node, p: float, packet: str) -> fx.Node:
+def _dropout_module(ctx: Context, node: fx.Node, x: fx.Node, p: float, kind: str) -> fx.Node:
     cls = {"feature_dropout": nn.Dropout2d, "alpha_dropout": nn.AlphaDropout,
-           "feature_alpha_dropout": nn.FeatureAlphaDropout}.get(packet, nn.Dropout)
+           "feature_alpha_dropout": nn.FeatureAlphaDropout}.get(kind, nn.Dropout)
     name = ctx.free_attr(f"{node.name}_module")
     ctx.root.add_module(name, cls(p))  # a module follows .train()/.eval(); the op's flag was baked
     with ctx.graph.inserting_before(node):
