@@ -98,3 +98,13 @@ class ZeroRangeWarning(RepQWarning):
 
 class StepCollapsedWarning(RepQWarning):
     """A learned quantization step was pushed to or below zero by training and is held at the floor."""
+
+
+def first_line(error: BaseException | None) -> str:
+    """The first line of an exception's message (its type's name if it has none), for messages that quote it.
+
+    >>> first_line(ValueError("bad size\\nat line 3")), first_line(KeyError())
+    ('bad size', 'KeyError')
+    """
+    text = str(error).strip() if error is not None else ""
+    return text.splitlines()[0] if text else type(error).__name__
