@@ -15,9 +15,8 @@ from typing import Any
 import torch.fx as fx
 
 from ..errors import UnsupportedOpError
-from ..ir import batch_norm, is_batch_norm
+from ..ir import batch_norm, bind_schema, is_batch_norm
 from .aten_context import Context, module_path, op_name, packet, where
-from .slice_padding import bind
 
 BN_PACKETS = {"_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
                "_native_batch_norm_legit", "_batch_norm_with_update_functional", "_batch_norm_with_update",
@@ -34,7 +33,7 @@ def map_batch_norms(ctx: Context) -> None:
 
 
 def _map_batch_norm(ctx: Context, node: fx.Node) -> None:
-    args = bind(node)
+    args = bind_schema(node)
     name = packet(node.target)
     if "training" in args:
         training = bool(args["training"])

@@ -52,7 +52,8 @@ from .aten_context import Context, is_tensor, op_name, packet, where
 from .aten_rewrites import map_ops
 from .aten_sizes import (rename_size_arithmetic, size_add, size_floordiv, size_mod, size_mul, size_neg, size_sub,
                          size_truediv)
-from .slice_padding import SlicePadding, Sizes, find_slice_paddings
+from .canvas import Sizes
+from .slice_padding import SlicePadding, find_slice_paddings
 from .tracer import LeafTracer
 
 _ASSERTS = {"_assert_scalar", "_assert_tensor_metadata", "sym_constrain_range", "sym_constrain_range_for_size",

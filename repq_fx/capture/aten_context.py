@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..ir import free_module_path
-from .slice_padding import Sizes
+from .canvas import Sizes
 
 aten = torch.ops.aten
 

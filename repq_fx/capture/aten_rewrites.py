@@ -17,10 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from ..ir import ERASED, KEEP, RuleTable, apply, conv_padding, input_dependent, insert_call
+from ..ir import ERASED, KEEP, RuleTable, apply, bind_schema, conv_padding, input_dependent, insert_call
 from .aten_context import Context, is_tensor, op_name, packet, where
 from .aten_sizes import is_concrete, same_size
-from .slice_padding import bind
 
 aten = torch.ops.aten
 _INT_MAX = 2 ** 63 - 1
@@ -272,6 +271,6 @@ def map_ops(ctx: Context) -> None:
         rewrite = ATEN_REWRITES.for_function(node.target)
         if rewrite is None:
             continue
-        new = rewrite(ctx, node, bind(node))
+        new = rewrite(ctx, node, bind_schema(node))
         if apply(node, new) and (node in ctx.tensors or isinstance(new, fx.Node) and new in ctx.tensors):
             ctx.tensors.add(new)

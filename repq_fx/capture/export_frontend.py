@@ -60,7 +60,7 @@ from .aten_canonicalize import canonicalize_exported
 from .example_inputs import batched_example, example_inputs_for, input_channels, unfilled_arguments
 from .in_place import remove_in_place_ops
 from .modes import mode_difference, warn_training_branch
-from .slice_padding import Sizes
+from .canvas import Sizes
 
 #: relative output difference above which the captured graph is not the model (per dtype)
 _CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}

@@ -37,10 +37,11 @@ from .graph import (attributes_read, fetch_attr, finish_pass, free_module_path, 
 from .norm import batch_norm, is_batch_norm
 from .records import OpRecord, conv_module_refusal, module_refusal, record_of, register_record
 from .rules import ERASED, KEEP, RuleTable, apply
-from .views import ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, PadView, View, conv_padding
+from .views import (ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, PadView, View, bind_schema,
+                    conv_padding)
 
-__all__ = ["attributes_read", "fetch_attr", "finish_pass", "free_module_path", "hook_kinds", "input_dependent", "insert_call",
-           "is_size_value", "param_dtype", "size_function", "batch_norm", "is_batch_norm", "OpRecord",
+__all__ = ["attributes_read", "fetch_attr", "finish_pass", "free_module_path", "hook_kinds", "input_dependent",
+           "insert_call", "is_size_value", "param_dtype", "size_function", "batch_norm", "is_batch_norm", "OpRecord",
            "conv_module_refusal", "module_refusal", "record_of", "register_record", "ERASED", "KEEP", "RuleTable",
            "apply", "ArithView", "AvgPoolView", "BatchNormView", "CatView", "ConvView", "CropView", "PadView", "View",
-           "conv_padding"]
+           "bind_schema", "conv_padding"]

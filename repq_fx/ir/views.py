@@ -135,6 +135,27 @@ class CatView(View):
     dim: Any = 0
 
 
+def bind_schema(node: fx.Node) -> dict[str, Any]:
+    """The arguments of an ATen call (a torch.export graph's node) by schema name, defaults filled in.
+
+    >>> import torch
+    >>> gm = torch.export.export(torch.nn.Flatten(), (torch.randn(2, 3, 4),)).graph_module
+    >>> bind_schema(next(n for n in gm.graph.nodes if n.op == "call_function"))
+    {'self': input, 'start_dim': 1, 'end_dim': -1}
+    """
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
+
+
 def conv_padding(padding: Any, weight_shape: Any, dilation: Any) -> Any:
     """A conv's ``padding`` as numbers: ``"valid"`` and ``"same"`` (odd kernels) resolved, None for ``"same"``
     with an even kernel (torch pads it asymmetrically); numbers pass through.
@@ -156,5 +177,5 @@ def conv_padding(padding: Any, weight_shape: Any, dilation: Any) -> Any:
     return tuple(t // 2 for t in total)
 
 
-__all__ = ["View", "ConvView", "BatchNormView", "AvgPoolView", "PadView", "CropView", "ArithView", "CatView",
+__all__ = ["bind_schema", "View", "ConvView", "BatchNormView", "AvgPoolView", "PadView", "CropView", "ArithView", "CatView",
            "conv_padding"]
