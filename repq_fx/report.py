@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .ir import BatchNormView, ConvView, attributes_read, batch_norm, fetch_attr, record_of
+from .ir import BatchNormView, ConvView, attributes_read, batch_norm, record_of
 from .ir.records import target_name
 from .patterns.blocks import Analysis, Block
 from .patterns.linear_ops import LinearOp
@@ -151,16 +150,8 @@ def _node_name(gm: fx.GraphModule, node: fx.Node) -> str:
         return node.target
     record = record_of(node)
     if record is not None and record.conv and len(node.args) > 1:
-        return _weight_owner(gm, ConvView.of(node).weight) or node.name
+        return ConvView.of(node).weight_owner(gm) or node.name
     return node.name
-
-
-def _weight_owner(gm: fx.GraphModule, weight: object) -> str:
-    """``a.b`` for a weight read as ``get_attr a.b.weight`` ("" for a computed weight)."""
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(fetch_attr(gm, weight.target),
-                                                                             torch.Tensor):
-        return weight.target.rpartition(".")[0]
-    return ""
 
 
 def _why_outside(gm: fx.GraphModule, conv: str) -> str:
@@ -176,11 +167,11 @@ def _why_outside(gm: fx.GraphModule, conv: str) -> str:
     return "not called by forward() (no op of the captured graph uses it)"
 
 
-def _conv_modules(gm: fx.GraphModule, weight: object, known: set[str]) -> list[str]:
+def _conv_modules(gm: fx.GraphModule, conv: ConvView, known: set[str]) -> list[str]:
     """The conv modules whose parameters a (possibly computed) conv weight is made of, e.g. the
     module of a weight standardized in forward (timm's ScaledStdConv2d). ``known``: the model's conv
     module paths (a GraphModule keeps only the parameters its graph reads, not their modules)."""
-    owner = _weight_owner(gm, weight)
+    owner, weight = conv.weight_owner(gm), conv.weight
     if owner or not isinstance(weight, fx.Node):
         return [owner] if owner else []
     paths = (a.target.rpartition(".")[0] for a in attributes_read([weight]))
@@ -193,7 +184,7 @@ def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, Linear
     merged = block.parts or ((block.conv,) if block.conv is not None else ())
     kernels = tuple(tuple(int(s) for s in c.weight.shape[2:]) for c in merged)
     convs = tuple(dict.fromkeys(c for op in block.ops if op.is_conv
-                                for c in (_conv_modules(gm, ConvView.of(op.node).weight, known) or [op.node.name])))
+                                for c in (_conv_modules(gm, ConvView.of(op.node), known) or [op.node.name])))
     return BlockReport(block.name, describe(gm, block.region.exit, block.region.entry, linear),
                        block.num_convs, block.merged, kernels[0] if kernels else None, block.reason, kernels,
                        convs)

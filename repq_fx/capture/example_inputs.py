@@ -121,8 +121,7 @@ def input_channels(model: nn.Module) -> int:
     ...         super().__init__()
     ...         self.shortcut, self.stem = nn.Conv2d(16, 32, 1), nn.Conv2d(3, 16, 3)
     ...     def forward(self, x):
-    ...         y = self.stem(x)
-    ...         return self.shortcut(y)
+    ...         return self.shortcut(self.stem(x))
     >>> input_channels(Stem())
     3
     """

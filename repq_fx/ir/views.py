@@ -17,10 +17,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 import torch.fx as fx
+
+from .graph import fetch_attr
 
 V = TypeVar("V", bound="View")
 
+Arg = Any  # an argument: a node, a number, or a structure of them
+Ints = Any  # an int or a tuple of ints (a node where a rule must refuse it: computed at run time)
 _ALIASES = {"input": "x", "self": "x"}  # torch's names of the tensor argument
 
 
@@ -71,68 +76,75 @@ class View:
 class ConvView(View):
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``."""
 
-    x: Any
-    weight: Any
-    bias: Any = None
-    stride: Any = 1
-    padding: Any = 0
-    dilation: Any = 1
-    groups: Any = 1
+    x: fx.Node
+    weight: Arg  # [out, in / groups, kh, kw]: a get_attr, or computed from parameters
+    bias: Arg | None = None
+    stride: Ints = 1
+    padding: Ints | str = 0  # a string ('same', 'valid') only where the kernel's shape was unknown
+    dilation: Ints = 1
+    groups: int = 1
+
+    def weight_owner(self, root: torch.nn.Module) -> str:
+        """``a.b`` for a weight read as the tensor ``get_attr a.b.weight`` of ``root`` ("" for a computed weight)."""
+        w = self.weight
+        if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(fetch_attr(root, w.target), torch.Tensor):
+            return w.target.rpartition(".")[0]
+        return ""
 
 
 @dataclass(frozen=True)
 class BatchNormView(View):
     """``ir.batch_norm(x, <get_attr of the BatchNorm module>)``."""
 
-    x: Any
-    module: Any
+    x: fx.Node
+    module: fx.Node  # get_attr of the BatchNorm module
 
 
 @dataclass(frozen=True)
 class AvgPoolView(View):
     """``F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)``."""
 
-    x: Any
-    kernel_size: Any
-    stride: Any = None
-    padding: Any = 0
-    ceil_mode: Any = False
-    count_include_pad: Any = True
-    divisor_override: Any = None
+    x: fx.Node
+    kernel_size: Ints
+    stride: Ints | None = None
+    padding: Ints = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor_override: int | None = None
 
 
 @dataclass(frozen=True)
 class PadView(View):
     """``F.pad(x, pad, mode, value)``."""
 
-    x: Any
-    pad: Any
-    mode: Any = "constant"
-    value: Any = None
+    x: fx.Node
+    pad: tuple[int, ...]
+    mode: str = "constant"
+    value: float | None = None
 
 
 @dataclass(frozen=True)
 class CropView(View):
     """``x[index]`` (``operator.getitem``): a crop ``x[:, :, a:-b, c:-d]`` when the rules accept it."""
 
-    x: Any
-    index: Any
+    x: fx.Node
+    index: Any  # a tuple of slices (and Ellipsis)
 
 
 @dataclass(frozen=True)
 class ArithView(View):
     """``operator.add/sub/mul/truediv(a, b)`` and ``operator.neg(a)``."""
 
-    a: Any
-    b: Any = None
+    a: Arg
+    b: Arg | None = None
 
 
 @dataclass(frozen=True)
 class CatView(View):
     """``torch.cat(tensors, dim)``."""
 
-    tensors: Any
-    dim: Any = 0
+    tensors: list[fx.Node] | fx.Node  # a node: a sequence computed at run time
+    dim: int = 0
 
 
 def bind_schema(node: fx.Node) -> dict[str, Any]:

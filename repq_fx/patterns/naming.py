@@ -31,14 +31,8 @@ def unique_names(blocks: list[Block], gm: fx.GraphModule) -> list[Block]:
     >>> import torch.nn as nn
     >>> from repq_fx.capture import capture
     >>> from repq_fx.patterns.blocks import find_blocks
-    >>> class Two(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
-    ...     def forward(self, x):
-    ...         return self.b(self.a(x).relu()).relu()
-    >>> [b.name for b in find_blocks(capture(Two())).blocks]
-    ['a', 'b']
+    >>> [b.name for b in find_blocks(capture(nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1)))).blocks]
+    ['0', '2']
     """
     counts = Counter(b.name for b in blocks)
     names = [conv_path(gm, b) or b.name if counts[b.name] > 1 else b.name for b in blocks]
@@ -54,12 +48,7 @@ def unique_names(blocks: list[Block], gm: fx.GraphModule) -> list[Block]:
 
 def conv_path(gm: fx.GraphModule, block: Block) -> str:
     """The module path of the block's first conv weight ("" if the weight is computed)."""
-    for op in block.ops:
-        if op.is_conv:
-            w = ConvView.of(op.node).weight
-            if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(fetch_attr(gm, w.target), torch.Tensor):
-                return w.target.rpartition(".")[0]
-    return ""
+    return next((ConvView.of(op.node).weight_owner(gm) for op in block.ops if op.is_conv), "")
 
 
 def block_name(region: Region, gm: fx.GraphModule) -> str:
