@@ -69,7 +69,8 @@ def test_views_bind_keywords_and_defaults_by_name() -> None:
     gm = fx.symbolic_trace(lambda x, w: F.conv2d(x, w, stride=2, groups=4))
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     view = ConvView.of(node)
-    assert (view.x.name, view.weight.name, view.bias, view.stride, view.padding, view.groups) == ("x", "w", None, 2, 0, 4)
+    assert (view.x.name, view.weight.name, view.bias) == ("x", "w", None)
+    assert (view.stride, view.padding, view.dilation, view.groups) == (2, 0, 1, 4)
     assert not ConvView.is_canonical(node)
     assert AvgPoolView.names() == ("x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                                    "divisor_override")

@@ -8,7 +8,7 @@ ATen (after ``run_decompositions({})``)             canonical node
 ==================================================  =============================================
 parameter / buffer / constant placeholders          ``get_attr`` with the module path of the model
 ``conv2d`` / ``convolution`` (2-D, not transposed)  ``F.conv2d(x, w, b, stride, padding, dilation, groups)``
-``_native_batch_norm_legit*`` / ``batch_norm`` ...  ``norm.batch_norm(x, <get_attr of the BN module>)``
+``_native_batch_norm_legit*`` / ``batch_norm`` ...  ``ir.batch_norm(x, <get_attr of the BN module>)``
   (their running-statistic outputs)                 ``get_attr`` of the buffers (updated in place)
 ``add`` / ``sub`` / ``rsub`` / ``mul`` / ``div``    ``operator.add`` / ``sub`` / ``mul`` / ``truediv``
 ``neg``                                             ``operator.neg``
@@ -25,6 +25,9 @@ slice assignment of a per-channel border            ``F.pad(x - v, pads) + v`` (
 ``clone`` of a tensor                               (removed)
 asserts, ``_assert_tensor_metadata``, ...           (removed)
 ==================================================  =============================================
+
+The op rows are one rule each in :mod:`.aten_rewrites` (a :class:`repq_fx.ir.RuleTable` keyed by ATen op),
+batch norms are :mod:`.aten_batch_norm`, size arithmetic :mod:`.aten_sizes`.
 
 Other ATen ops stay as they are: they are functional, so the graph computes what the model
 computes; the pipeline treats them as non-linear. What cannot be represented faithfully raises

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from ..ir import ERASED, KEEP, RuleTable, apply, bind_schema, conv_padding, input_dependent, insert_call
+from ..ir import (ERASED, KEEP, AvgPoolView, CatView, ConvView, PadView, RuleTable, apply, bind_schema, conv_padding,
+                  input_dependent, insert_call)
 from .aten_context import Context, is_tensor, op_name, packet, where
 from .aten_sizes import is_concrete, same_size
 
@@ -48,8 +49,9 @@ def _conv(ctx: Context, node: fx.Node, a: dict) -> Any:
             return KEEP
     if isinstance(padding, (list, tuple)) and len(padding) == 1:
         padding = (padding[0], padding[0])
-    return insert_call(node, F.conv2d, (a["input"], w, a["bias"], _tuple(a["stride"]), _tuple(padding),
-                                       _tuple(a["dilation"]), int(a["groups"])))
+    view = ConvView(a["input"], w, a["bias"], _tuple(a["stride"]), _tuple(padding), _tuple(a["dilation"]),
+                    int(a["groups"]))
+    return insert_call(node, F.conv2d, view.args())
 
 
 @ATEN_REWRITES.register(aten.linear)
@@ -96,25 +98,27 @@ def _neg(ctx: Context, node: fx.Node, a: dict) -> Any:
 
 @ATEN_REWRITES.register(aten.cat, aten.concat, aten.concatenate)
 def _cat(ctx: Context, node: fx.Node, a: dict) -> Any:
-    return insert_call(node, torch.cat, (list(a["tensors"]), int(a["dim"])))
+    return insert_call(node, torch.cat, CatView(list(a["tensors"]), int(a["dim"])).args())
 
 
 @ATEN_REWRITES.register(aten.pad)
 def _pad(ctx: Context, node: fx.Node, a: dict) -> Any:
     value = a.get("value")
-    return insert_call(node, F.pad, (a["self"], _tuple(a["pad"]), a["mode"], 0.0 if value is None else float(value)))
+    return insert_call(node, F.pad, PadView(a["self"], _tuple(a["pad"]), a["mode"],
+                                            0.0 if value is None else float(value)).args())
 
 
 @ATEN_REWRITES.register(aten.constant_pad_nd)
 def _constant_pad(ctx: Context, node: fx.Node, a: dict) -> Any:
-    return insert_call(node, F.pad, (a["self"], _tuple(a["pad"]), "constant", float(a.get("value") or 0.0)))
+    view = PadView(a["self"], _tuple(a["pad"]), "constant", float(a.get("value") or 0.0))
+    return insert_call(node, F.pad, view.args())
 
 
 @ATEN_REWRITES.register(aten.avg_pool2d)
 def _avg_pool(ctx: Context, node: fx.Node, a: dict) -> Any:
-    stride = _tuple(a["stride"]) or None
-    return insert_call(node, F.avg_pool2d, (a["self"], _tuple(a["kernel_size"]), stride, _tuple(a["padding"]),
-                                           bool(a["ceil_mode"]), bool(a["count_include_pad"]), a["divisor_override"]))
+    view = AvgPoolView(a["self"], _tuple(a["kernel_size"]), _tuple(a["stride"]) or None, _tuple(a["padding"]),
+                       bool(a["ceil_mode"]), bool(a["count_include_pad"]), a["divisor_override"])
+    return insert_call(node, F.avg_pool2d, view.args())
 
 
 @ATEN_REWRITES.register(aten.slice)

@@ -13,7 +13,7 @@ dropout keep their train-mode form) records the ATen ops the model actually runs
    its in-place ops suffices, :mod:`.in_place`), and
 2. canonicalizes the ATen graph into the canonical graph of the FX front end
    (:mod:`.aten_canonicalize`): parameters and buffers as ``get_attr`` of their original module
-   paths (state_dict names are kept), BatchNorm as the mode-following ``norm.batch_norm``,
+   paths (state_dict names are kept), BatchNorm as the mode-following ``ir.batch_norm``,
    slice-assigned borders as padding with a value (:mod:`.slice_padding`);
 3. checks the result numerically against the model on the example inputs (eval mode; for a
    train-mode capture also train mode), and refuses with :class:`CaptureError` if they differ,

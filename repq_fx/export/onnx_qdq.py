@@ -121,8 +121,8 @@ def _torch_onnx_export(model: fx.GraphModule, example: tuple, names: list[str], 
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=shapes, input_names=names,
-                                            output_names=output_names, verbose=False,
-                                            custom_translation_table=TRANSLATIONS.functions(), report=False, external_data=False)
+                                            output_names=output_names, verbose=False, report=False,
+                                            custom_translation_table=TRANSLATIONS.functions(), external_data=False)
         except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; all are reported below
             error = e
             continue

@@ -189,5 +189,6 @@ def conv_padding(padding: Any, weight_shape: Any, dilation: Any) -> Any:
     return tuple(t // 2 for t in total)
 
 
-__all__ = ["bind_schema", "View", "ConvView", "BatchNormView", "AvgPoolView", "PadView", "CropView", "ArithView", "CatView",
+__all__ = ["bind_schema", "View", "ConvView", "BatchNormView", "AvgPoolView", "PadView", "CropView", "ArithView",
+           "CatView",
            "conv_padding"]

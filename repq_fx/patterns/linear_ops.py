@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from ..algebra import AffineConv, NoMatch, ops
 from ..errors import RegistrationError
-from ..ir import (ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, OpRecord, PadView, RuleTable, View,
-                  batch_norm, input_dependent, is_size_value, register_record)
+from ..ir import (ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, OpRecord, PadView, RuleTable,
+                  View, batch_norm, input_dependent, is_size_value, register_record)
 from ..ir.records import RECORDS, target_name
 
 
@@ -78,8 +78,9 @@ def register_op(*targets: Any, label: str | Callable[[fx.GraphModule, fx.Node], 
     ...     return -x
     >>> @register_op(flip, label="flip")
     ... def _flip(node, tensors):
-    ...     return LinearOp(node, "unary", (node.args[0],),
-    ...                     lambda values, channels, before: ops.diagonal(-torch.ones(channels, dtype=values.dtype), None))
+    ...     def build(values, channels, before):
+    ...         return ops.diagonal(-torch.ones(channels, dtype=values.dtype), None)
+    ...     return LinearOp(node, "unary", (node.args[0],), build)
     """
     if label is not None and not (isinstance(label, str) or callable(label)):
         raise RegistrationError(f"register_op(label=...) takes a string or a function (gm, node) -> str; got "
