@@ -144,3 +144,18 @@ def test_free_module_path_counts_up_from_the_name() -> None:
     assert free_module_path(root, "block.reparam_conv") == "block.reparam_conv_2"
     assert free_module_path(root, "missing.reparam_conv") == "missing.reparam_conv"
     assert free_module_path(root, "block") == "block_1"
+
+
+def test_a_saved_graph_keeps_the_canonical_batch_norm_when_loaded(tmp_path) -> None:
+    # torch.load re-traces a GraphModule's code; the tracer must keep repq_fx.ir's own functions calls, or
+    # tracing into batch_norm fails on its train/eval branch (it did once batch_norm moved to repq_fx.ir)
+    from repq_fx.ir import batch_norm
+
+    merged = repq_fx.merge(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)).eval())  # a lone BN: nothing to fold into
+    torch.save(merged, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert [n.target for n in back.graph.nodes if n.op == "call_function"].count(batch_norm) == 1
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(back(x), merged(x))
+    back.train()(x)  # follows train mode: batch statistics, running statistics updated
+    assert not torch.equal(back.get_submodule("1").running_mean, merged.get_submodule("1").running_mean)

@@ -55,7 +55,8 @@ def _timm_leaf_types() -> tuple[tuple[type, ...], tuple[Any, ...]]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
-_OWN_GRAPH_FUNCTION_MODULES = ("repq_fx.quant.", "repq_fx.capture.", "repq_fx.algebra.", "repq_fx.passes.")
+_OWN_GRAPH_FUNCTION_MODULES = ("repq_fx.quant.", "repq_fx.ir.", "repq_fx.capture.", "repq_fx.algebra.",
+                               "repq_fx.passes.")
 
 
 class LeafTracer(fx.Tracer):
