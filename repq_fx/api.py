@@ -31,7 +31,7 @@ from .passes.merge import merge_blocks
 from .passes.prepare import prepare_graph
 from .quant import zero_range
 from .quant.fake_quant import STEP_FLOOR, ActFakeQuant, fake_quantizers
-from .capture.graph_utils import param_dtype
+from .ir import param_dtype
 from .patterns.blocks import NumericValues, find_blocks
 from .report import Report, build_report
 

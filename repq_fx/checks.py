@@ -27,10 +27,8 @@ import torch.nn as nn
 from torch.nn.parameter import UninitializedTensorMixin
 
 from .errors import AlreadyPreparedError, CaptureError, InvalidModelError, NonFiniteError
+from .ir import attributes_read, fetch_attr, is_batch_norm
 from .quant.fake_quant import fake_quantizers
-
-_BN = nn.modules.batchnorm._BatchNorm
-
 
 def unwrap_parallel(model: nn.Module, entry: str) -> nn.Module:
     """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` (with a warning), else ``model``.
@@ -120,7 +118,7 @@ def non_finite(model: nn.Module, extra: Iterable[tuple[str, torch.Tensor]] = ())
     found: dict[str, str] = {}
     tensors = list(model.named_parameters(remove_duplicate=True))
     for mod_name, m in model.named_modules():
-        if isinstance(m, _BN):
+        if is_batch_norm(m):
             for key in ("running_mean", "running_var"):
                 t = getattr(m, key, None)
                 if isinstance(t, torch.Tensor):
@@ -145,8 +143,6 @@ def non_finite(model: nn.Module, extra: Iterable[tuple[str, torch.Tensor]] = ())
 
 def block_tensors(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[tuple[str, torch.Tensor]]:
     """The tensors (parameters and buffers, by qualified name) that the merged weights of ``nodes`` read."""
-    from .capture.graph_utils import attributes_read, fetch_attr
-
     out: list[tuple[str, torch.Tensor]] = []
     for attr in attributes_read(nodes):
         obj = fetch_attr(gm, attr.target)

@@ -79,6 +79,10 @@ class NonFiniteError(InvalidModelError):
     """NaN or Inf in a parameter or BN statistic (or a negative running variance); the message names it."""
 
 
+class RegistrationError(RepQError, TypeError):
+    """A rule, op or label registered with a key or value the registry cannot use; the message says which."""
+
+
 class RepQWarning(UserWarning):
     """Base class of every warning repq_fx gives on purpose (filter them all with this class)."""
 
@@ -94,3 +98,13 @@ class ZeroRangeWarning(RepQWarning):
 
 class StepCollapsedWarning(RepQWarning):
     """A learned quantization step was pushed to or below zero by training and is held at the floor."""
+
+
+def first_line(error: BaseException | None) -> str:
+    """The first line of an exception's message (its type's name if it has none), for messages that quote it.
+
+    >>> first_line(ValueError("bad size\\nat line 3")), first_line(KeyError())
+    ('bad size', 'KeyError')
+    """
+    text = str(error).strip() if error is not None else ""
+    return text.splitlines()[0] if text else type(error).__name__

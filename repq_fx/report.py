@@ -8,16 +8,14 @@
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .capture.norm import batch_norm
-from .capture.graph_utils import attributes_read, fetch_attr
+from .ir import BatchNormView, ConvView, attributes_read, batch_norm, record_of
+from .ir.records import target_name
 from .patterns.blocks import Analysis, Block
 from .patterns.linear_ops import LinearOp
 
@@ -127,7 +125,7 @@ def build_report(model_name: str, gm: fx.GraphModule, analysis: Analysis, warnin
     left_out += [(c, _why_outside(gm, c)) for c in outside if c not in accounted]
     in_block_regions = {b.region for b in analysis.blocks}
     lone = [n for r in analysis.regions if r not in in_block_regions for n in r.nodes if n.target is batch_norm]
-    after_linear = sum(_reads_a_linear(n.args[0]) for n in lone)
+    after_linear = sum(_reads_a_linear(BatchNormView.of(n).x) for n in lone)
     return Report(model_name, blocks, tuple(left_out), len(analysis.joins), tuple(warnings), lone_bns=len(lone),
                   bns_after_linear=after_linear, outside_blocks=tuple(outside))
 
@@ -150,21 +148,10 @@ def _node_name(gm: fx.GraphModule, node: fx.Node) -> str:
     """A node as the report names it: a conv by its module path, a module call by the module."""
     if node.op == "call_module":
         return node.target
-    if node.target in _CONV_FUNCTIONS and len(node.args) > 1:
-        return _weight_owner(gm, node.args[1]) or node.name
+    record = record_of(node)
+    if record is not None and record.conv and len(node.args) > 1:
+        return ConvView.of(node).weight_owner(gm) or node.name
     return node.name
-
-
-_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                   torch.conv2d)
-
-
-def _weight_owner(gm: fx.GraphModule, weight: object) -> str:
-    """``a.b`` for a weight read as ``get_attr a.b.weight`` ("" for a computed weight)."""
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(fetch_attr(gm, weight.target),
-                                                                             torch.Tensor):
-        return weight.target.rpartition(".")[0]
-    return ""
 
 
 def _why_outside(gm: fx.GraphModule, conv: str) -> str:
@@ -180,11 +167,11 @@ def _why_outside(gm: fx.GraphModule, conv: str) -> str:
     return "not called by forward() (no op of the captured graph uses it)"
 
 
-def _conv_modules(gm: fx.GraphModule, weight: object, known: set[str]) -> list[str]:
+def _conv_modules(gm: fx.GraphModule, conv: ConvView, known: set[str]) -> list[str]:
     """The conv modules whose parameters a (possibly computed) conv weight is made of, e.g. the
     module of a weight standardized in forward (timm's ScaledStdConv2d). ``known``: the model's conv
     module paths (a GraphModule keeps only the parameters its graph reads, not their modules)."""
-    owner = _weight_owner(gm, weight)
+    owner, weight = conv.weight_owner(gm), conv.weight
     if owner or not isinstance(weight, fx.Node):
         return [owner] if owner else []
     paths = (a.target.rpartition(".")[0] for a in attributes_read([weight]))
@@ -197,7 +184,7 @@ def _block_report(gm: fx.GraphModule, block: Block, linear: dict[fx.Node, Linear
     merged = block.parts or ((block.conv,) if block.conv is not None else ())
     kernels = tuple(tuple(int(s) for s in c.weight.shape[2:]) for c in merged)
     convs = tuple(dict.fromkeys(c for op in block.ops if op.is_conv
-                                for c in (_conv_modules(gm, op.node.args[1], known) or [op.node.name])))
+                                for c in (_conv_modules(gm, ConvView.of(op.node), known) or [op.node.name])))
     return BlockReport(block.name, describe(gm, block.region.exit, block.region.entry, linear),
                        block.num_convs, block.merged, kernels[0] if kernels else None, block.reason, kernels,
                        convs)
@@ -210,7 +197,7 @@ def describe(gm: fx.GraphModule, node: fx.Node, entry: fx.Node, linear: dict[fx.
     op = linear[node]
     if op.kind == "unary":
         inner = describe(gm, op.inputs[0], entry, linear)
-        name = op_name(gm, node)
+        name = label(gm, node)
         return name if inner == "x" else f"{inner} -> {name}"
     if op.kind == "cat":
         return "cat[" + ", ".join(describe(gm, i, entry, linear) for i in op.inputs) + "]"
@@ -232,43 +219,8 @@ def _sum_terms(gm, node, entry, linear, sign: float) -> list[tuple[float, str]]:
     return terms
 
 
-def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """``conv3x3/s2/g4``, ``bn``, ``avgpool3``, ``pad``, ``crop``, ``scale``, ``shift``."""
-    t = node.target
-    if t is F.conv2d and "repq_linear" in node.meta:
-        return "linear"  # a linear on channels-last pixels, as the 1x1 conv it is (capture.canonicalize)
-    if t is F.conv2d:
-        w = node.args[1]
-        shape = tuple(fetch_attr(gm, w.target).shape) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-        name = f"conv{shape[2]}x{shape[3]}" if shape else "conv"
-        stride, dilation, groups = node.args[3], node.args[5], node.args[6]
-        if _gt1(stride):
-            name += f"/s{_fmt(stride)}"
-        if _gt1(dilation):
-            name += f"/d{_fmt(dilation)}"
-        if groups != 1:
-            name += f"/g{groups}"
-        if isinstance(w, fx.Node) and w.op != "get_attr":
-            name += "(computed)"
-        return name
-    if t is batch_norm:
-        return "bn"
-    if t is F.avg_pool2d:
-        return f"avgpool{_fmt(node.args[1])}"
-    if t is F.pad:
-        return "pad" if node.args[3] == 0 else f"pad({node.args[3]:g})"
-    if t is operator.getitem:
-        return "crop"
-    if t in (operator.mul, operator.truediv, operator.neg, torch.neg):
-        return "scale"
-    return "shift"
-
-
-def _gt1(v) -> bool:
-    return any(x != 1 for x in v) if isinstance(v, (tuple, list)) else v != 1
-
-
-def _fmt(v) -> str:
-    if isinstance(v, (tuple, list)):
-        return str(v[0]) if len(set(v)) == 1 else "x".join(str(x) for x in v)
-    return str(v)
+def label(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The op as a block's branches name it: ``conv3x3/s2/g4``, ``bn``, ``avgpool3``, ``pad``, ``crop``, ``scale``,
+    ``shift`` (its record's label, :mod:`repq_fx.ir.records`); an op with no record by its function's name."""
+    record = record_of(node, gm)
+    return record.label(gm, node) if record is not None else target_name(gm, node)

@@ -318,7 +318,7 @@ def _half_sync_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from repq_fx.capture.norm import batch_norm
+        from repq_fx.ir.norm import batch_norm
 
         bn = torch.nn.BatchNorm2d(4)
         mark_sync_batch_norm(bn)

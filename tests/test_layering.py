@@ -1,5 +1,6 @@
-"""The package's modules import only downwards: errors < targets < config < algebra < quant, capture <
-checks < patterns < passes, report < export, compiling < api < the package itself < the application
+"""The package's modules import only downwards: errors < targets < config < algebra < quant, ir (the canonical
+ops; its BatchNorm op reads quant's synchronized statistics) < capture, checks < patterns < passes, report <
+export, compiling < api < the package itself < the application
 (command line, training, demo, data, model specs, examples).
 
 Each top-level module or sub-package of ``repq_fx`` has a rank below; an ``import`` or ``from ... import``
@@ -18,8 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "repq_fx"
 RANKS = {
     "errors": 0, "targets": 1, "config": 2,
     "algebra": 3,
-    "quant": 4, "capture": 4, "batches": 4,
-    "checks": 5,
+    "ir": 4, "quant": 4, "batches": 4,
+    "capture": 5, "checks": 5,
     "patterns": 6,
     "passes": 7, "report": 7,
     "export": 8, "compiling": 8, "compiling_int8": 8,

@@ -23,7 +23,7 @@ from ..errors import CaptureError, ConfigError
 from . import export_frontend as _export_frontend
 from .canonicalize import canonicalize
 from .modes import mode_difference, warn_training_branch
-from .norm import batch_norm, is_batch_norm
+from ..ir import batch_norm, is_batch_norm
 from .tracer import LeafTracer, register_leaf_module, trace
 
 

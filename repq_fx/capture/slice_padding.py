@@ -40,50 +40,19 @@ functional ops compute the right values, the block around them is just not merge
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
+
+from ..ir import bind_schema
+from .canvas import (OPAQUE, Canvas, Const, Piece, Sizes, Unknown, bounds, contains, index_of, num_elements, place,
+                     slice_of, squeeze, unsqueeze)
 
 aten = torch.ops.aten
 
 _INT_MAX = 2 ** 63 - 1
-
-
-class _Unknown(Exception):
-    """A size or an op the canvas interpretation cannot follow (the chain is left as it is)."""
-
-
-class Sizes:
-    """Concrete values of the symbolic sizes (``sympy.Symbol -> int``) at which a canvas is worked out."""
-
-    def __init__(self, env: dict[Any, int]) -> None:
-        self.env = {k: sympy.Integer(v) for k, v in env.items()}
-
-    def int(self, v: Any) -> int:
-        if isinstance(v, fx.Node):
-            v = v.meta.get("val")
-        if isinstance(v, bool):
-            raise _Unknown("bool where an int was expected")
-        if isinstance(v, int):
-            return v
-        if isinstance(v, torch.SymInt):
-            expr = v.node.expr
-            value = expr.xreplace(self.env) if self.env else expr
-            if not value.is_number:
-                value = sympy.sympify(value).subs(self.env)
-            if not value.is_number:
-                raise _Unknown(f"size {expr} depends on a symbol with no value")
-            return int(value)
-        raise _Unknown(f"not an int: {v!r}")
-
-    def shape(self, node: Any) -> tuple[int, ...]:
-        val = node.meta.get("val") if isinstance(node, fx.Node) else None
-        if not isinstance(val, torch.Tensor):
-            raise _Unknown(f"{node} has no tensor value")
-        return tuple(self.int(s) for s in val.shape)
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:
@@ -92,36 +61,6 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
 
 
 # -- canvas contents ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Const:
-    """A per-channel constant: ``value`` is a float or a node broadcast as ``[1, C, 1, 1]``."""
-
-    key: Any  # structural key: equal keys are equal values
-    value: Any
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Tensor ``node`` (rank 4) placed so that canvas position ``p`` holds ``node[p - offset]``."""
-
-    node: fx.Node
-    offset: tuple[int, ...]
-
-
-OPAQUE = "opaque"  # anything else (a row of a tensor, uninitialized memory, ...)
-
-Rect = tuple[tuple[int, int], ...]
-
-
-@dataclass
-class Canvas:
-    shape: tuple[int, ...]
-    layers: list[tuple[Rect, Any]] = field(default_factory=list)  # painted in order, last on top
-
-    @staticmethod
-    def filled(shape: tuple[int, ...], content: Any) -> "Canvas":
-        return Canvas(shape, [(tuple((0, s) for s in shape), content)])
 
 
 @dataclass(frozen=True)
@@ -160,7 +99,7 @@ class _Interpreter:
 
     def canvas(self, node: Any) -> Canvas:
         if not isinstance(node, fx.Node):
-            raise _Unknown("not a node")
+            raise Unknown("not a node")
         if node not in self.memo:
             self.memo[node] = self._canvas(node)
         return self.memo[node]
@@ -171,32 +110,32 @@ class _Interpreter:
         if node.op != "call_function":
             return self._tensor(node, shape)
         if t is aten.slice.Tensor:
-            b = bind(node)
+            b = bind_schema(node)
             if self.sizes.int(b["step"]) != 1:
-                raise _Unknown("strided slice")
+                raise Unknown("strided slice")
             base = self.canvas(b["self"])
             dim = _dim(b["dim"], b["self"])
-            return _slice(base, dim, *_bounds(base.shape[dim], b["start"], b["end"], self.sizes))
+            return slice_of(base, dim, *bounds(base.shape[dim], b["start"], b["end"], self.sizes))
         if t is aten.select.int:
-            b = bind(node)
+            b = bind_schema(node)
             base = self.canvas(b["self"])
             dim = _dim(b["dim"], b["self"])
-            i = _index(base.shape[dim], b["index"], self.sizes)
-            return _squeeze(_slice(base, dim, i, i + 1), dim)
+            i = index_of(base.shape[dim], b["index"], self.sizes)
+            return squeeze(slice_of(base, dim, i, i + 1), dim)
         if t in _SCATTER:
-            b = bind(node)
+            b = bind_schema(node)
             base = self.canvas(b["self"])
             dim = _dim(b["dim"], b["self"])
             if t is aten.slice_scatter.default:
                 if self.sizes.int(b["step"]) != 1:
-                    raise _Unknown("strided slice_scatter")
+                    raise Unknown("strided slice_scatter")
                 src = self.canvas(b["src"])
-                lo, hi = _bounds(base.shape[dim], b["start"], b["end"], self.sizes)
+                lo, hi = bounds(base.shape[dim], b["start"], b["end"], self.sizes)
             else:
-                src = _unsqueeze(self.canvas(b["src"]), dim)
-                lo = _index(base.shape[dim], b["index"], self.sizes)
+                src = unsqueeze(self.canvas(b["src"]), dim)
+                lo = index_of(base.shape[dim], b["index"], self.sizes)
                 hi = lo + 1
-            return _place(base, src, dim, lo, hi)
+            return place(base, src, dim, lo, hi)
         if t is aten.copy.default:
             if _dtype(a[0]) != _dtype(node) or (isinstance(a[1], fx.Node) and _dtype(a[1]) != _dtype(node)):
                 return Canvas.filled(shape, OPAQUE)
@@ -224,7 +163,7 @@ class _Interpreter:
         if isinstance(src, (int, float)) and not isinstance(src, bool):
             return Canvas.filled(shape, Const(("scalar", float(src)), float(src)))
         if not isinstance(src, fx.Node):
-            raise _Unknown("copy from a non-tensor")
+            raise Unknown("copy from a non-tensor")
         const = self._per_channel_in(src, shape, _channel_position(dst, len(shape)))
         if const is not None:
             return Canvas.filled(shape, const)
@@ -277,7 +216,7 @@ class _Interpreter:
         while True:
             try:
                 s = self.sizes.shape(cur)
-            except _Unknown:
+            except Unknown:
                 break
             if _is_per_channel(s, rank, channel, channels):
                 best = cur
@@ -294,22 +233,15 @@ class _Interpreter:
         if best.meta.get("val") is not None and _dtype(best) != _dtype(src):
             return None
         root = best  # views keep the channel order: key on the view's source of the same size
-        numel = _numel(self.sizes.shape(best))
+        numel = num_elements(self.sizes.shape(best))
         while root.op == "call_function" and root.target in _CHANNEL_VIEWS and isinstance(root.args[0], fx.Node):
             try:
-                if _numel(self.sizes.shape(root.args[0])) != numel:
+                if num_elements(self.sizes.shape(root.args[0])) != numel:
                     break
-            except _Unknown:
+            except Unknown:
                 break
             root = root.args[0]
         return Const(("tensor", numel, _key(root, self.keys)), best)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _channel_position(dst: Any, rank: int) -> int | None:
@@ -317,7 +249,7 @@ def _channel_position(dst: Any, rank: int) -> int | None:
     if rank == 4:
         return 1
     if isinstance(dst, fx.Node) and dst.op == "call_function" and dst.target is aten.select.int and rank == 3:
-        dim = _dim(bind(dst)["dim"], dst.args[0])
+        dim = _dim(bind_schema(dst)["dim"], dst.args[0])
         return None if dim == 1 else (0 if dim == 0 else 1)
     return -1  # unknown layout: never per channel
 
@@ -362,95 +294,6 @@ def _dim(dim: Any, node: Any) -> int:
     return dim + rank if dim < 0 else dim
 
 
-def bind(node: fx.Node) -> dict[str, Any]:
-    """Arguments of an ATen call by schema name, defaults filled in."""
-    out: dict[str, Any] = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args) and not arg.kwarg_only:
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            out[arg.name] = arg.default_value
-        else:
-            out[arg.name] = None
-    return out
-
-
-def _index(length: int, index: Any, sizes: Sizes) -> int:
-    i = sizes.int(index)
-    i = i + length if i < 0 else i
-    if not 0 <= i < length:
-        raise _Unknown("index out of range")
-    return i
-
-
-def _bounds(length: int, start: Any, end: Any, sizes: Sizes) -> tuple[int, int]:
-    """Python slice bounds ``[start:end]`` on a dim of ``length`` (clamped, as torch does)."""
-    lo = 0 if start is None else sizes.int(start)
-    hi = length if end is None else sizes.int(end)
-    if hi >= _INT_MAX:
-        hi = length
-    lo = lo + length if lo < 0 else lo
-    hi = hi + length if hi < 0 else hi
-    lo, hi = min(max(lo, 0), length), min(max(hi, 0), length)
-    return lo, max(lo, hi)
-
-
-def _slice(c: Canvas, dim: int, lo: int, hi: int) -> Canvas:
-    shape = c.shape[:dim] + (hi - lo,) + c.shape[dim + 1:]
-    layers = []
-    for rect, content in c.layers:
-        a, b = max(rect[dim][0], lo), min(rect[dim][1], hi)
-        if a >= b:
-            continue
-        new = rect[:dim] + ((a - lo, b - lo),) + rect[dim + 1:]
-        if isinstance(content, Piece):
-            content = Piece(content.node, content.offset[:dim] + (content.offset[dim] - lo,) + content.offset[dim + 1:])
-        layers.append((new, content))
-    return Canvas(shape, layers)
-
-
-def _squeeze(c: Canvas, dim: int) -> Canvas:
-    shape = c.shape[:dim] + c.shape[dim + 1:]
-    return Canvas(shape, [(r[:dim] + r[dim + 1:], content if isinstance(content, Const) else OPAQUE)
-                          for r, content in c.layers])
-
-
-def _unsqueeze(c: Canvas, dim: int) -> Canvas:
-    shape = c.shape[:dim] + (1,) + c.shape[dim:]
-    return Canvas(shape, [(r[:dim] + ((0, 1),) + r[dim:], content if isinstance(content, Const) else OPAQUE)
-                          for r, content in c.layers])
-
-
-def _place(base: Canvas, src: Canvas, dim: int, lo: int, hi: int) -> Canvas:
-    """``slice_scatter(base, src, dim, lo, hi)``."""
-    if len(src.shape) != len(base.shape) or src.shape[dim] != hi - lo or any(
-            s != b for i, (s, b) in enumerate(zip(src.shape, base.shape)) if i != dim):
-        raise _Unknown("scatter of a source whose shape does not fit")
-    layers = list(base.layers)
-    for rect, content in src.layers:
-        new = rect[:dim] + ((rect[dim][0] + lo, rect[dim][1] + lo),) + rect[dim + 1:]
-        if isinstance(content, Piece):
-            content = Piece(content.node, content.offset[:dim] + (content.offset[dim] + lo,) + content.offset[dim + 1:])
-        layers.append((new, content))
-    return Canvas(base.shape, _visible(layers))
-
-
-def _visible(layers: list[tuple[Rect, Any]]) -> list[tuple[Rect, Any]]:
-    """Drop layers that a later layer covers completely."""
-    kept: list[tuple[Rect, Any]] = []
-    for i, (rect, content) in enumerate(layers):
-        if any(_contains(later, rect) for later, _ in layers[i + 1:]):
-            continue
-        kept.append((rect, content))
-    return kept
-
-
-def _contains(outer: Rect, inner: Rect) -> bool:
-    return all(o[0] <= i[0] and i[1] <= o[1] for o, i in zip(outer, inner))
-
-
 def _resolve(c: Canvas, sizes: Sizes) -> tuple[fx.Node, tuple[int, int, int, int], Const | None] | None:
     """``(x, pads, constant)`` if the canvas is ``x`` padded with one constant, else None."""
     if len(c.shape) != 4:
@@ -472,7 +315,7 @@ def _resolve(c: Canvas, sizes: Sizes) -> tuple[fx.Node, tuple[int, int, int, int
     for cell in itertools.product(*intervals):
         top = None
         for rect, content in reversed(c.layers):
-            if _contains(rect, cell):
+            if contains(rect, cell):
                 top = content
                 break
         if top is None or top is OPAQUE:
@@ -493,7 +336,7 @@ def _resolve(c: Canvas, sizes: Sizes) -> tuple[fx.Node, tuple[int, int, int, int
         return None
     if any(lo < 0 or hi > size for (lo, hi), size in zip(extent, c.shape)):
         return None
-    expected = {cell for cell in itertools.product(*intervals) if _contains(extent, cell)}
+    expected = {cell for cell in itertools.product(*intervals) if contains(extent, cell)}
     if piece_cells != expected:
         return None
     top, left = piece.offset[2], piece.offset[3]
@@ -532,7 +375,7 @@ def find_slice_paddings(graph: fx.Graph, sizes: list[Sizes]) -> dict[fx.Node, Sl
         for interp in interpreters:
             try:
                 results.append(_resolve(interp.canvas(node), interp.sizes))
-            except _Unknown:
+            except Unknown:
                 results.append(None)
         first = results[0]
         if first is None or any(r is None or r[0] is not first[0] or r[1] != first[1]

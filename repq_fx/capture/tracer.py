@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import CaptureError
+from ..ir import hook_kinds
 
 _LEAF_TYPES: list[type[nn.Module]] = [nn.modules.batchnorm._BatchNorm]
 STOCHASTIC_DEPTH = ("DropPath", "StochasticDepth")  # class names of timm/torchvision stochastic depth: kept as modules so they follow train/eval
@@ -54,7 +55,8 @@ def _timm_leaf_types() -> tuple[tuple[type, ...], tuple[Any, ...]]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
-_OWN_GRAPH_FUNCTION_MODULES = ("repq_fx.quant.", "repq_fx.capture.", "repq_fx.algebra.", "repq_fx.passes.")
+_OWN_GRAPH_FUNCTION_MODULES = ("repq_fx.quant.", "repq_fx.ir.", "repq_fx.capture.", "repq_fx.algebra.",
+                               "repq_fx.passes.")
 
 
 class LeafTracer(fx.Tracer):
@@ -183,9 +185,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None = None, mode: s
 
 def _check_root_hooks(model: nn.Module) -> None:
     """FX traces ``model.forward``, not ``model(...)``: hooks on the model itself would silently vanish."""
-    kinds = [kind for kind, hooks in (("forward", model._forward_hooks), ("forward pre", model._forward_pre_hooks),
-                                      ("backward", model._backward_hooks),
-                                      ("backward pre", model._backward_pre_hooks)) if hooks]
+    kinds = hook_kinds(model)
     if kinds:
         raise CaptureError(
             f"{type(model).__name__} has a {' and a '.join(kinds)} hook on the model itself; torch.fx traces "

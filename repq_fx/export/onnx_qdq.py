@@ -34,7 +34,7 @@ import copy
 import io
 import json
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -42,7 +42,9 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from ..capture.example_inputs import batched_example
 from ..errors import ExportError, SaturationError
+from ..ir import RuleTable
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 from ..targets import DEFAULT_TARGET, Target, get_target
 from .saturation import int16_pair_overflows
@@ -109,16 +111,6 @@ def with_containers(lowered: fx.GraphModule, weights: str, activations: str = "u
     return model
 
 
-def batched_example(example: tuple) -> tuple:
-    """Examples with a batch of at least 2: torch.export fixes a dimension of size 1.
-
-    >>> [tuple(t.shape) for t in batched_example((torch.zeros(1, 3), torch.zeros(4, 3)))]
-    [(2, 3), (4, 3)]
-    """
-    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
-                 for x in example)
-
-
 def _torch_onnx_export(model: fx.GraphModule, example: tuple, names: list[str], output_names: list[str]):
     batch = torch.export.Dim("N", min=1)
     dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in example)
@@ -129,8 +121,8 @@ def _torch_onnx_export(model: fx.GraphModule, example: tuple, names: list[str], 
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=shapes, input_names=names,
-                                            output_names=output_names, custom_translation_table=TRANSLATIONS,
-                                            verbose=False, report=False, external_data=False)
+                                            output_names=output_names, verbose=False, report=False,
+                                            custom_translation_table=TRANSLATIONS.functions(), external_data=False)
         except Exception as e:  # noqa: BLE001 - torch.onnx raises many kinds; all are reported below
             error = e
             continue
@@ -196,6 +188,10 @@ def _check_pair_sums(lowered: fx.GraphModule, scheme: Target) -> None:
 
 # --- the one translation torch.onnx gets wrong ---------------------------------------------------
 
+TRANSLATIONS: RuleTable[Callable[..., Any]] = RuleTable("ONNX translation")  # op -> onnxscript function
+
+
+@TRANSLATIONS.register(torch.ops.quantized_decomposed.quantize_per_tensor.default)
 def _quantize_per_tensor(input: Any, scale: float, zero_point: int, quant_min: int, quant_max: int,
                          dtype: int) -> Any:
     """``QuantizeLinear``, then an integer ``Clip`` to ``[quant_min, quant_max]`` where the grid is narrower
@@ -213,7 +209,5 @@ def _quantize_per_tensor(input: Any, scale: float, zero_point: int, quant_min: i
         q = op.Clip(q, lo, hi)
     return q
 
-
-TRANSLATIONS = {torch.ops.quantized_decomposed.quantize_per_tensor.default: _quantize_per_tensor}
 
 __all__ = ["export_qdq", "batched_example", "with_containers", "TENSOR_NAMES", "TRANSLATIONS"]

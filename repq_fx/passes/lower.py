@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from ..capture.graph_utils import attributes_read, free_module_path
+from ..ir import ConvView, attributes_read, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError, StepCollapsedWarning
 from ..targets import DEFAULT_TARGET, get_target
 from ..quant.bn_stats import branch_statistics, input_moments
@@ -125,9 +125,10 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", con
     act, wq = _quantized_inputs(gm, node)
     weight_node = node.args[1]
     is_conv = node.target is F.conv2d
-    args = _conv_args(node) if is_conv else _linear_args(node)
+    conv = _conv_view(node) if is_conv else None
+    bias = conv.bias if conv is not None else _linear_bias(node)
     w = folder.value(weight_node.args[0], node)
-    b = folder.value(args["bias"], node) if isinstance(args["bias"], fx.Node) else args["bias"]
+    b = folder.value(bias, node) if isinstance(bias, fx.Node) else bias
     with torch.no_grad():
         w_fq = wq(w)  # the grid the model trained on (min-max: the step follows this weight)
         step = wq.scale.detach().float()
@@ -145,9 +146,9 @@ def _lower_layer(gm: fx.GraphModule, node: fx.Node, folder: "_WeightFolder", con
                                                        float(s_x), step.double()))
             bias_int = bias_q.to(torch.int32)
     layer: nn.Module
-    if is_conv:
-        layer = QuantizedConv2d(w_int, step, bias_int, s_x, args["stride"], args["padding"], args["dilation"],
-                                args["groups"], weight_bits=wq.bits, weight_container=container)
+    if conv is not None:
+        layer = QuantizedConv2d(w_int, step, bias_int, s_x, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                weight_bits=wq.bits, weight_container=container)
     else:
         layer = QuantizedLinear(w_int, step, bias_int, s_x, weight_bits=wq.bits, weight_container=container)
     layer = layer.to(w.device)
@@ -205,18 +206,16 @@ def _bias_overflow_message(layer: str, bias: torch.Tensor, s_x: float, s_w: torc
             "QConfig(skip=(...))")
 
 
-def _conv_args(node: fx.Node) -> dict[str, Any]:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = dict(bias=None, stride=1, padding=0, dilation=1, groups=1)
-    values = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
-    if isinstance(values["padding"], str):
-        raise RepQError(f"{_label(node)} uses padding={values['padding']!r}; lower() needs numeric padding")
-    return values
+def _conv_view(node: fx.Node) -> ConvView:
+    view = ConvView.of(node)
+    if isinstance(view.padding, str):
+        raise RepQError(f"{_label(node)} uses padding={view.padding!r}; lower() needs numeric padding")
+    return view
 
 
-def _linear_args(node: fx.Node) -> dict[str, Any]:
-    values = {"bias": None, **dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
-    return values
+def _linear_bias(node: fx.Node) -> Any:
+    """``F.linear(input, weight, bias=None)``'s bias (linear is not a canonical op: it has no ir view)."""
+    return node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
 
 
 def _layer_label(gm: fx.GraphModule, quantizer: fx.Node) -> str:

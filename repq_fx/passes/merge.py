@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..algebra import ConvParams, to_module
 from ..capture.canonicalize import CHANNELS_FIRST_FOR_LINEAR
-from ..capture.graph_utils import finish_pass, free_module_path, param_dtype
+from ..ir import finish_pass, free_module_path, param_dtype
 from ..patterns.blocks import Analysis, Block, find_blocks
 
 

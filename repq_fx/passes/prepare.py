@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..algebra import AffineConv, NoMatch, kernels, ops
 from ..config import BnMode, QConfig
 from ..errors import ConfigError
-from ..capture.graph_utils import fetch_attr, param_dtype
+from ..ir import BatchNormView, fetch_attr, param_dtype
 from ..patterns.blocks import Analysis, Block, NumericValues, entry_channels, evaluate, finalized, find_blocks
 from ..quant.bn_stats import Branch, bn_fold, branch_statistics, input_moments
 from ..quant.embed_add import embed_add
@@ -65,7 +65,7 @@ class SymValues:
         if module.running_mean is None or not module.track_running_stats:
             return NoMatch("BatchNorm with track_running_stats=False")
         graph = self.emitter.graph
-        module_ref = node.args[1]  # the canonical batch_norm(x, module)
+        module_ref = BatchNormView.of(node).module
         moments = None
         if self.mode is BnMode.ESTIMATE:  # the block input's moments, computed once per block
             if self.entry not in self._moments:

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..capture.graph_utils import fetch_attr, free_module_path
+from ..ir import fetch_attr, free_module_path
 from ..config import QConfig
 from ..quant.bn_stats import branch_statistics, input_moments
 from ..quant.fake_quant import ActFakeQuant, WeightFakeQuant

@@ -17,7 +17,7 @@ through a ``Values`` object, so the same rules serve the numeric merge (tensors)
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -25,8 +25,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..algebra import AffineConv, NoMatch, ops
-from ..capture.graph_utils import is_size_value
-from ..capture.norm import batch_norm
+from ..errors import RegistrationError
+from ..ir import (ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, OpRecord, PadView, RuleTable,
+                  View, batch_norm, input_dependent, is_size_value, register_record)
+from ..ir.records import RECORDS, target_name
 
 
 class Values(Protocol):
@@ -58,35 +60,46 @@ class LinearOp:
     build: Builder | None = None  # unary only: (values, in_channels, input map) -> map
     signs: tuple[float, ...] = ()  # sum only
     is_conv: bool = False  # a conv op (a region with none is not a block)
-    out_channels: int | None = field(default=None, compare=False)  # known from parameters
-    in_channels: int | None = field(default=None, compare=False)
 
 
 Rule = Callable[[fx.Node, set], "LinearOp | NoMatch"]
-_RULES: dict[Any, Rule] = {}
+RULES: RuleTable[Rule] = RuleTable("linear-op rule")
 
 
-def register_op(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register a linear-op rule for canonical node targets (``call_function`` targets).
+def register_op(*targets: Any, label: str | Callable[[fx.GraphModule, fx.Node], str] | None = None
+                ) -> Callable[[Rule], Rule]:
+    """Register a linear-op rule for canonical node targets (``call_function`` targets); a decorator.
 
-    >>> @register_op(torch.negative)
-    ... def _negative(node, tensors):
-    ...     return _scale_rule(node, node.args[0], -1.0)
+    ``label`` is how ``explain`` names the op in a block's branches (a string, or a function of the graph
+    module and the node); by default an op the package has no record of is named by its function's name.
+    docs/adding-an-op.md walks through a whole example.
+
+    >>> def flip(x):  # a function the model calls (torch.fx.wrap keeps it one node when traced)
+    ...     return -x
+    >>> @register_op(flip, label="flip")
+    ... def _flip(node, tensors):
+    ...     def build(values, channels, before):
+    ...         return ops.diagonal(-torch.ones(channels, dtype=values.dtype), None)
+    ...     return LinearOp(node, "unary", (node.args[0],), build)
     """
+    if label is not None and not (isinstance(label, str) or callable(label)):
+        raise RegistrationError(f"register_op(label=...) takes a string or a function (gm, node) -> str; got "
+                                f"{type(label).__name__}")
+    tables = RULES.register(*targets)  # refuses a key of no kind the table knows, before anything is registered
+
     def deco(rule: Rule) -> Rule:
-        for t in targets:
-            _RULES[t] = rule
-        return rule
+        for target in targets:
+            if label is not None or RECORDS.for_function(target) is None:
+                text = label if label is not None else target_name
+                register_record(OpRecord(getattr(target, "__name__", str(target)), (target,),
+                                         text if callable(text) else (lambda gm, node, text=text: text)))
+        return tables(rule)
     return deco
 
 
 def tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value depends on a model input (the rest are parameter expressions)."""
-    tensors: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in tensors for a in node.all_input_nodes):
-            tensors.add(node)
-    return tensors
+    return input_dependent(gm.graph)
 
 
 class RuntimeArgument(NoMatch):
@@ -103,32 +116,17 @@ def linear_op(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
         return NoMatch(f"{what} is not a linear op")
     if is_size_value(node):
         return NoMatch(f"{node.name} computes a size, not a tensor")
-    try:
-        rule = _RULES.get(node.target)
-    except TypeError:
-        rule = None
+    rule = RULES.for_function(node.target)
     if rule is None:
         return NoMatch(f"{getattr(node.target, '__name__', node.target)} is not a linear op")
     refused = _sizes_of_the_input(node, tensors)
     return rule(node, tensors) if refused is None else refused
 
 
-# argument names of the canonical forms, for the reasons below
-_ARGUMENT_NAMES: dict[Any, tuple[str, ...]] = {
-    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    F.avg_pool2d: ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                   "divisor_override"),
-    F.pad: ("input", "pad", "mode", "value"),
-    torch.cat: ("tensors", "dim"),
-    operator.getitem: ("input", "index"),
-}
-
-
 def _argument_name(node: fx.Node, position: int | str) -> str:
-    if isinstance(position, str):
-        return position
-    names = _ARGUMENT_NAMES.get(node.target, ())
-    return names[position] if position < len(names) else f"argument {position}"
+    record = RECORDS.for_function(node.target)
+    view = record.view if record is not None and record.view is not None else View
+    return view.argument_name(position)
 
 
 def _sizes_of_the_input(node: fx.Node, tensors: set[fx.Node]) -> RuntimeArgument | None:
@@ -201,54 +199,54 @@ def _nodes_in(a: Any) -> list[fx.Node]:
 @register_op(F.conv2d)
 def _conv(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # conv2d(x, W, b) -> AffineConv(W, b)
-    if len(node.args) != 7 or node.kwargs:
+    if not ConvView.is_canonical(node):
         return NoMatch(f"{node.name}: conv2d call not in canonical form")
-    x, w, b, stride, padding, dilation, groups = node.args
-    if isinstance(padding, str):
-        return NoMatch(f"{node.name}: padding={padding!r} on a kernel of unknown shape; pass a number")
-    for bad in (_params_only(node, [w, b], tensors),
-                _fixed(node, stride=stride, padding=padding, dilation=dilation, groups=groups)):
+    v = ConvView.of(node)
+    if isinstance(v.padding, str):
+        return NoMatch(f"{node.name}: padding={v.padding!r} on a kernel of unknown shape; pass a number")
+    for bad in (_params_only(node, [v.weight, v.bias], tensors),
+                _fixed(node, stride=v.stride, padding=v.padding, dilation=v.dilation, groups=v.groups)):
         if bad is not None:  # NoMatch is falsy
             return bad
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
-        return ops.conv(values.param(w), values.param(b), stride=stride, padding=padding,
-                        dilation=dilation, groups=groups)
+        return ops.conv(values.param(v.weight), values.param(v.bias), stride=v.stride, padding=v.padding,
+                        dilation=v.dilation, groups=v.groups)
 
-    return LinearOp(node, "unary", (x,), build, is_conv=True)
+    return LinearOp(node, "unary", (v.x,), build, is_conv=True)
 
 
 @register_op(batch_norm)
 def _batch_norm(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # batch_norm(x, bn) -> diag(gamma / sigma) + (beta - mu * gamma / sigma)
-    x, module_ref = node.args
+    v = BatchNormView.of(node)
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
-        return values.bn(node, values.param(module_ref), before)
+        return values.bn(node, values.param(v.module), before)
 
-    return LinearOp(node, "unary", (x,), build)
+    return LinearOp(node, "unary", (v.x,), build)
 
 
 @register_op(F.avg_pool2d)
 def _avg_pool(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # avg_pool2d(x, k, s, p) -> depthwise conv with 1/(kh*kw)
-    x, k, s, p, ceil_mode, count_include_pad, divisor_override = node.args
-    bad = _fixed(node, kernel_size=k, stride=s, padding=p, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
-                 divisor_override=divisor_override)
+    v = AvgPoolView.of(node)
+    bad = _fixed(node, **{name: getattr(v, name) for name in AvgPoolView.names()[1:]})
     if bad is not None:
         return bad
 
     def build(values: Values, in_channels: int, before: AffineConv | None) -> AffineConv | NoMatch:
-        return ops.avg_pool(in_channels, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad,
-                            divisor_override=divisor_override, dtype=values.dtype)
+        return ops.avg_pool(in_channels, v.kernel_size, v.stride, v.padding, ceil_mode=v.ceil_mode,
+                            count_include_pad=v.count_include_pad, divisor_override=v.divisor_override,
+                            dtype=values.dtype)
 
-    return LinearOp(node, "unary", (x,), build)
+    return LinearOp(node, "unary", (v.x,), build)
 
 
 @register_op(F.pad)
 def _pad(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # pad(x, pads, "constant", v) -> identity conv with per-side padding, pad value v
-    x, pads, mode, value = node.args
+    x, pads, mode, value = PadView.of(node).args()
     bad = _fixed(node, pad=pads, mode=mode)
     if bad is not None:
         return bad
@@ -268,7 +266,7 @@ def _pad(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 @register_op(operator.getitem)
 def _crop(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # x[:, :, a:-b, c:-d] -> identity conv with negative padding (a crop)
-    x, index = node.args
+    x, index = CropView.of(node).args()
     pads = _crop_pads(index)
     if pads is None:
         return NoMatch(f"{node.name}: indexing other than a spatial crop x[:, :, a:-b, c:-d]")
@@ -305,7 +303,7 @@ def _crop_pads(index: Any) -> list[int] | None:
 @register_op(operator.add, operator.sub)
 def _add_sub(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # a + b, a - b of two tensors -> sum; x + p, x - p, p - x with a per-channel p -> shift
-    a, b = node.args
+    a, b = ArithView.of(node).args()
     sign = 1.0 if node.target is operator.add else -1.0
     a_is, b_is = a in tensors, b in tensors
     if a_is and b_is:
@@ -319,7 +317,7 @@ def _add_sub(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 @register_op(operator.mul)
 def _mul(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # x * p with a per-channel or scalar p -> diagonal scale
-    a, b = node.args
+    a, b = ArithView.of(node).args()
     if a in tensors and b in tensors:
         return NoMatch(f"{node.name}: product of two input-dependent tensors is not linear")
     x, p = (a, b) if a in tensors else (b, a)
@@ -329,7 +327,7 @@ def _mul(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 @register_op(operator.truediv)
 def _div(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # x / p with a per-channel or scalar p -> diagonal scale 1/p
-    a, b = node.args
+    a, b = ArithView.of(node).args()
     if b in tensors:
         return NoMatch(f"{node.name}: division by an input-dependent tensor is not linear")
     return _per_channel_rule(node, a, b, tensors, kind="inverse")
@@ -338,7 +336,7 @@ def _div(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
 @register_op(operator.neg, torch.neg)
 def _neg(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # -x -> diagonal scale -1
-    return _per_channel_rule(node, node.args[0], -1.0, tensors, kind="scale")
+    return _per_channel_rule(node, ArithView.of(node).a, -1.0, tensors, kind="scale")
 
 
 def _per_channel_rule(node: fx.Node, x: Any, p: Any, tensors: set[fx.Node], *, kind: str,
@@ -372,7 +370,7 @@ def _as_channel_vector(v: Any, channels: int, dtype: torch.dtype) -> Any | None:
     if None in shape:
         return None
     if len(shape) == 0 or all(s == 1 for s in shape):
-        return v.reshape(1).expand(channels) if len(shape) else v.reshape(1).expand(channels)
+        return v.reshape(1).expand(channels)
     trailing = shape[-2:] == (1, 1) if len(shape) >= 3 else False
     if len(shape) in (3, 4) and trailing and shape[-3] == channels and all(s == 1 for s in shape[:-3]):
         return v.reshape(channels)
@@ -382,7 +380,7 @@ def _as_channel_vector(v: Any, channels: int, dtype: torch.dtype) -> Any | None:
 @register_op(torch.cat)
 def _cat(node: fx.Node, tensors: set[fx.Node]) -> LinearOp | NoMatch:
     # cat([a(x), b(x)], dim=1) -> concat of maps
-    parts, dim = node.args
+    parts, dim = CatView.of(node).args()
     bad = _fixed(node, dim=dim)
     if bad is not None:
         return bad

@@ -15,7 +15,7 @@ updated with the global values and count (unbiased with ``N``), identical on all
 
 :func:`sync_group` says whether a set of BNs synchronises (None: no); :func:`sync_moments` combines.
 torch's own SyncBatchNorm runs on CUDA only; these functions run on any device (gloo on the CPU),
-and :func:`repq_fx.capture.norm.batch_norm` uses them for a SyncBatchNorm left alone in the graph on the CPU.
+and :func:`repq_fx.ir.batch_norm` uses them for a SyncBatchNorm left alone in the graph on the CPU.
 
 >>> sync_group([torch.nn.SyncBatchNorm(2)]) is None    # no process group: nothing to synchronise
 True

@@ -1,9 +1,10 @@
-"""Small GraphModule helpers shared by the passes: attribute lookup, free names, parameter dtype, sizes.
+"""Small GraphModule helpers shared by every stage: attribute lookup, free names, inserting a call in
+place of a node, parameter dtype, sizes, hooks.
 
 >>> import torch.nn as nn, torch.fx as fx
 >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 1, 1)))
->>> fetch_attr(gm, "0.weight").shape, free_module_path(gm, "0"), param_dtype(gm)
-(torch.Size([1, 1, 1, 1]), '0_1', torch.float32)
+>>> fetch_attr(gm, "0.weight").shape, free_module_path(gm, "0.weight"), param_dtype(gm)
+(torch.Size([1, 1, 1, 1]), '0.weight_1', torch.float32)
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+from torch.fx.experimental.const_fold import get_unique_attr_name_in_module
 
 
 def finish_pass(gm: fx.GraphModule, unused_submodules: bool = True) -> fx.GraphModule:
@@ -67,20 +70,65 @@ def attributes_read(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     return found
 
 
-def free_module_path(gm: fx.GraphModule, target: str) -> str:
-    """``target``, or ``target_1``, ``target_2``... whichever is not taken yet."""
-    name, i = target, 1
-    while _taken(gm, name):
-        name, i = f"{target}_{i}", i + 1
-    return name
+def input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value depends on a graph input (the rest compute from parameters and constants).
+
+    >>> gm = fx.symbolic_trace(nn.Linear(2, 3))
+    >>> sorted(n.name for n in input_dependent(gm.graph))
+    ['input_1', 'linear', 'output']
+    """
+    out: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
 
 
-def _taken(gm: fx.GraphModule, target: str) -> bool:
+def free_module_path(root: nn.Module, target: str) -> str:
+    """``target``, or ``target_1``, ``target_2``... whichever is not taken yet (a dotted path: the last
+    name is made free in the module it names; torch.fx's own helper picks the suffix).
+
+    >>> free_module_path(nn.Sequential(nn.ReLU()), "reparam_conv"), free_module_path(nn.Linear(1, 1), "bias")
+    ('reparam_conv', 'bias_1')
+    """
+    prefix, _, name = target.rpartition(".")
     try:
-        fetch_attr(gm, target)
-        return True
+        owner = fetch_attr(root, prefix) if prefix else root
     except AttributeError:
-        return False
+        return target  # the module it would go under does not exist yet: nothing there is taken
+    if not hasattr(owner, name):
+        return target
+    free = get_unique_attr_name_in_module(owner, name)  # type: ignore[arg-type]  # uses hasattr only
+    return f"{prefix}.{free}" if prefix else free
+
+
+def insert_call(node: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """A ``call_function`` of ``target`` inserted before ``node``, with ``node``'s metadata (shapes, stack).
+
+    >>> gm = fx.symbolic_trace(torch.nn.ReLU())
+    >>> relu = next(n for n in gm.graph.nodes if n.op == "call_function")
+    >>> insert_call(relu, torch.tanh, relu.args).meta is not relu.meta
+    True
+    """
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(target, args, kwargs)
+    new.meta = dict(node.meta)
+    return new
+
+
+HOOK_KINDS = ("forward", "forward pre", "backward", "backward pre")
+
+
+def hook_kinds(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``module`` itself (:data:`HOOK_KINDS`), in that order.
+
+    >>> m = nn.ReLU()
+    >>> _ = m.register_forward_hook(lambda *a: None)
+    >>> hook_kinds(m)
+    ['forward']
+    """
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return [kind for kind, registered in zip(HOOK_KINDS, hooks) if registered]
 
 
 def param_dtype(gm: torch.nn.Module) -> torch.dtype:
