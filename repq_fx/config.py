@@ -63,7 +63,7 @@ class QConfig:
             _check_choice(name, getattr(self, name), QUANTIZERS)
         _check_choice("bn_mode", self.bn_mode, BN_MODES)
         _check_choice("step_init", self.step_init, STEP_INITS)
-        get_target(self.target)
+        _check_target_widths(self)
         if not isinstance(self.per_channel, bool):
             raise ConfigError(f"QConfig.per_channel must be True or False; got {self.per_channel!r}")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -99,6 +99,16 @@ class QConfig:
         if "skip" in values:
             values["skip"] = tuple(values["skip"])
         return cls(**values)
+
+
+def _check_target_widths(config: "QConfig") -> None:
+    """The target exists and quantizes activations to the widths ``config`` trains (TensorRT: int8 only)."""
+    target = get_target(config.target)
+    widths = {config.act_bits} | ({config.first_last_bits} if config.first_last_bits is not None else set())
+    if target.act_bits is not None and widths != {target.act_bits}:
+        raise ConfigError(f"target {target.name!r} quantizes activations to {target.act_bits} bits only; got "
+                          f"act_bits={config.act_bits}, first_last_bits={config.first_last_bits}. Train "
+                          f"act_bits={target.act_bits} for it, or choose another target")
 
 
 def _check_bits(name: str, value: Any) -> None:

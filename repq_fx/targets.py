@@ -60,6 +60,7 @@ class Target:
     # zero point z - 128 (the same grid; XNNPACK's qint8 tensors); None: each grid in its own type (a signed,
     # symmetric grid stays int8)
     activation_container: str | None = "uint8"
+    act_bits: int | None = None  # the only activation width the runtime quantizes to (None: any of 2-8)
 
     def stored_input_max(self, input_max: int) -> int:
         """The largest magnitude of an activation integer as this runtime stores it: ``input_max`` in uint8,
@@ -113,7 +114,8 @@ register_target(Target(
     "NVIDIA GPUs (TensorRT); ONNX Runtime's CPU kernels with int8 QDQ kept (session.qdqisint8allowed=1, measured "
     "on x86 AVX2); not OpenVINO or compile_int8 on x86 (they shift int8 activations into uint8, where 16-bit pair "
     "sums overflow without VNNI)",
-    symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True, activation_container=None))
+    symmetric_activations=True, narrow_weights=True, quantize_add_inputs=True, activation_container=None,
+    act_bits=8))
 
 # XNNPACK (ExecuTorch's CPU backend) runs qs8 convs: int8 activations (per tensor, any zero point), int8
 # per-channel weights with zero point 0, int32 bias. Its x86 kernels accumulate pairs in 32 bits (AVX2

@@ -237,3 +237,11 @@ def test_engine_benchmark_imports_without_tensorrt(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0 and "--dry-run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("widths", [dict(act_bits=4), dict(first_last_bits=6)])
+def test_activation_widths_tensorrt_cannot_run_are_refused_up_front(widths: dict) -> None:
+    """Regression: act_bits < 8 trained, then failed the export's form check (a Clip after the Q)."""
+    with pytest.raises(repq_fx.errors.ConfigError, match="8 bits only"):
+        repq_fx.QConfig(target="tensorrt", **widths)
+    assert repq_fx.QConfig(target="tensorrt", weight_bits=4).weight_bits == 4  # int8-stored 4-bit weights: fine
