@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import repq_fx
-from repq_fx import cli
+from repq_fx.app import cli
 from repq_fx.export.parity import segment_parity
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from repq_fx.targets import get_target
@@ -209,7 +209,7 @@ def test_summary_says_the_sign_bit_is_wasted_after_relu() -> None:
 
 def test_cli_trains_and_exports_for_tensorrt(fake_fmnist: Path, small_repvgg: None,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    spec, ckpt, out = "repq_fx.examples.blocks:RepVGGNet", fake_fmnist / "trt.pt", fake_fmnist / "trt.onnx"
+    spec, ckpt, out = "repq_fx.testing.blocks:RepVGGNet", fake_fmnist / "trt.pt", fake_fmnist / "trt.onnx"
     assert cli.main(["train", spec, "--method", "repq-bn", "--target", "tensorrt", "--epochs", "1", "--subset", "64",
                      "--test-subset", "20", "--batch-size", "32", "--calib-batches", "1", "--out", str(ckpt),
                      "--no-progress"]) == 0

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .config import QConfig
-from .targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
-from .errors import CheckpointError, ConfigError, RepQError
+from ..config import QConfig
+from ..targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
+from ..errors import CheckpointError, ConfigError, RepQError
 
 __all__ = [
     "CHECKPOINT_FORMAT", "DATASETS", "METHODS", "TrainConfig", "build_model", "cosine_schedule", "data_note",
@@ -61,7 +61,7 @@ CHECKPOINT_FORMAT = "repq_fx.train/1"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp: the autocast dtype
 METHODS = ("fp", "repq-bn", "repq-bnest", "lsq", "ptq")
 QUANTIZED = ("repq-bn", "repq-bnest", "lsq", "ptq")
-DATASETS = ("fashion-mnist", "sr", "imagefolder", "srfolder")  # the kinds of repq_fx.data.kinds.KINDS
+DATASETS = ("fashion-mnist", "sr", "imagefolder", "srfolder")  # the kinds of repq_fx.app.data.kinds.KINDS
 # Fields that must agree between a checkpoint and the run that resumes it.
 RESUME_FIELDS = ("model", "data", "method", "bits", "target", "epochs", "batch_size", "lr", "weight_decay", "optimizer",
                  "step_lr_scale", "subset", "seed", "scale", "lr_patch", "input_size", "classes")
@@ -75,7 +75,7 @@ class TrainConfig:
     Fashion-MNIST fp: SGD lr 0.05, weight decay 1e-4 (``docs/fashion-mnist-baseline.md``); quantized: lr 0.01,
     no weight decay; SR: Adam lr 5e-4 (fp) or 1e-4 (quantized), no weight decay.
     ``subset``: training images (Fashion-MNIST, image folders) or training patches per epoch (SR, default 4000).
-    ``data``: ``fashion-mnist``, ``sr``, ``imagefolder:DIR`` or ``srfolder:DIR`` (:mod:`repq_fx.data.kinds`; the
+    ``data``: ``fashion-mnist``, ``sr``, ``imagefolder:DIR`` or ``srfolder:DIR`` (:mod:`repq_fx.app.data.kinds`; the
     folder is stored absolute). ``input_size`` (image folders: ``(C, H, W)``, default 3x224x224) and ``classes``
     (the folder's classes, filled in by :func:`run_training`) shape the model; ``workers`` is the number of
     ``DataLoader`` worker processes (not part of the run: a run may resume with another).
@@ -239,7 +239,7 @@ def _example_task(spec: str) -> str | None:
     prefix, _, name = spec.partition(":")
     if prefix != "examples":
         return None
-    from .examples.networks import NETWORKS
+    from .networks import NETWORKS
 
     return NETWORKS[name].task if name in NETWORKS else None
 
@@ -293,7 +293,7 @@ def build_model(config: TrainConfig, float_state: dict[str, Tensor] | None = Non
         model = repq_fx.merge(model.eval())
     qmodel = repq_fx.prepare(model, config.qconfig())
     if sync_bn:
-        from .quant.sync_stats import mark_sync_batch_norm
+        from ..quant.sync_stats import mark_sync_batch_norm
 
         mark_sync_batch_norm(qmodel)
     return qmodel.train()
@@ -460,7 +460,7 @@ def _data_seed(config: TrainConfig, epoch: int) -> int:
 
 
 def make_datasets(config: TrainConfig, epoch: int = 0) -> tuple[Dataset, Dataset]:
-    """``(train, test)`` datasets of the run (:data:`repq_fx.data.kinds.KINDS`); the training set's
+    """``(train, test)`` datasets of the run (:data:`repq_fx.app.data.kinds.KINDS`); the training set's
     augmentation (and SR's patches) are seeded by ``(seed, epoch)``. An image folder is checked
     here (its folders and file lists, not each image), naming what is wrong.
 
@@ -539,7 +539,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     >>> [g["weight_decay"] for g in opt.param_groups], opt.defaults["momentum"]
     ([0.0001, 0.0], 0.9)
     """
-    from .quant.fake_quant import fake_quantizers
+    from ..quant.fake_quant import fake_quantizers
 
     config = config.resolved()
     steps = [q.scale for q in fake_quantizers(model) if q.learned and q.scale.requires_grad]
@@ -657,7 +657,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, *, device: torch.dev
 @torch.no_grad()
 def evaluate_sr(model: nn.Module, loader: Iterable, scale: int, *, device: torch.device | str = "cpu",
                 progress: bool = False) -> float:
-    """Mean PSNR (dB, Y channel, border of ``scale`` cropped; :func:`repq_fx.data.sr.psnr_y`) over
+    """Mean PSNR (dB, Y channel, border of ``scale`` cropped; :func:`repq_fx.app.data.sr.psnr_y`) over
     the test images, in eval mode.
 
     >>> up = nn.Upsample(scale_factor=2, mode="nearest")
@@ -826,7 +826,7 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
     ``amp`` (``"bf16"`` or ``"fp16"``, with a ``GradScaler``): mixed precision, see
     :func:`train_one_epoch`.
 
-    Inside a process group of N > 1 processes (``torchrun``, see :mod:`repq_fx.distributed`) the
+    Inside a process group of N > 1 processes (``torchrun``, see :mod:`repq_fx.app.distributed`) the
     model trains under ``DistributedDataParallel`` and each process reads its own shard of the
     training set (``DistributedSampler``, ``set_epoch`` per epoch): ``batch_size`` is per process,
     the global batch is N times it, and the learning rate is not scaled. Every rank calibrates the
@@ -937,7 +937,7 @@ def run_training(config: TrainConfig, out: str | os.PathLike[str], *, resume: bo
         log(f"DistributedDataParallel over {world} processes: batch {config.batch_size} per process, "
             f"global batch {world * config.batch_size}")
     if compile and start_epoch < config.epochs:
-        from .compiling import compile as compile_model
+        from ..compiling import compile as compile_model
 
         stepped = compile_model(stepped, dynamic=False)
         log("training steps compiled with repq_fx.compile: the first batch compiles (seconds to minutes)")
@@ -1021,7 +1021,7 @@ def run_eval(path: str | os.PathLike[str], model_spec: str | None = None, data: 
     {'top1': 92.5}
     """
     from .data.kinds import canonical_data, parse_data
-    from .errors import DatasetNotFoundError
+    from ..errors import DatasetNotFoundError
 
     model, ckpt = restore(path, model_spec)
     saved = TrainConfig.from_dict(ckpt["config"])

@@ -2,7 +2,7 @@
 ``bench``.
 
 Models are named by spec strings (``timm:repvgg_a0``, ``examples:RepVGGNet``, ...),
-see :mod:`repq_fx.models`. Errors about the user's input are one line on stderr
+see :mod:`repq_fx.app.models`. Errors about the user's input are one line on stderr
 and exit status 2; a failed ``--check`` or demo exits with 1.
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import explain, merge
-from .capture import FRONT_ENDS
-from .config import QConfig
-from .errors import RepQError
+from .. import explain, merge
+from ..capture import FRONT_ENDS
+from ..config import QConfig
+from ..errors import RepQError
 from .models import SPEC_FORMS, resolve_model
-from .targets import DEFAULT_TARGET
+from ..targets import DEFAULT_TARGET
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -225,7 +225,7 @@ batch is N times it); rank 0 logs and writes the checkpoint; --resume needs the 
 
 
 def _add_target_option(p: argparse.ArgumentParser, when: str, default: str | None = DEFAULT_TARGET) -> None:
-    from .targets import TARGETS
+    from ..targets import TARGETS
 
     lines = "; ".join(f"{t.name}: exact on {t.exact_on}" for t in TARGETS.values())
     p.add_argument("--target", choices=sorted(TARGETS), default=default,
@@ -400,7 +400,7 @@ def _bits(text: str) -> tuple[int, int]:
 
 
 def _data(text: str) -> str:
-    """An argparse ``type``: a ``--data`` value (:func:`repq_fx.data.kinds.parse_data`).
+    """An argparse ``type``: a ``--data`` value (:func:`repq_fx.app.data.kinds.parse_data`).
 
     >>> _data("imagefolder:pets")
     'imagefolder:pets'
@@ -426,7 +426,7 @@ def _image_size(text: str) -> tuple[int, ...]:
 
 
 def _default_data(model: str) -> str:
-    from .examples.networks import NETWORKS
+    from .networks import NETWORKS
 
     prefix, _, name = model.partition(":")
     if prefix == "examples" and name in NETWORKS and NETWORKS[name].task == "sr":
@@ -452,7 +452,7 @@ def _train(args: argparse.Namespace) -> int:
     from .distributed import session
 
     try:
-        with session(args.device) as device:  # torchrun: one process group for the run (repq_fx.distributed)
+        with session(args.device) as device:  # torchrun: one process group for the run (repq_fx.app.distributed)
             run_training(config, args.out, resume=args.resume, overwrite=args.overwrite, device=device,
                          progress=args.progress, compile=args.compile, amp=args.amp, sync_bn=args.sync_bn)
     except KeyboardInterrupt:
@@ -539,7 +539,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import repq_fx
-    from .export.formats import format_for
+    from ..export.formats import format_for
 
     fmt = format_for(args.out, args.format)
     if not fmt.available:
@@ -634,7 +634,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _example_size(spec: str) -> tuple[int, ...] | None:
     """The input size an ``examples:NAME`` network registers; None for other specs."""
-    from .examples.networks import NETWORKS
+    from .networks import NETWORKS
 
     prefix, _, name = spec.partition(":")
     return NETWORKS[name].input_size if prefix == "examples" and name in NETWORKS else None
@@ -658,7 +658,7 @@ def _step_times(model: nn.Module, size: tuple[int, ...], out: torch.Tensor,
     ``--compile`` also of each one's ``repq_fx.compile`` twin (``"NAME (compiled)"``), whose first
     step (the compilation) is timed apart: returns the step times and those compile seconds."""
     from .bench import TrainStep
-    from .compiling import compile as compile_model
+    from ..compiling import compile as compile_model
 
     x = torch.randn(args.batch, *size)
     if out.dim() == 2:
@@ -701,8 +701,8 @@ def _latency_times(model: nn.Module, qmodel: nn.Module | None, size: tuple[int, 
 
     import repq_fx
 
-    from .export.float_onnx import export_float
-    from .export.runtime import optimized_ops, session
+    from ..export.float_onnx import export_float
+    from ..export.runtime import optimized_ops, session
 
     example = (torch.randn(1, *size),)
     with tempfile.TemporaryDirectory(prefix="repq_bench_") as tmp:
@@ -724,7 +724,7 @@ def _latency_times(model: nn.Module, qmodel: nn.Module | None, size: tuple[int, 
 
 def _round_robin(runners: dict[str, Callable[[], object]], args: argparse.Namespace, repeat: int,
                  what: str) -> dict[str, list[float]]:
-    """:func:`repq_fx.bench.round_robin` with ``--rounds``/``--warmup``, a progress bar, and clear errors."""
+    """:func:`repq_fx.app.bench.round_robin` with ``--rounds``/``--warmup``, a progress bar, and clear errors."""
     from .bench import round_robin
 
     with _progress(args.rounds, what, "round", args.progress) as tick:
@@ -770,8 +770,8 @@ def _check_file(path: str, lowered: fx.GraphModule, x: torch.Tensor, target: str
                 fmt: str | None = None) -> int:
     """Run the file in its runtime against the lowered model on ``x`` (:mod:`repq_fx.export.formats`): 0 when
     it passes, else 1 with the reason on stderr."""
-    from .errors import ExportCheckError
-    from .export.formats import format_for
+    from ..errors import ExportCheckError
+    from ..export.formats import format_for
 
     try:
         print(format_for(path, fmt).check(path, lowered, x, target))
