@@ -532,8 +532,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     The learned LSQ steps get their own group at ``lr * step_lr_scale``. With SGD the scale is 1:
     LSQ's gradient scale ``1/sqrt(N * Qp)`` already sizes their updates. Adam divides that scale
     out and moves every parameter by about ``lr`` per step, which for an 8-bit step of ~0.004 is a
-    2.5 % change per step at lr 1e-4: one QAT epoch of ECBSR at W8A8 lost 0.027 dB against
-    frozen steps; at 0.01x it does not (benchmarks/RESULTS.md, ECBSR).
+    2.5 % change per step at lr 1e-4; hence Adam's smaller default scale (the measurements behind it:
+    benchmarks/RESULTS.md, "Performance history (moved from docstrings)").
 
     >>> opt = make_optimizer(nn.Linear(3, 2), TrainConfig(model="m:N", weight_decay=1e-4))
     >>> [g["weight_decay"] for g in opt.param_groups], opt.defaults["momentum"]
