@@ -71,7 +71,7 @@ import torch.nn.functional as F
 
 from repq_fx.targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
 from repq_fx.app.train import (TrainConfig, cosine_schedule, evaluate, make_loaders, make_optimizer, parse_bits,
-                           run_training, train_one_epoch)
+                               run_training, train_one_epoch)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "accuracy.jsonl"

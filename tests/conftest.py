@@ -59,6 +59,7 @@ def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture()
 def small_repvgg(monkeypatch: pytest.MonkeyPatch) -> None:
     """``repq_fx.testing.blocks.RepVGGNet`` with widths 8/16/32 and two blocks per stage."""
+    import repq_fx.app.networks  # noqa: F401  first imported now, its NETWORKS would keep the small net for good
     from repq_fx.testing import blocks
 
     class Small(blocks.RepVGGNet):

@@ -117,7 +117,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    import repq_fx.app.train as train
+    import repq_fx.app.train.run as train  # the module whose run_training calls make_optimizer
 
     models, checks = [], []
     make_optimizer = train.make_optimizer

@@ -21,7 +21,7 @@ from repq_fx.app import cli
 from repq_fx.app.data import fashion_mnist as fm
 from repq_fx.errors import CheckpointError, RepQError
 from repq_fx.app.train import (CHECKPOINT_FORMAT, TrainConfig, cosine_schedule, load_checkpoint, make_optimizer,
-                           parse_bits, restore, run_training, save_checkpoint)
+                               parse_bits, restore, run_training, save_checkpoint)
 
 HAVE_FMNIST = (fm.DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file()
 
@@ -407,7 +407,8 @@ def test_bits_with_float_training_are_refused(tmp_path: Path, capsys: pytest.Cap
 
 def test_timm_and_torchvision_specs_are_fitted_to_fashion_mnist() -> None:
     """A timm/torchvision spec trained on Fashion-MNIST kept its 1000-class (and 3-channel) model."""
-    from repq_fx.app.train import _channel_adapter, data_note, float_model
+    from repq_fx.app.train import data_note, float_model
+    from repq_fx.app.train.model import _channel_adapter
 
     pytest.importorskip("timm")
     pytest.importorskip("torchvision")
@@ -453,17 +454,15 @@ def test_timm_spec_trains_on_fashion_mnist(fake_fmnist: Path, capsys: pytest.Cap
 def test_train_shows_progress_while_calibrating_and_evaluating(fake_fmnist: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``train`` calibrated and evaluated 10k test images with no progress shown."""
-    from repq_fx.app import train
-
+    tqdm = pytest.importorskip("tqdm")
     shown: list[tuple[str, int | None]] = []
-    real = train._progress
 
-    def recording(iterable, desc, enabled, total=None):
-        if enabled:
-            shown.append((desc, total))
-        return real(iterable, desc, enabled, total)
+    class Recording(tqdm.tqdm):  # every progress bar of the run
+        def __init__(self, *args, **kwargs):
+            shown.append((kwargs.get("desc"), kwargs.get("total")))
+            super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_progress", recording)
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
     run_training(_small("repq-bn", epochs=1, subset=64, test_subset=40), fake_fmnist / "q.pt", progress=True,
                  log=_quiet)
     descs = [d for d, _ in shown]

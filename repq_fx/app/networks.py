@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..testing.blocks import (ACBlock, DiverseBranchBlock, ECB, OREPABlock, QARepVGGBlock, RepVGGNet,
-                     conv_bn)
+                              conv_bn)
 
 __all__ = [
     "ACNetBuilder", "BasicBlock", "ConvBuilder", "DBBBuilder", "ECBSR", "ExampleNetwork", "NETWORKS",
