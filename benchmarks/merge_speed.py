@@ -29,7 +29,7 @@ import torch
 from timm.utils.model import reparameterize_model
 
 import repq_fx
-from repq_fx.app.cli import _count_convs, _rel_error
+from repq_fx.app.cli.merging import _count_convs, _rel_error
 from repq_fx.app.models import resolve_model
 
 MODELS = ("mobileone_s4", "fastvit_sa36")

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import repq_fx
 from repq_fx.app import cli
+from repq_fx.app.cli import deploying
 from repq_fx.export.parity import segment_parity
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from repq_fx.targets import get_target
@@ -198,7 +199,7 @@ def test_an_onnx_runtime_file_is_not_a_tensorrt_file(tmp_path: Path, capsys: pyt
     problems = check_tensorrt_qdq(model)
     assert any("zero point" in p and "uint8" in p for p in problems)
     assert any("quantized before the add" in p for p in problems)
-    assert cli._check_file(str(tmp_path / "ort.onnx"), lowered, torch.randn(2, 3, 12, 12), "tensorrt") == 1
+    assert deploying._check_file(str(tmp_path / "ort.onnx"), lowered, torch.randn(2, 3, 12, 12), "tensorrt") == 1
     assert "does not have the form target 'tensorrt' runs in int8" in capsys.readouterr().err
 
 
