@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --doctest-modules tests repq_fx
 
 demo: $(STAMP) data
-	$(PY) -m repq_fx.cli demo
+	$(PY) -m repq_fx demo
 
 data:
 	@if [ -n "$$REPQ_FASHION_MNIST" ] && ls "$$REPQ_FASHION_MNIST"/t10k-labels-idx1-ubyte* >/dev/null 2>&1; then \

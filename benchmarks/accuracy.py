@@ -2,7 +2,7 @@
 
 Every quantized method of a net starts from the same float checkpoint (trained here, once, seed
 0) and gets the same QAT budget (``--qat-epochs``, SGD lr 0.01 cosine for Fashion-MNIST, Adam
-1e-4 for SR: :class:`repq_fx.train.TrainConfig`'s defaults) and the same seeds:
+1e-4 for SR: :class:`repq_fx.app.train.TrainConfig`'s defaults) and the same seeds:
 
 ==============  =====================================================================================
 method          what it is
@@ -70,8 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from repq_fx.targets import DEFAULT_TARGET, LEGACY_TARGET, TARGETS
-from repq_fx.train import (TrainConfig, cosine_schedule, evaluate, make_loaders, make_optimizer, parse_bits,
-                           run_training, train_one_epoch)
+from repq_fx.app.train import (TrainConfig, cosine_schedule, evaluate, make_loaders, make_optimizer, parse_bits,
+                               run_training, train_one_epoch)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "accuracy.jsonl"
@@ -348,7 +348,7 @@ def _ao_qconfig(weight_bits: int, act_bits: int):
 
 def _block_names(model: nn.Module) -> list[str]:
     """Names of the outermost re-parametrized blocks (the example networks' ReparamBlock)."""
-    from repq_fx.examples.blocks import ReparamBlock
+    from repq_fx.testing.blocks import ReparamBlock
 
     names: list[str] = []
     for name, module in model.named_modules():
@@ -390,8 +390,8 @@ def prepare_torchao(model: nn.Module, bits: tuple[int, int], example_inputs: tup
 
 
 def _run_torchao(job: Job, spec: NetSpec, budget: Budget, fp_path: Path, log: Callable[[str], None]) -> dict:
-    from repq_fx.models import resolve_model
-    from repq_fx.train import load_checkpoint
+    from repq_fx.app.models import resolve_model
+    from repq_fx.app.train import load_checkpoint
 
     cfg = TrainConfig(model=spec.model, data=spec.data, method="lsq", bits=parse_bits(job.bits),
                       epochs=budget.qat_epochs, seed=job.seed, subset=budget.subset,

@@ -35,8 +35,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from repq_fx import distributed
-    from repq_fx.train import TrainConfig, run_training
+    from repq_fx.app import distributed
+    from repq_fx.app.train import TrainConfig, run_training
 
     torch.set_num_threads(args.threads)
     stamps: list[float] = []

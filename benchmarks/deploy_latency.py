@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from repq_fx.bench import round_robin
+from repq_fx.app.bench import round_robin
 from repq_fx.export.runtime import optimized_ops
 from repq_fx.targets import TARGETS
 

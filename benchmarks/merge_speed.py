@@ -29,8 +29,8 @@ import torch
 from timm.utils.model import reparameterize_model
 
 import repq_fx
-from repq_fx.cli import _count_convs, _rel_error
-from repq_fx.models import resolve_model
+from repq_fx.app.cli.merging import _count_convs, _rel_error
+from repq_fx.app.models import resolve_model
 
 MODELS = ("mobileone_s4", "fastvit_sa36")
 

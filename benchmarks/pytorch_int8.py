@@ -12,7 +12,7 @@ images (``deploy_latency.images`` / ``set_bn_statistics``), then side by side in
 
 Each batch size gets its own compiled modules (static shapes). Latency: ``--threads`` intra-op threads,
 ``--warmup`` untimed runs, then ``--rounds`` rounds in rotating order, ``--runs`` timed runs per variant
-per round (``repq_fx.bench.round_robin``); medians and their ratios. Agreement of the compiled int8
+per round (``repq_fx.app.bench.round_robin``); medians and their ratios. Agreement of the compiled int8
 model with the lowered model on ``--check-images`` other images: output values within one output step
 and the same top-1 class.
 
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from deploy_latency import _git, images, machine, set_bn_statistics  # this directory's deployment benchmark
-from repq_fx.bench import round_robin
+from repq_fx.app.bench import round_robin
 
 warnings.filterwarnings("ignore")
 

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from repq_fx.bench import TrainStep, round_robin, summarize
+from repq_fx.app.bench import TrainStep, round_robin, summarize
 
 warnings.filterwarnings("ignore")
 

@@ -19,7 +19,7 @@ A runtime is a row of :data:`BACKENDS` (name -> the package it needs, a builder 
 its float runner); add one with :func:`register`. Parity: each int8 runtime's outputs on the timed
 batch against the lowered PyTorch model, in output quantization steps (fraction within one step,
 largest difference) and top-1 agreement. Latency: ``--threads`` threads, batch 1 and 32, medians of
-``--rounds`` rounds x ``--runs`` runs in rotating order (:func:`repq_fx.bench.round_robin`).
+``--rounds`` rounds x ``--runs`` runs in rotating order (:func:`repq_fx.app.bench.round_robin`).
 
     .venv/bin/python benchmarks/runtimes.py --threads 1
 """
@@ -43,7 +43,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deploy_latency import _git, machine, set_bn_statistics  # noqa: E402  (the CPU line of the other latency tables)
 
-from repq_fx.bench import round_robin  # noqa: E402
+from repq_fx.app.bench import round_robin  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -206,7 +206,7 @@ def build_trained(float_ckpt: str, int8_ckpt: str, threads: int, workdir: str) -
     """A network trained by ``repq-fx train`` (e.g. the Fashion-MNIST RepVGGNet of ``make demo``): its float
     checkpoint merged, its quantized checkpoint lowered."""
     import repq_fx
-    from repq_fx.train import TrainConfig, restore
+    from repq_fx.app.train import TrainConfig, restore
 
     model, _ = restore(float_ckpt)
     qmodel, ckpt = restore(int8_ckpt)

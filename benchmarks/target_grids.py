@@ -1,6 +1,6 @@
 """Which integer grids does a deployment target change? Every quantizer of a prepared model, per target.
 
-Prepares the same network (``repq_fx.train.build_model``, as ``repq-fx train`` and
+Prepares the same network (``repq_fx.app.train.build_model``, as ``repq-fx train`` and
 ``benchmarks/accuracy.py`` do) once per target and bit width, and lists each quantizer whose
 ``(bits, quant_min, quant_max)`` differs between the targets. Two targets with no difference train
 exactly the same model (same seed, same data): one accuracy run stands for both.
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from repq_fx.targets import TARGETS
-from repq_fx.train import TrainConfig, build_model, parse_bits
+from repq_fx.app.train import TrainConfig, build_model, parse_bits
 
 
 def grids(model: str, bits: tuple[int, int], target: str, method: str = "repq-bnest") -> dict[str, tuple[int, int, int]]:

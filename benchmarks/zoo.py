@@ -79,12 +79,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import repq_fx
-from repq_fx.bench import round_robin
+from repq_fx.app.bench import round_robin
 from repq_fx.export.float_onnx import export_float
 from repq_fx.export.parity import onnx_runtime_parity, segment_parity
 from repq_fx.export.parity import output_steps as parity_output_steps
 from repq_fx.export.runtime import optimized_ops, session
-from repq_fx.models import resolve_model
+from repq_fx.app.models import resolve_model
 from repq_fx.quant.fake_quant import fake_quantizers
 from repq_fx.quant.lowered import QuantizeDequantize, QuantizedConv2d
 

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def write_synthetic_fmnist(root: Path, n_train: int = 256, n_test: int = 100) -> None:
     """Four gzipped IDX files in ``root``: learnable, deterministic, tiny."""
-    from repq_fx.data import fashion_mnist as fm
+    from repq_fx.app.data import fashion_mnist as fm
 
     g = torch.Generator().manual_seed(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -47,7 +47,7 @@ def write_synthetic_fmnist(root: Path, n_train: int = 256, n_test: int = 100) ->
 @pytest.fixture()
 def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``tmp_path``, with a synthetic Fashion-MNIST in ``tmp_path / "fmnist"`` that the readers find."""
-    from repq_fx.data import fashion_mnist as fm
+    from repq_fx.app.data import fashion_mnist as fm
 
     root = tmp_path / "fmnist"
     root.mkdir()
@@ -58,8 +58,9 @@ def fake_fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture()
 def small_repvgg(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``repq_fx.examples.blocks.RepVGGNet`` with widths 8/16/32 and two blocks per stage."""
-    from repq_fx.examples import blocks
+    """``repq_fx.testing.blocks.RepVGGNet`` with widths 8/16/32 and two blocks per stage."""
+    import repq_fx.app.networks  # noqa: F401  first imported now, its NETWORKS would keep the small net for good
+    from repq_fx.testing import blocks
 
     class Small(blocks.RepVGGNet):
         def __init__(self) -> None:

@@ -56,7 +56,7 @@ def output_step(lowered: torch.fx.GraphModule) -> float:
 def trained_small_repvgg(target: str | None = None, steps: int = 3) -> torch.fx.GraphModule:
     """A small RepVGG (3 blocks) prepared for ``target`` (default: the default target), calibrated and trained a
     few SGD steps on random data, lowered: what the runtime tests export."""
-    from repq_fx.examples.blocks import RepVGGNet
+    from repq_fx.testing.blocks import RepVGGNet
 
     config = repq_fx.QConfig() if target is None else repq_fx.QConfig(target=target)
     _, qmodel = prepared(lambda: RepVGGNet(widths=(8, 16, 32), blocks_per_stage=1), (8, 1, 28, 28), config)

@@ -25,7 +25,7 @@ def _load_bench():
 
 def test_core_runs_resumes_and_reports(fake_fmnist: Path, small_repvgg: None) -> None:
     bench = _load_bench()
-    nets = {"tiny": bench.NetSpec("repq_fx.examples.blocks:RepVGGNet", "fashion-mnist")}
+    nets = {"tiny": bench.NetSpec("repq_fx.testing.blocks:RepVGGNet", "fashion-mnist")}
     jobs = bench.make_jobs(["tiny"], ["fp", "repq-bn", "torchao"], ["W4A4"], [0], [], registry=nets)
     assert [(j.method, j.bits) for j in jobs] == [("fp", "FP"), ("repq-bn", "W4A4"), ("torchao", "W4A4")]
     budget = bench.Budget(fp_epochs={"*": 1}, qat_epochs=1)

@@ -1,4 +1,4 @@
-"""``repq-fx bench`` (``repq_fx.cli``), its timing core (``repq_fx.bench``) and ``--capture``.
+"""``repq-fx bench`` (``repq_fx.app.cli``), its timing core (``repq_fx.app.bench``) and ``--capture``.
 
 No assertion here is about speed: the timings only have to be there, positive and consistent.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repq_fx import cli
-from repq_fx.bench import TrainStep, round_robin, rotation, summarize
+from repq_fx.app import cli
+from repq_fx.app.bench import TrainStep, round_robin, rotation, summarize
 
 # a row of the timing table: name, median, IQR low-high, ratio to float
 ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<median>\d+\.\d+)\s+(?P<q1>\d+\.\d+)-(?P<q3>\d+\.\d+)\s+(?P<ratio>\d+\.\d+)x$")
@@ -114,7 +114,7 @@ def test_bench_step_compiled_twins(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_latency_float_vs_int8(small_repvgg: None, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxruntime")
-    assert cli.main(["bench", "repq_fx.examples.blocks:RepVGGNet", "--input-size", "1x28x28", "--rounds", "2",
+    assert cli.main(["bench", "repq_fx.testing.blocks:RepVGGNet", "--input-size", "1x28x28", "--rounds", "2",
                      "--warmup", "1", "--what", "latency", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "ONNX Runtime latency, batch 1" in out and "QAT training step" not in out
@@ -125,12 +125,12 @@ def test_bench_latency_float_vs_int8(small_repvgg: None, capsys: pytest.CaptureF
 def test_bench_latency_of_a_checkpoint(small_repvgg: None, fake_fmnist: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxruntime")
-    from repq_fx.train import TrainConfig, run_training
+    from repq_fx.app.train import TrainConfig, run_training
 
     ckpt = fake_fmnist / "q.pt"
-    run_training(TrainConfig(model="repq_fx.examples.blocks:RepVGGNet", method="repq-bn", bits=(4, 4), epochs=1,
+    run_training(TrainConfig(model="repq_fx.testing.blocks:RepVGGNet", method="repq-bn", bits=(4, 4), epochs=1,
                              batch_size=64, calib_batches=1, subset=128), ckpt, progress=False, log=lambda _: None)
-    assert cli.main(["bench", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(ckpt), "--rounds", "1",
+    assert cli.main(["bench", "repq_fx.testing.blocks:RepVGGNet", "--ckpt", str(ckpt), "--rounds", "1",
                      "--warmup", "0", "--what", "latency", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "input 1x28x28, W4A4" in out  # the checkpoint's data and bits

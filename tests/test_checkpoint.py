@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repq_fx
-from repq_fx.examples import blocks as B
+from repq_fx.testing import blocks as B
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant, _FakeQuant
 
 IN_CHANNELS, SPATIAL, CLASSES = 3, (12, 12), 5

@@ -1,4 +1,4 @@
-"""The ``repq-fx`` command line (``repq_fx.cli``) and the model specs it reads (``repq_fx.models``)."""
+"""The ``repq-fx`` command line (``repq_fx.app.cli``) and the model specs it reads (``repq_fx.app.models``)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repq_fx import cli, models
-from repq_fx.examples.blocks import RepVGGNet
-from repq_fx.models import ModelSpecError, resolve_model
+from repq_fx.app import cli, models
+from repq_fx.app.cli import merging
+from repq_fx.testing.blocks import RepVGGNet
+from repq_fx.app.models import ModelSpecError, resolve_model
 
 
 def test_help_lists_commands_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,7 +41,7 @@ def test_merge_check_and_save(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_bad_spec_is_one_line_without_traceback() -> None:
-    result = subprocess.run([sys.executable, "-m", "repq_fx.cli", "explain", "no-such-spec"],
+    result = subprocess.run([sys.executable, "-m", "repq_fx", "explain", "no-such-spec"],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -68,7 +69,7 @@ def test_bad_input_size_is_a_usage_error() -> None:
     ("timm:repvgg_a0", "ByobNet", "timm"),
     ("torchvision:resnet18", "ResNet", "torchvision"),
     ("examples:RepVGGNet", "RepVGGNet", None),
-    ("repq_fx.examples.blocks:RepVGGNet", "RepVGGNet", None),
+    ("repq_fx.testing.blocks:RepVGGNet", "RepVGGNet", None),
     ("torch.nn:Identity", "Identity", None),
 ])
 def test_resolve_model_each_form(spec: str, cls_name: str, module: str | None) -> None:
@@ -184,7 +185,7 @@ def test_timm_check_progress_is_labelled_timm_check(monkeypatch: pytest.MonkeyPa
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(tqdm, "tqdm", Recording)
-    monkeypatch.setattr(cli, "_default_size", lambda model: (3, 32, 32))  # quick: a small input
+    monkeypatch.setattr(merging, "_default_size", lambda model: (3, 32, 32))  # quick: a small input
     assert cli.main(["timm-check", "--models", "repvgg_a0"]) == 0
     assert [b.get("desc") for b in bars] == ["timm-check"] and bars[0].get("leave") is False
     assert "repq-fx demo" not in capsys.readouterr().err

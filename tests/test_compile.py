@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import repq_fx
-from repq_fx.examples import blocks as B
+from repq_fx.testing import blocks as B
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
 
 FLAGS = ("enabled", "initialized", "observing")

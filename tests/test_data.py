@@ -1,4 +1,4 @@
-"""Data readers (``repq_fx.data``) checked against the formats and formulas they implement.
+"""Data readers (``repq_fx.app.data``) checked against the formats and formulas they implement.
 
 Fashion-MNIST readers run on small IDX files written here, so everything but the last
 tests runs without the Debian package; those skip with the reason when it is missing.
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repq_fx.data import fashion_mnist as fm
-from repq_fx.data import sr
+from repq_fx.app.data import fashion_mnist as fm
+from repq_fx.app.data import sr
 from repq_fx.errors import CorruptDataError, DataError, DatasetNotFoundError, RepQError
 
 HAVE_FMNIST = all((fm.DEFAULT_ROOT / f"{p}-{k}-idx{d}-ubyte.gz").is_file()

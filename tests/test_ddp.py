@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import repq_fx
-from repq_fx.examples.blocks import RepVGGNet
+from repq_fx.testing.blocks import RepVGGNet
 
 WORLD_SIZE = 2
 STEPS = 3

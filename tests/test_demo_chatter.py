@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import repq_fx
-from repq_fx.demo import _runtime_chatter_captured
+from repq_fx.app.demo import _runtime_chatter_captured
 
 PACKAGE_FILE = str(Path(repq_fx.__file__).resolve().parent / "api.py")
 

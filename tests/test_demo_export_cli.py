@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from repq_fx import cli
-from repq_fx.demo import DemoConfig, run_demo
-from repq_fx.train import TrainConfig, run_training
+from repq_fx.app import cli
+from repq_fx.app.demo import DemoConfig, run_demo
+from repq_fx.app.train import TrainConfig, run_training
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("small_repvgg")
 
 def _train(tmp: Path, method: str, **kw) -> Path:
     out = tmp / f"{method}.pt"
-    config = TrainConfig(model="repq_fx.examples.blocks:RepVGGNet", method=method, epochs=1, batch_size=32,
+    config = TrainConfig(model="repq_fx.testing.blocks:RepVGGNet", method=method, epochs=1, batch_size=32,
                          calib_batches=2, seed=1, **kw)
     run_training(config, out, progress=False, log=lambda _: None)
     return out
@@ -37,7 +37,7 @@ def test_export_a_trained_repq_checkpoint(fake_fmnist: Path, capsys: pytest.Capt
     fp = _train(fake_fmnist, "fp")
     q = _train(fake_fmnist, "repq-bn", from_ckpt=str(fp), bits=bits)
     out = fake_fmnist / "q.onnx"
-    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
+    assert cli.main(["export", "repq_fx.testing.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
                      "--check"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "7 int8 layers" in text and "6 QLinearConv" in text and "100.00 %" in text
@@ -45,7 +45,7 @@ def test_export_a_trained_repq_checkpoint(fake_fmnist: Path, capsys: pytest.Capt
 
 def test_export_refuses_a_float_checkpoint(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fp = _train(fake_fmnist, "fp")
-    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(fp), "--out",
+    assert cli.main(["export", "repq_fx.testing.blocks:RepVGGNet", "--ckpt", str(fp), "--out",
                      str(fake_fmnist / "x.onnx")]) == 2
     assert "float (fp) checkpoint" in capsys.readouterr().err
     assert not (fake_fmnist / "x.onnx").exists()
@@ -53,7 +53,7 @@ def test_export_refuses_a_float_checkpoint(fake_fmnist: Path, capsys: pytest.Cap
 
 def test_export_without_checkpoint_calibrates_on_random_data(tmp_path: Path, capsys) -> None:
     out = tmp_path / "m.onnx"
-    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--input-size", "1x28x28", "--out", str(out),
+    assert cli.main(["export", "repq_fx.testing.blocks:RepVGGNet", "--input-size", "1x28x28", "--out", str(out),
                      "--check"]) == 0
     text = capsys.readouterr().out
     assert "random" in text and "6 QLinearConv" in text and "0 float Conv" in text
@@ -67,7 +67,7 @@ def test_export_formats_of_a_trained_checkpoint(fake_fmnist: Path, capsys: pytes
     fp = _train(fake_fmnist, "fp")
     q = _train(fake_fmnist, "repq-bn", from_ckpt=str(fp))
     out = fake_fmnist / f"q{suffix}"
-    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
+    assert cli.main(["export", "repq_fx.testing.blocks:RepVGGNet", "--ckpt", str(q), "--out", str(out),
                      "--check"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "7 int8 layers" in text and runtime in text and "100.00 %" in text, text
@@ -78,14 +78,14 @@ def test_export_formats_of_a_trained_checkpoint(fake_fmnist: Path, capsys: pytes
 
 
 def test_export_refuses_an_unknown_suffix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--input-size", "1x28x28", "--out",
+    assert cli.main(["export", "repq_fx.testing.blocks:RepVGGNet", "--input-size", "1x28x28", "--out",
                      str(tmp_path / "m.tflite")]) == 2
     err = capsys.readouterr().err
     assert "cannot tell the format" in err and "--format onnx|pte|openvino" in err
 
 
 def test_demo_runs_end_to_end(fake_fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("repq_fx.demo.MODEL", "repq_fx.examples.blocks:RepVGGNet")
+    monkeypatch.setattr("repq_fx.app.demo.MODEL", "repq_fx.testing.blocks:RepVGGNet")
     lines: list[str] = []
     figures = run_demo(DemoConfig(fp_epochs=1, qat_epochs=1, workdir=str(fake_fmnist / "demo"), latency_runs=5),
                        log=lines.append, progress=False)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import repq_fx
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
 from repq_fx.quant.sync_stats import mark_sync_batch_norm
-from repq_fx.train import TrainConfig, restore, run_training, train_one_epoch
+from repq_fx.app.train import TrainConfig, restore, run_training, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_dist = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
@@ -117,7 +117,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    import repq_fx.train as train
+    import repq_fx.app.train.run as train  # the module whose run_training calls make_optimizer
 
     models, checks = [], []
     make_optimizer = train.make_optimizer
@@ -185,7 +185,7 @@ def _integers(q: WeightFakeQuant, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_bf16_autocast_keeps_the_integer_grid(small_repvgg: None, train: bool) -> None:
-    from repq_fx.examples.blocks import RepVGGNet
+    from repq_fx.testing.blocks import RepVGGNet
 
     torch.manual_seed(0)
     qmodel = repq_fx.prepare(RepVGGNet(), repq_fx.QConfig(weight_bits=4, act_bits=4))
@@ -223,7 +223,7 @@ def test_bf16_autocast_keeps_the_integer_grid(small_repvgg: None, train: bool) -
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_training_steps_run_under_autocast(small_repvgg: None, amp: str) -> None:
-    from repq_fx.examples.blocks import RepVGGNet
+    from repq_fx.testing.blocks import RepVGGNet
 
     torch.manual_seed(0)
     qmodel = repq_fx.prepare(RepVGGNet(), repq_fx.QConfig(weight_bits=4, act_bits=4))
@@ -246,7 +246,7 @@ class _NetWithLoneBN(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from repq_fx.examples.blocks import RepVGGNet
+        from repq_fx.testing.blocks import RepVGGNet
 
         self.body = RepVGGNet(widths=(8, 16, 32), blocks_per_stage=2)
         self.bn = torch.nn.BatchNorm1d(10)

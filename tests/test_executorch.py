@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import repq_fx
 from repq_fx.errors import ExportError
-from repq_fx.examples.blocks import RepVGGNet
+from repq_fx.testing.blocks import RepVGGNet
 from repq_fx.quant.fake_quant import WeightFakeQuant
 from repq_fx.quant.lowered import QuantizeDequantize, QuantizedConv2d
 from repq_fx.targets import get_target

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import repq_fx
 from repq_fx.capture import capture
-from repq_fx.examples import blocks as B
-from repq_fx.examples.networks import ConvBuilder, ResNet18
+from repq_fx.testing import blocks as B
+from repq_fx.app.networks import ConvBuilder, ResNet18
 
 REL_TOL = 1e-9
 SPATIAL = (11, 13)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import repq_fx
-from repq_fx.examples.blocks import ECB, RepVGGNet
+from repq_fx.testing.blocks import ECB, RepVGGNet
 from repq_fx.quant.lowered import QuantizedConv2d, QuantizedLinear
 from repq_fx.export.parity import check_onnx_runtime
 from quantized_models import prepared

@@ -1,7 +1,7 @@
 """Hostile and unusual inputs: each is handled exactly, kept as it is with a
 reason in ``explain``, or refused with a :class:`repq_fx.RepQError` that names the problem.
 
-The cases are ``repq_fx.cases.CASES`` (the README table "What repq_fx handles / refuses" is
+The cases are ``repq_fx.testing.cases.CASES`` (the README table "What repq_fx handles / refuses" is
 printed from the same list, and ``test_readme_table_is_current`` keeps the two in step):
 
 - handled / kept as is: ``merge`` equals ``model.eval()`` (float64, relative error <= 1e-9);
@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repq_fx
-from repq_fx import cases as K
+from repq_fx.testing import cases as K
 from repq_fx import errors as E
 from repq_fx.capture import capture
-from repq_fx.examples.blocks import RepVGGBlock
+from repq_fx.testing.blocks import RepVGGBlock
 from repq_fx.patterns.blocks import find_blocks
 from repq_fx.quant.fake_quant import fake_quantizers
 
@@ -372,7 +372,7 @@ def test_drop_path_at_rate_zero_is_merged_through() -> None:
 
 def test_readme_table_is_current() -> None:
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert K.markdown_table() in readme, "README.md is out of date: paste the output of `python -m repq_fx.cases`"
+    assert K.markdown_table() in readme, "README.md is out of date: paste the output of `python -m repq_fx.testing.cases`"
 
 
 # ---------------------------------------------------------------------------

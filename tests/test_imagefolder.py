@@ -3,7 +3,7 @@
 A tiny ImageFolder is written as 16x16 PNGs in a temporary folder: three classes of coloured
 patterns over noise (red horizontal stripes, green vertical stripes, blue checks), 12 training
 and 4 val images each, which a small RepVGG learns in a few epochs. Runs go through the command
-line entry (``repq_fx.cli.main``); bad folders and images must be one line naming the path.
+line entry (``repq_fx.app.cli.main``); bad folders and images must be one line naming the path.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import repq_fx
-from repq_fx import cli
-from repq_fx.data.imagefolder import image_folder_split, image_loader
-from repq_fx.train import TrainConfig, evaluate_classifier, float_model, load_checkpoint, make_datasets, \
+from repq_fx.app import cli
+from repq_fx.app.data.imagefolder import image_folder_split, image_loader
+from repq_fx.app.train import TrainConfig, evaluate_classifier, float_model, load_checkpoint, make_datasets, \
     make_test_loader, restore, run_training
 
 CLASSES = ("checks", "horizontal", "vertical")
@@ -234,10 +234,10 @@ def test_a_model_that_cannot_take_the_data_is_refused(trained: dict[str, Path], 
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A model built without arguments keeps its head and its input channels."""
     out = tmp_path / "x.pt"
-    assert _train(trained["root"], out, model="repq_fx.examples.blocks:RepVGGNet") == 2
-    assert ("repq_fx.examples.blocks:RepVGGNet's first conv takes 1 channel; the images of imagefolder:"
+    assert _train(trained["root"], out, model="repq_fx.testing.blocks:RepVGGNet") == 2
+    assert ("repq_fx.testing.blocks:RepVGGNet's first conv takes 1 channel; the images of imagefolder:"
             f"{trained['root']} have 3: pass --input-size 1xHxW") in capsys.readouterr().err
-    assert _train(trained["root"], out, model="repq_fx.examples.blocks:RepVGGNet", size="1x16x16") == 2
+    assert _train(trained["root"], out, model="repq_fx.testing.blocks:RepVGGNet", size="1x16x16") == 2
     assert "to [2, 10], not [2, 3] logits" in capsys.readouterr().err
     assert not out.exists()
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 import repq_fx
-from repq_fx.examples.blocks import ACBlock, ECB, OREPABlock, RepVGGBlock, RepVGGNet
+from repq_fx.testing.blocks import ACBlock, ECB, OREPABlock, RepVGGBlock, RepVGGNet
 from repq_fx.quant.fake_quant import WeightFakeQuant
 from repq_fx.quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 from quantized_models import calibrate_bn, output_step, prepared

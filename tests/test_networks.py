@@ -1,4 +1,4 @@
-"""Example networks (``repq_fx.examples.networks``): shapes, sizes, and exact merging.
+"""Example networks (``repq_fx.app.networks``): shapes, sizes, and exact merging.
 
 Every network is checked in float64 with every parameter perturbed and BN running
 statistics from a few train-mode forwards (cumulative average), so that zero-initialised
@@ -11,6 +11,7 @@ weights (DBB's identity-based 1x1, OREPA's prior scale) take part:
 """
 from __future__ import annotations
 
+import ast
 import inspect
 
 import pytest
@@ -20,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repq_fx
-from repq_fx.examples import networks as N
-from repq_fx.examples.blocks import ReparamBlock, reference_deploy
-from repq_fx.models import resolve_model
+from repq_fx.app import networks as N
+from repq_fx.testing import blocks as B
+from repq_fx.testing.blocks import ReparamBlock, reference_deploy
+from repq_fx.app.models import resolve_model
 
 REL_TOL = 1e-9
 
@@ -135,5 +137,11 @@ def test_ecbsr_m4c16_x2() -> None:
 
 
 def test_networks_are_plain_pytorch() -> None:
-    source = inspect.getsource(N)
-    assert "import repq_fx" not in source and "from repq_fx" not in source and "from .." not in source
+    """The networks use no repq_fx code but the reference blocks, themselves plain PyTorch."""
+    tree = ast.parse(inspect.getsource(N))
+    relative = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    absolute = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+    absolute += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert relative == ["testing.blocks"] and not [m for m in absolute if m.startswith("repq_fx")]
+    source = inspect.getsource(B)
+    assert "import repq_fx" not in source and "from repq_fx" not in source and "from ." not in source

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repq_fx
-from repq_fx.examples import blocks as B
+from repq_fx.testing import blocks as B
 from repq_fx.quant.bn_stats import BnMode, Branch, branch_statistics
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quantizers
 

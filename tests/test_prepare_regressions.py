@@ -10,8 +10,8 @@ import torch.nn as nn
 
 import repq_fx
 from repq_fx.errors import StepCollapsedWarning
-from repq_fx.examples.blocks import ACBlock, ECB
-from repq_fx.examples.networks import build_network
+from repq_fx.testing.blocks import ACBlock, ECB
+from repq_fx.app.networks import build_network
 
 
 def test_identity_branch_after_a_rewritten_block_without_example_inputs():

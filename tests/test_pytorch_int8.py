@@ -17,7 +17,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import repq_fx
-from repq_fx.examples.blocks import RepVGGNet
+from repq_fx.testing.blocks import RepVGGNet
 from repq_fx.quant.lowered import QuantizedConv2d, QuantizedLinear
 
 from quantized_models import output_step, prepared

@@ -94,7 +94,7 @@ def test_mse_init_keeps_a_3bit_repvgg_close_to_float():
     """Regression: with min-max steps, 3-bit merged RepVGG kernels (heavy centre taps)
     rounded nearly every other weight to zero; QAT of the small RepVGG at W3A8 started at a loss
     of 16 and ended at chance. The MSE steps keep the weights-only output error well below that."""
-    from repq_fx.examples.networks import RepVGGNet
+    from repq_fx.app.networks import RepVGGNet
     from tests.quantized_models import calibrate_bn
 
     torch.manual_seed(0)

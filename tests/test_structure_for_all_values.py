@@ -258,7 +258,7 @@ def test_prepared_block_follows_every_parameter_value(spec, zero_biases: bool) -
 def test_merge_still_uses_only_exact_identities() -> None:
     """The DBB and ECB pads are identities of the parameters (the pad value is computed from the
     same parameters as the response it replaces), so they still merge into one conv."""
-    from repq_fx.examples import blocks as B
+    from repq_fx.testing import blocks as B
 
     for make, channels in ((lambda: B.DiverseBranchBlock(8, 16, 3), 8),
                            (lambda: B.ECB(8, 8, depth_multiplier=2.0, act_type="linear", with_idt=True), 8)):

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import repq_fx
-from repq_fx.examples.blocks import RepVGGNet
+from repq_fx.testing.blocks import RepVGGNet
 from repq_fx.export.saturation import int16_pair_overflows, worst_pair_sum
 from repq_fx.quant.fake_quant import WeightFakeQuant
 from repq_fx.targets import INT16_MAX, TARGETS, get_target
@@ -158,7 +158,7 @@ def test_layer_parity_holds_where_end_to_end_parity_is_lost_to_chaos(tmp_path) -
 
 def test_cli_export_check_exits_1_with_the_reason(tmp_path, monkeypatch, capsys) -> None:
     """`repq-fx export --check` printed 91 % agreement and exited 0; a failed check now exits 1 and says why."""
-    from repq_fx import cli
+    from repq_fx.app import cli
     from repq_fx.export import parity
 
     def disagree(path, lowered, inputs, threads=1):
@@ -166,7 +166,7 @@ def test_cli_export_check_exits_1_with_the_reason(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(parity, "check_onnx_runtime", disagree)
     out = tmp_path / "m.onnx"
-    assert cli.main(["export", "repq_fx.examples.blocks:RepVGGNet", "--input-size", "1x28x28", "--out", str(out),
+    assert cli.main(["export", "repq_fx.testing.blocks:RepVGGNet", "--input-size", "1x28x28", "--out", str(out),
                      "--check"]) == 1
     assert "check failed: ONNX Runtime disagrees" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import repq_fx
-from repq_fx import cli
+from repq_fx.app import cli
+from repq_fx.app.cli import deploying
 from repq_fx.export.parity import segment_parity
 from repq_fx.quant.fake_quant import ActFakeQuant, WeightFakeQuant
 from repq_fx.targets import get_target
@@ -198,7 +199,7 @@ def test_an_onnx_runtime_file_is_not_a_tensorrt_file(tmp_path: Path, capsys: pyt
     problems = check_tensorrt_qdq(model)
     assert any("zero point" in p and "uint8" in p for p in problems)
     assert any("quantized before the add" in p for p in problems)
-    assert cli._check_file(str(tmp_path / "ort.onnx"), lowered, torch.randn(2, 3, 12, 12), "tensorrt") == 1
+    assert deploying._check_file(str(tmp_path / "ort.onnx"), lowered, torch.randn(2, 3, 12, 12), "tensorrt") == 1
     assert "does not have the form target 'tensorrt' runs in int8" in capsys.readouterr().err
 
 
@@ -209,7 +210,7 @@ def test_summary_says_the_sign_bit_is_wasted_after_relu() -> None:
 
 def test_cli_trains_and_exports_for_tensorrt(fake_fmnist: Path, small_repvgg: None,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    spec, ckpt, out = "repq_fx.examples.blocks:RepVGGNet", fake_fmnist / "trt.pt", fake_fmnist / "trt.onnx"
+    spec, ckpt, out = "repq_fx.testing.blocks:RepVGGNet", fake_fmnist / "trt.pt", fake_fmnist / "trt.onnx"
     assert cli.main(["train", spec, "--method", "repq-bn", "--target", "tensorrt", "--epochs", "1", "--subset", "64",
                      "--test-subset", "20", "--batch-size", "32", "--calib-batches", "1", "--out", str(ckpt),
                      "--no-progress"]) == 0

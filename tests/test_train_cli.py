@@ -1,4 +1,4 @@
-"""``repq-fx train`` / ``eval`` and ``repq_fx.train``: help, tiny runs, exact resume, checkpoints.
+"""``repq-fx train`` / ``eval`` and ``repq_fx.app.train``: help, tiny runs, exact resume, checkpoints.
 
 Runs use a small synthetic Fashion-MNIST written as IDX files (class k: a bright bar at row
 2k + 4, over noise), found through ``$REPQ_FASHION_MNIST``, so they need no package; one
@@ -17,18 +17,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repq_fx import cli
-from repq_fx.data import fashion_mnist as fm
+from repq_fx.app import cli
+from repq_fx.app.data import fashion_mnist as fm
 from repq_fx.errors import CheckpointError, RepQError
-from repq_fx.train import (CHECKPOINT_FORMAT, TrainConfig, cosine_schedule, load_checkpoint, make_optimizer,
-                           parse_bits, restore, run_training, save_checkpoint)
+from repq_fx.app.train import (CHECKPOINT_FORMAT, TrainConfig, cosine_schedule, load_checkpoint, make_optimizer,
+                               parse_bits, restore, run_training, save_checkpoint)
 
 HAVE_FMNIST = (fm.DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file()
 
 
 def _small(method: str = "fp", **kwargs) -> TrainConfig:
     """A small RepVGG (widths 8/16/32, one block per stage) on the synthetic data."""
-    values = dict(model="repq_fx.examples.blocks:RepVGGNet", method=method, epochs=2, batch_size=32,
+    values = dict(model="repq_fx.testing.blocks:RepVGGNet", method=method, epochs=2, batch_size=32,
                   calib_batches=2, seed=3)
     values.update(kwargs)
     return TrainConfig(**values)
@@ -136,7 +136,7 @@ def test_defaults_by_data_and_method() -> None:
 
 def test_train_then_eval_then_quantize(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fp, q = fake_fmnist / "fp.pt", fake_fmnist / "w4a4.pt"
-    spec = "repq_fx.examples.blocks:RepVGGNet"
+    spec = "repq_fx.testing.blocks:RepVGGNet"
     assert cli.main(["train", spec, "--epochs", "1", "--subset", "200", "--batch-size", "32", "--out", str(fp),
                      "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -232,7 +232,7 @@ def test_a_quantized_run_of_another_target_does_not_resume(fake_fmnist: Path) ->
 
 def test_resume_a_finished_run_and_a_different_run(fake_fmnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = fake_fmnist / "run.pt"
-    args = ["train", "repq_fx.examples.blocks:RepVGGNet", "--epochs", "1", "--subset", "64", "--batch-size", "32",
+    args = ["train", "repq_fx.testing.blocks:RepVGGNet", "--epochs", "1", "--subset", "64", "--batch-size", "32",
             "--test-subset", "20", "--out", str(out), "--no-progress"]
     assert cli.main(args) == 0
     assert cli.main(args + ["--resume"]) == 0
@@ -273,11 +273,11 @@ def test_damaged_checkpoint_is_one_clear_line(good_ckpt: Path, how: str, capsys:
     _damage(good_ckpt, bad, how)
     with pytest.raises(CheckpointError, match=str(bad)):
         load_checkpoint(bad)
-    assert cli.main(["eval", "repq_fx.examples.blocks:RepVGGNet", "--ckpt", str(bad), "--no-progress"]) == 2
+    assert cli.main(["eval", "repq_fx.testing.blocks:RepVGGNet", "--ckpt", str(bad), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "damaged" in err or "not a `repq-fx train` checkpoint" in err
-    assert cli.main(["train", "repq_fx.examples.blocks:RepVGGNet", "--out", str(bad), "--resume",
+    assert cli.main(["train", "repq_fx.testing.blocks:RepVGGNet", "--out", str(bad), "--resume",
                      "--no-progress"]) == 2
 
 
@@ -288,7 +288,7 @@ def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_checkpoint_of_another_model(good_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["eval", "examples:QARepVGGNet", "--ckpt", str(good_ckpt), "--no-progress"]) == 2
-    assert "was trained with model 'repq_fx.examples.blocks:RepVGGNet'" in capsys.readouterr().err
+    assert "was trained with model 'repq_fx.testing.blocks:RepVGGNet'" in capsys.readouterr().err
     # A checkpoint whose weights do not fit the model its config names.
     ckpt = torch.load(good_ckpt, weights_only=True)
     ckpt["model"] = {k: v for k, v in list(ckpt["model"].items())[:-1]}
@@ -407,7 +407,8 @@ def test_bits_with_float_training_are_refused(tmp_path: Path, capsys: pytest.Cap
 
 def test_timm_and_torchvision_specs_are_fitted_to_fashion_mnist() -> None:
     """A timm/torchvision spec trained on Fashion-MNIST kept its 1000-class (and 3-channel) model."""
-    from repq_fx.train import _channel_adapter, data_note, float_model
+    from repq_fx.app.train import data_note, float_model
+    from repq_fx.app.train.model import _channel_adapter
 
     pytest.importorskip("timm")
     pytest.importorskip("torchvision")
@@ -453,17 +454,15 @@ def test_timm_spec_trains_on_fashion_mnist(fake_fmnist: Path, capsys: pytest.Cap
 def test_train_shows_progress_while_calibrating_and_evaluating(fake_fmnist: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``train`` calibrated and evaluated 10k test images with no progress shown."""
-    from repq_fx import train
-
+    tqdm = pytest.importorskip("tqdm")
     shown: list[tuple[str, int | None]] = []
-    real = train._progress
 
-    def recording(iterable, desc, enabled, total=None):
-        if enabled:
-            shown.append((desc, total))
-        return real(iterable, desc, enabled, total)
+    class Recording(tqdm.tqdm):  # every progress bar of the run
+        def __init__(self, *args, **kwargs):
+            shown.append((kwargs.get("desc"), kwargs.get("total")))
+            super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_progress", recording)
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
     run_training(_small("repq-bn", epochs=1, subset=64, test_subset=40), fake_fmnist / "q.pt", progress=True,
                  log=_quiet)
     descs = [d for d, _ in shown]

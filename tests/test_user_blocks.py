@@ -1,4 +1,4 @@
-"""User-written re-parametrized blocks (``repq_fx.examples.blocks``) against the merge contract.
+"""User-written re-parametrized blocks (``repq_fx.testing.blocks``) against the merge contract.
 
 - Test A (self-consistency): each block's own ``reference_merge()`` used in ``F.conv2d``
   equals the block's eval-mode forward (before and after its activation).
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repq_fx
-from repq_fx.examples import blocks as B
+from repq_fx.testing import blocks as B
 
 REL_TOL = 1e-9
 SPATIAL = (11, 13)  # odd and non-square, so row/column mix-ups show

@@ -10,7 +10,7 @@ kernels, matrix products) is replaced by its float32 twin from
 under it. The data path is not touched.
 
 >>> import torch.nn as nn, torch.nn.functional as F, repq_fx
->>> from repq_fx.examples.blocks import DiverseBranchBlock
+>>> from repq_fx.testing.blocks import DiverseBranchBlock
 >>> from repq_fx.quant import precision
 >>> gm = repq_fx.prepare(nn.Sequential(DiverseBranchBlock(2, 4, 3)))   # kernels composed by convs
 >>> [sum(n.target is op for n in gm.graph.nodes) for op in (precision.conv2d, F.conv2d)]   # weight, data

@@ -6,10 +6,10 @@ models this way. A spec is ``PREFIX:NAME``; the prefix picks a resolver from
 
 - ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``
 - ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``
-- ``examples:NAME``: an example network of :data:`repq_fx.examples.networks.NETWORKS`
+- ``examples:NAME``: an example network of :data:`repq_fx.app.networks.NETWORKS`
   (``RepVGGNet``, ``QARepVGGNet``, ``ACResNet18``, ``DBBResNet18``, ``OREPAResNet18``,
   ``ResNet18``, ``ECBSR``; the classifiers take ``num_classes`` and ``in_channels``) or a class in
-  :mod:`repq_fx.examples.blocks`
+  :mod:`repq_fx.testing.blocks`
 - ``package.module:Class``: ``Class()`` (or a function returning a module, or a module object)
 
 Every model is built without downloading weights, and without arguments unless options are given
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import ModelSpecError
+from ..errors import ModelSpecError
 
 __all__ = ["ModelSpecError", "RESOLVERS", "SPEC_FORMS", "TAKES_OPTIONS", "resolve_model"]
 
@@ -61,15 +61,16 @@ def _with_options(build: Callable[[], nn.Module], what: str, options: dict[str, 
 
 
 def _examples(name: str, **options: Any) -> nn.Module:
-    from .examples import blocks, networks
+    from ..testing import blocks
+    from . import networks
 
     if name in networks.NETWORKS:
         return _with_options(lambda: networks.build_network(name, **options), f"the example network {name}", options)
     if name not in blocks.__all__ or not _is_module_class(getattr(blocks, name)):
         names = list(networks.NETWORKS) + [n for n in blocks.__all__ if _is_module_class(getattr(blocks, n))]
-        raise ModelSpecError(f"repq_fx.examples has no model {name!r}{_did_you_mean(name, names)}")
+        raise ModelSpecError(f"examples:{name} names no example network or block{_did_you_mean(name, names)}")
     if options:
-        return _with_options(lambda: getattr(blocks, name)(**options), f"repq_fx.examples' {name}", options)
+        return _with_options(lambda: getattr(blocks, name)(**options), f"the example block {name}", options)
     return _build(getattr(blocks, name), name)
 
 

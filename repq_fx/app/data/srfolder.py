@@ -1,7 +1,7 @@
 """Super-resolution on the user's own photographs: ``DIR/train/`` and ``DIR/val/``, each a folder of
-images (the extensions of :data:`~repq_fx.data.folders.IMAGE_EXTENSIONS`), used exactly like the
-scikit-image photographs of :mod:`repq_fx.data.sr`: bicubic degradation, random aligned training
-patches (:class:`~repq_fx.data.sr.SRPatches`), whole val images (:class:`~repq_fx.data.sr.SRImages`),
+images (the extensions of :data:`~repq_fx.app.data.folders.IMAGE_EXTENSIONS`), used exactly like the
+scikit-image photographs of :mod:`repq_fx.app.data.sr`: bicubic degradation, random aligned training
+patches (:class:`~repq_fx.app.data.sr.SRPatches`), whole val images (:class:`~repq_fx.app.data.sr.SRImages`),
 the Y channel by default.
 
 Images are read whole into memory (as the scikit-image photographs are), once per process and
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import CorruptDataError
+from ...errors import CorruptDataError
 from .folders import IMAGE_EXTENSIONS, image_files, load_image, split_folder
 from .sr import SRImages, SRPatches, rgb_to_y
 
@@ -34,7 +34,7 @@ LAYOUT = "srfolder:DIR reads the images in DIR/train/ and DIR/val/"
 
 def load_sr_folder(root: str | os.PathLike[str], split: str, channels: int = 1) -> list[tuple[Path, Tensor]]:
     """Every image of ``root/split`` as ``(path, [channels, H, W])`` in [0, 1]: Y / 255 (BT.601, as
-    :func:`~repq_fx.data.sr.rgb_to_y`) for ``channels=1``, RGB for 3. A missing or empty folder,
+    :func:`~repq_fx.app.data.sr.rgb_to_y`) for ``channels=1``, RGB for 3. A missing or empty folder,
     or an unreadable image, is a :class:`~repq_fx.errors.DataError` naming it.
 
     >>> import tempfile; from PIL import Image; root = Path(tempfile.mkdtemp()); (root / "val").mkdir()

@@ -6,9 +6,9 @@ sampler). ``fashion-mnist`` and ``sr`` are fixed data sets; ``imagefolder:DIR`` 
 ``srfolder:DIR`` read the user's own images from ``DIR``:
 
 - ``imagefolder:DIR``: classification, torchvision's ``ImageFolder`` layout
-  (``DIR/train/CLASS/IMAGE``, ``DIR/val/CLASS/IMAGE``), see :mod:`repq_fx.data.imagefolder`;
+  (``DIR/train/CLASS/IMAGE``, ``DIR/val/CLASS/IMAGE``), see :mod:`repq_fx.app.data.imagefolder`;
 - ``srfolder:DIR``: x``scale`` super-resolution on the photographs in ``DIR/train/`` and
-  ``DIR/val/``, degraded and patched as ``sr``, see :mod:`repq_fx.data.srfolder`.
+  ``DIR/val/``, degraded and patched as ``sr``, see :mod:`repq_fx.app.data.srfolder`.
 
 The folder is stored absolute (:func:`canonical_data`), so a checkpoint names the data it came from.
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ..train import TrainConfig
@@ -104,7 +104,7 @@ def data_kind(text: str) -> DataKind:
 def data_shape(config: "TrainConfig") -> tuple[int | None, tuple[int, ...]]:
     """``(classes or None, (C, H, W))`` of one input of ``config``'s data (resolved defaults).
 
-    >>> from repq_fx.train import TrainConfig
+    >>> from repq_fx.app.train import TrainConfig
     >>> data_shape(TrainConfig(model="m:N")), data_shape(TrainConfig(model="m:N", data="sr"))
     ((10, (1, 28, 28)), (None, (1, 32, 32)))
     """
@@ -115,7 +115,7 @@ def data_classes(config: "TrainConfig") -> tuple[str, ...] | None:
     """The class names of ``config``'s image folder (the sub-folders of ``train/``; folders only, no
     image is opened); None for the other kinds, whose classes are fixed or absent.
 
-    >>> from repq_fx.train import TrainConfig
+    >>> from repq_fx.app.train import TrainConfig
     >>> data_classes(TrainConfig(model="m:N")) is None
     True
     """
@@ -195,7 +195,7 @@ def _folder_classes(config: "TrainConfig") -> list[str]:
 
 
 def _imagefolder_train(config: "TrainConfig", seed: int) -> Dataset:
-    from ..errors import CorruptDataError
+    from ...errors import CorruptDataError
     from .imagefolder import image_folder_classes, image_folder_split
 
     root = parse_data(config.data)[1]

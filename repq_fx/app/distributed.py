@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["all_mean", "barrier", "broadcast_object", "from_launcher", "is_main", "rank", "session",
            "shard_loader", "world_size"]
@@ -157,7 +157,7 @@ def shard_loader(loader: Any, epoch: int, seed: int) -> Any:
     ``seed``, reshuffled by ``set_epoch(epoch)``; padded so that every rank takes the same number
     of steps), at the same per-process batch size; ``loader`` itself in one process.
 
-    Both loader forms of :mod:`repq_fx.data` are kept: a ``BatchSampler`` over a dataset that
+    Both loader forms of :mod:`repq_fx.app.data` are kept: a ``BatchSampler`` over a dataset that
     takes a list of indices (Fashion-MNIST gathers and augments a whole batch at once) and a
     plain batched ``DataLoader``. A dataset's ``generator`` (its augmentation) is reseeded per
     rank, so that the ranks do not draw the same crops.

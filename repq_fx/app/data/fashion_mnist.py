@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from ..errors import CorruptDataError, DatasetNotFoundError
+from ...errors import CorruptDataError, DatasetNotFoundError
 
 __all__ = [
     "CLASSES", "DEFAULT_ROOT", "MEAN", "STD", "FashionMNIST", "fashion_mnist_loader", "find_root",

@@ -3,7 +3,7 @@
 Sized for 28x28 grey images (Fashion-MNIST) and small SR patches on 2 CPU cores:
 
 - ``RepVGGNet``: the small RepVGG of ``docs/fashion-mnist-baseline.md`` (widths 32/64/128, 3 blocks per
-  stage; :class:`repq_fx.examples.blocks.RepVGGNet` is exactly that net).
+  stage; :class:`repq_fx.testing.blocks.RepVGGNet` is exactly that net).
 - ``QARepVGGNet``: the same net with YOLOv6's QARepVGG blocks.
 - ``ACResNet18``, ``DBBResNet18``, ``OREPAResNet18``: ResNet-18 (BasicBlock x 2/2/2/2) whose
   3x3 conv+BN units are ACNet, DBB or OREPA blocks, built the way the ACNet and DBB repositories
@@ -15,7 +15,7 @@ Sized for 28x28 grey images (Fashion-MNIST) and small SR patches on 2 CPU cores:
   ``scale**2`` channels: nearest-neighbour upsampling after the pixel shuffle), pixel shuffle.
 
 :data:`NETWORKS` maps each name to an :class:`ExampleNetwork` (constructor, task, input size);
-``repq_fx.models.resolve_model("examples:NAME")`` builds them.
+``repq_fx.app.models.resolve_model("examples:NAME")`` builds them.
 
 >>> net = NETWORKS["ACResNet18"].build()
 >>> net(torch.randn(2, 1, 28, 28)).shape
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .blocks import (ACBlock, DiverseBranchBlock, ECB, OREPABlock, QARepVGGBlock, RepVGGNet,
-                     conv_bn)
+from ..testing.blocks import (ACBlock, DiverseBranchBlock, ECB, OREPABlock, QARepVGGBlock, RepVGGNet,
+                              conv_bn)
 
 __all__ = [
     "ACNetBuilder", "BasicBlock", "ConvBuilder", "DBBBuilder", "ECBSR", "ExampleNetwork", "NETWORKS",
@@ -44,8 +44,8 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 class QARepVGGNet(RepVGGNet):
-    """:class:`~repq_fx.examples.blocks.RepVGGNet` with
-    :class:`~repq_fx.examples.blocks.QARepVGGBlock` blocks (widths 32/64/128, 3 per stage).
+    """:class:`~repq_fx.testing.blocks.RepVGGNet` with
+    :class:`~repq_fx.testing.blocks.QARepVGGBlock` blocks (widths 32/64/128, 3 per stage).
 
     >>> QARepVGGNet()(torch.randn(2, 1, 28, 28)).shape
     torch.Size([2, 10])
@@ -97,7 +97,7 @@ class ConvBuilder:
 
 
 class ACNetBuilder(ConvBuilder):
-    """kxk conv+BN units as ACNet's :class:`~repq_fx.examples.blocks.ACBlock` (kxk + kx1 + 1xk, each with BN).
+    """kxk conv+BN units as ACNet's :class:`~repq_fx.testing.blocks.ACBlock` (kxk + kx1 + 1xk, each with BN).
 
     >>> type(ACNetBuilder().conv_bn(4, 8, 3, padding=1)).__name__
     'ACBlock'
@@ -111,7 +111,7 @@ class ACNetBuilder(ConvBuilder):
 
 
 class DBBBuilder(ConvBuilder):
-    """kxk conv+BN(+ReLU) units as :class:`~repq_fx.examples.blocks.DiverseBranchBlock`.
+    """kxk conv+BN(+ReLU) units as :class:`~repq_fx.testing.blocks.DiverseBranchBlock`.
 
     >>> type(DBBBuilder().conv_bn_relu(4, 8, 3, padding=1)).__name__
     'DiverseBranchBlock'
@@ -131,7 +131,7 @@ class DBBBuilder(ConvBuilder):
 
 
 class OREPABuilder(ConvBuilder):
-    """kxk conv+BN(+ReLU) units as :class:`~repq_fx.examples.blocks.OREPABlock` (six branches, one BN).
+    """kxk conv+BN(+ReLU) units as :class:`~repq_fx.testing.blocks.OREPABlock` (six branches, one BN).
 
     >>> type(OREPABuilder().conv_bn(4, 8, 3, padding=1)).__name__
     'OREPABlock'

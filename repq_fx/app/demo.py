@@ -2,7 +2,7 @@
 
 Steps, on the small RepVGG of ``examples:RepVGGNet`` (9 RepVGG blocks, widths 32/64/128):
 
-1. float training on the 60,000 Fashion-MNIST training images (``repq_fx.train``);
+1. float training on the 60,000 Fashion-MNIST training images (``repq_fx.app.train``);
 2. RepQ quantization-aware training from that checkpoint (``prepare`` with ``bn_mode="batch"``,
    ``calibrate``, SGD), W8A8 by default;
 3. ``lower`` (one int8 conv per block) and ``export_onnx`` (QDQ ONNX);
@@ -35,9 +35,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .export.float_onnx import export_float
-from .export.parity import output_steps, segment_parity
-from .export.runtime import optimized_ops, session
+from ..export.float_onnx import export_float
+from ..export.parity import output_steps, segment_parity
+from ..export.runtime import optimized_ops, session
 
 
 MODEL = "examples:RepVGGNet"
@@ -209,7 +209,7 @@ def _other_runtimes(lowered: torch.nn.Module, example: torch.Tensor, test_set: l
                     figures: dict[str, float], log: Callable[[str], None]) -> None:
     """One line per other runtime on this machine (:mod:`repq_fx.export.formats`): the same lowered model's
     file, its top-1, its class agreement with the lowered PyTorch model and its batch-1 latency."""
-    from .export.formats import FORMATS
+    from ..export.formats import FORMATS
 
     others = [f for f in FORMATS.values() if f.name != "onnx"]
     missing = [f.runtime for f in others if not f.available]
@@ -233,7 +233,7 @@ def _pytorch_int8(lowered: torch.nn.Module, example: torch.Tensor, test_set: lis
     """The lowered model as oneDNN int8 convs in PyTorch itself (:func:`repq_fx.compile_int8`): top-1, class
     agreement with the ONNX export, batch-1 latency."""
     import repq_fx
-    from .errors import CompileError
+    from ..errors import CompileError
 
     try:
         fast = repq_fx.compile_int8(lowered, (example,))

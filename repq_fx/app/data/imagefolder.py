@@ -1,7 +1,7 @@
 """Classification on the user's own images: torchvision's ``ImageFolder`` layout, timm's usual transforms.
 
 ``DIR/train/CLASS/IMAGE`` and ``DIR/val/CLASS/IMAGE`` (any depth below ``CLASS``; the extensions
-of :data:`~repq_fx.data.folders.IMAGE_EXTENSIONS`; folders starting with a dot, such as
+of :data:`~repq_fx.app.data.folders.IMAGE_EXTENSIONS`; folders starting with a dot, such as
 ``.ipynb_checkpoints``, are no class). The classes are the sub-folders of ``train/``, sorted; a
 ``val/`` class folder must be one of them (it may lack some), so a label means the same class in
 both splits.
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import CorruptDataError, DataError
+from ...errors import CorruptDataError, DataError
 from .folders import IMAGE_EXTENSIONS, PILLOW_HINT, ReadingLoader, image_files, load_image, split_folder
 
 try:
@@ -104,7 +104,7 @@ def image_folder_classes(root: str | os.PathLike[str]) -> list[str]:
 
 class ImageFolderSplit(ImageFolder):
     """One split of an image folder: torchvision's ``ImageFolder`` with a given class list (so
-    labels agree between splits), images read by :func:`~repq_fx.data.folders.load_image` in
+    labels agree between splits), images read by :func:`~repq_fx.app.data.folders.load_image` in
     ``mode``, and, with a ``seed``, the random transforms of image ``i`` seeded by
     ``(seed, epoch, i)`` (:meth:`set_epoch` moves to the next epoch). Built by
     :func:`image_folder_split`, which checks the folders first.
@@ -191,7 +191,7 @@ def image_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: i
     """A loader of ``(images [B, C, H, W], labels [B])`` over ``dataset`` with ``workers`` worker
     processes (0: read in this process), shuffled from ``seed`` (or drawn by ``sampler``, e.g. a
     ``DistributedSampler``, instead). A corrupt image stops it with one line naming the file
-    (:class:`~repq_fx.data.folders.ReadingLoader`).
+    (:class:`~repq_fx.app.data.folders.ReadingLoader`).
 
     >>> [len(y) for _, y in image_loader([(torch.zeros(3), 0)] * 5, 2, shuffle=True)]
     [2, 2, 1]

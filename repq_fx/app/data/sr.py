@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import DatasetNotFoundError
+from ...errors import DatasetNotFoundError
 
 __all__ = [
     "TEST_IMAGES", "TRAIN_IMAGES", "SRImages", "SRPatches", "bicubic_downscale", "bicubic_psnr", "load_photo", "psnr_y",

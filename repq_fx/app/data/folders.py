@@ -23,7 +23,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..errors import CorruptDataError, DataError, DatasetNotFoundError
+from ...errors import CorruptDataError, DataError, DatasetNotFoundError
 
 __all__ = ["IMAGE_EXTENSIONS", "PILLOW_HINT", "ReadingLoader", "image_files", "load_image", "split_folder",
            "worker_message"]

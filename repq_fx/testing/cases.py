@@ -9,7 +9,7 @@ Each :class:`Case` is a small model and the outcome ``tests/test_hostile.py`` ch
 - ``"refused"``: ``merge`` and ``prepare`` raise ``error`` (a :class:`~repq_fx.RepQError`) whose
   message contains ``reason`` and says what to do.
 
-``python -m repq_fx.cases`` prints the table in README.md ("What repq_fx handles / refuses").
+``python -m repq_fx.testing.cases`` prints the table in README.md ("What repq_fx handles / refuses").
 
 >>> print(markdown_table().splitlines()[0])
 | input | outcome | what repq_fx does |
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import AlreadyPreparedError, CaptureError, InvalidModelError, NonFiniteError, RepQError
-from .examples.blocks import RepVGGBlock
+from ..errors import AlreadyPreparedError, CaptureError, InvalidModelError, NonFiniteError, RepQError
+from .blocks import RepVGGBlock
 
 C = 4  # channels of every case model
 SPATIAL = (9, 11)
@@ -238,12 +238,12 @@ def _lazy() -> nn.Module:
 
 
 def _already_merged() -> nn.Module:
-    from .api import merge
+    from ..api import merge
     return merge(randomized(RepVGGBlock(C, C)))
 
 
 def _already_prepared() -> nn.Module:
-    from .api import prepare
+    from ..api import prepare
     return prepare(randomized(RepVGGBlock(C, C)))
 
 
