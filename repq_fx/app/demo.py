@@ -158,44 +158,47 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
 
 @contextlib.contextmanager
 def _runtime_chatter_captured():
-    """The runtimes' own log lines are kept out of the demo's output: what C++ code writes to file descriptor 2
-    (ExecuTorch's cpuinfo and thread-pool lines) goes to a temporary file, printed only if the block fails,
-    and other packages' Python warnings (torch.compile's) are dropped. Python's own stderr still reaches the
-    terminal (``sys.stderr``, and logging handlers that write to it), and so do repq_fx's warnings."""
-    sys.stderr.flush()
+    """The runtimes' own log lines are kept out of the demo's output: everything written to stderr (file
+    descriptor 2: ExecuTorch's C++ cpuinfo and thread-pool lines, which its bindings also send through
+    ``sys.stderr``, and torch.compile's log lines) goes to a temporary file, printed only if the block fails.
+    Other packages' Python warnings are dropped; repq_fx's own warnings are shown after the block."""
+    original = sys.stderr
+    original.flush()
     with tempfile.TemporaryFile(mode="w+b") as captured:
         saved = os.dup(2)
-        original = sys.stderr
-        terminal = open(saved, "w", buffering=1, closefd=False, encoding=getattr(original, "encoding", None),
-                        errors="backslashreplace")
-        handlers = [h for h in _stream_handlers() if h.stream is original]
+        text = open(captured.fileno(), "w", buffering=1, closefd=False, errors="backslashreplace")
+        handlers = [h for h in _stream_handlers() if h.stream is original]  # torch's loggers hold sys.stderr
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 os.dup2(captured.fileno(), 2)
-                sys.stderr = terminal
-                for handler in handlers:
-                    handler.setStream(terminal)
+                _point_stderr_at(text, handlers)
                 try:
                     yield
                 except BaseException:
+                    _point_stderr_at(original, handlers)
+                    text.flush()
                     os.dup2(saved, 2)
                     captured.seek(0)
-                    terminal.write(captured.read().decode(errors="replace"))
+                    original.write(captured.read().decode(errors="replace"))
                     raise
                 finally:
-                    terminal.flush()
+                    _point_stderr_at(original, handlers)
+                    text.flush()
                     os.dup2(saved, 2)
-                    sys.stderr = original
-                    for handler in handlers:
-                        handler.setStream(original)
         finally:
-            terminal.close()
+            text.close()
             os.close(saved)
-        package = Path(sys.modules[__name__.split(".")[0]].__file__).resolve().parent
-        for w in caught:
-            if Path(w.filename).resolve().is_relative_to(package):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    package = Path(sys.modules[__name__.split(".")[0]].__file__).resolve().parent
+    for w in caught:
+        if Path(w.filename).resolve().is_relative_to(package):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _point_stderr_at(stream, handlers: list[logging.StreamHandler]) -> None:
+    sys.stderr = stream
+    for handler in handlers:
+        handler.setStream(stream)
 
 
 def _stream_handlers() -> list[logging.StreamHandler]:
