@@ -113,3 +113,39 @@ def test_library_bad_arguments_are_repq_errors_and_value_errors() -> None:
     with pytest.raises(ConfigError, match="either mode or options"):
         repq_fx.compile(nn.Linear(2, 2), mode="max-autotune", options={})
     assert issubclass(ConfigError, RepQError) and issubclass(ConfigError, ValueError)
+
+
+def _in_the_layout_of_earlier_versions(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """The graph as versions before Branch wrote it: ``branch_statistics(x, *branch fields, bn, mode, moments)``,
+    ``block_statistics`` over plain tuples, ``algebra.kernels.embed_add(..., inplace=True)``."""
+    from repq_fx.algebra import kernels
+    from repq_fx.quant import embed_add as trained_embed_add
+
+    old = copy.deepcopy(qmodel)
+    for node in old.graph.nodes:
+        if node.target is branch_statistics:
+            call = StatisticsCall.of(node)
+            node.args, node.kwargs = (call.x, *call.branch, call.bn, str(call.mode), call.moments), {}
+        elif node.target is block_statistics:
+            node.args = (node.args[0], tuple(tuple(b) for b in node.args[1]), *node.args[2:])
+        elif node.target is trained_embed_add.embed_add:
+            node.target, node.kwargs = kernels.embed_add, {**node.kwargs, "inplace": True}
+    old.recompile()
+    return old
+
+
+@pytest.mark.parametrize("mode", ["batch", "estimate"])
+def test_prepared_models_saved_by_earlier_versions_still_run_and_lower(mode: str) -> None:
+    """Regression: a prepared model torch.save'd before Branch existed failed to run (TypeError: 11 arguments)."""
+    qmodel = _prepared(mode)
+    buffer = io.BytesIO()
+    torch.save(_in_the_layout_of_earlier_versions(qmodel), buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert "inplace = True" in old.code and "Branch(" not in old.code
+    x = torch.randn(2, 4, 8, 8)
+    for train in (False, True):  # eval first: a train-mode forward updates the running statistics
+        with torch.no_grad():
+            assert torch.equal(old.train(train)(x), qmodel.train(train)(x))
+    with torch.no_grad():
+        assert torch.equal(repq_fx.lower(old.eval())(x), repq_fx.lower(qmodel.eval())(x))

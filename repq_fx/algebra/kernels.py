@@ -90,7 +90,8 @@ def expand_groups(weight: Any, groups: int, target_groups: int) -> Any:
     return expanded.reshape(out_ch, ratio * in_per_group, kh, kw)
 
 
-def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int) -> Any:
+def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_groups: int,
+              inplace: bool = False) -> Any:
     """``frame + sum_k add_zero_taps(expand_groups(kernels[k], groups[k], frame_groups), taps_k)`` (R3 with R4, R5).
 
     ``offsets[k]`` is ``(top, left)``: the tap of ``frame`` where ``kernels[k]``'s tap (0, 0) goes.
@@ -98,7 +99,8 @@ def embed_add(frame: Any, kernels: tuple, offsets: tuple, groups: tuple, frame_g
     being padded and group-expanded to ``frame``'s size first: a 1x1 kernel touches the centre taps
     only, an identity or depthwise kernel the diagonal only. The values are those of the padded sum
     (the skipped terms are exact zeros). A tensor-like with ``__torch_function__`` sees it as one
-    call (``passes.emit`` records it as one graph node).
+    call (``passes.emit`` records it as one graph node). ``inplace`` is accepted for graphs saved by
+    earlier versions, which called this function with it; the sum is always made in a copy here.
 
     >>> frame = torch.zeros(2, 2, 3, 3)
     >>> out = embed_add(frame, (torch.ones(2, 2, 1, 1), torch.full((2, 1, 1, 1), 5.0)), ((1, 1), (1, 1)), (1, 2), 1)

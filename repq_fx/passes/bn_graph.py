@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch.fx as fx
 
 from ..quant.bn_stats import BnMode, Branch, block_statistics, branch_statistics
+from ..quant.branch import LEGACY_ARGS, from_legacy
 
 # the modes in which BNs compute statistics in train mode, and so can share them
 _SHARED_MODES = (BnMode.BATCH, BnMode.ESTIMATE)
@@ -42,7 +43,8 @@ class StatisticsCall(NamedTuple):
     @classmethod
     def of(cls, node: fx.Node) -> "StatisticsCall":
         """The arguments of ``node`` (a ``branch_statistics`` call; see the module's example)."""
-        return cls(*node.args, **node.kwargs)
+        args = from_legacy(node.args) if len(node.args) == LEGACY_ARGS else node.args  # an older saved graph
+        return cls(*args, **node.kwargs)
 
 
 MOMENTS_ARG = StatisticsCall._fields.index("moments")

@@ -31,6 +31,7 @@ from ..ir import ConvView, attributes_read, free_module_path
 from ..errors import NotCalibratedError, NotPreparedError, RepQError, StepCollapsedWarning
 from ..targets import DEFAULT_TARGET, get_target
 from ..quant.bn_stats import branch_statistics, input_moments
+from ..quant.branch import LEGACY_ARGS, from_legacy
 from ..quant.fake_quant import STEP_FLOOR, ActFakeQuant, WeightFakeQuant, collapse_message, fake_quantizers
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 
@@ -242,7 +243,8 @@ class _Dynamic:
         self.node = node
 
 
-def _running_statistics(x: Any, branch: Any, bn: nn.Module, *rest: Any) -> tuple:
+def _running_statistics(*args: Any) -> tuple:
+    bn = (from_legacy(args) if len(args) == LEGACY_ARGS else args)[2]  # (x, branch, bn, ...); or an older graph's
     return bn.running_mean, bn.running_var
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..algebra.ops import bn_scale_shift
 from ..config import BnMode
 from .batch_stats import Moments, batch_many, batch_one, channel_moments
-from .branch import IDENTITY, Branch
+from .branch import IDENTITY, Branch, from_legacy
 from .estimate_stats import estimate_many, estimate_one, input_moments
 from .precision import float32_function
 from .sync_stats import sync_group
@@ -88,14 +88,17 @@ def bn_fold(stats: Sequence[torch.Tensor], weight: torch.Tensor | None, bias: to
 
 @float32_function  # float32 under autocast: the statistics are folded into the weight grid
 def branch_statistics(x: torch.Tensor, branch: Branch, bn: nn.Module, mode: BnMode | str,
-                      moments: tuple[torch.Tensor, torch.Tensor] | BranchStatistics | None = None,
+                      moments: tuple[torch.Tensor, torch.Tensor] | BranchStatistics | None = None, *legacy: Any,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, var)`` the BN normalizes with; updates its running statistics in train mode.
 
     ``moments`` are the block input's per-channel ``(mean, var)`` (``input_moments``), shared by all
     BNs of a block in ``BnMode.ESTIMATE``; or this BN's :class:`BranchStatistics` from
-    ``block_statistics``, returned as they are.
+    ``block_statistics``, returned as they are. ``legacy``: the rest of a call in the layout of graphs
+    saved before :class:`Branch` (``quant.branch.from_legacy``).
     """
+    if legacy:
+        x, branch, bn, mode, moments = from_legacy((x, branch, bn, mode, moments, *legacy))
     strategy = _strategy(bn, mode)
     if strategy is None:
         return bn.running_mean, bn.running_var
@@ -118,6 +121,7 @@ def block_statistics(x: torch.Tensor, branches: Sequence[Branch], bns: Sequence[
     >>> [s is None for s in block_statistics(torch.randn(2, 2, 3, 3), [IDENTITY, IDENTITY], bns, "batch")]
     [False, True]
     """
+    branches = [b if isinstance(b, Branch) else Branch(*b) for b in branches]  # plain tuples: an older saved graph
     strategies = [_strategy(bn, mode) for bn in bns]
     live = [i for i, strategy in enumerate(strategies) if strategy is not None]
     out: list[BranchStatistics | None] = [None] * len(bns)

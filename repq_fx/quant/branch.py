@@ -56,4 +56,20 @@ IDENTITY = Branch(None, None, (1, 1), ((0, 0), (0, 0)), (1, 1), 1, None)
 if Branch._fields != tuple(f.name for f in dataclasses.fields(AffineConv)):
     raise AssertionError(f"Branch fields {Branch._fields} no longer follow AffineConv's")
 
-__all__ = ["Branch", "IDENTITY", "Pads"]
+# a statistics call as graphs saved before Branch existed wrote it: (x, *Branch's fields, bn, mode, moments)
+LEGACY_ARGS = 1 + len(Branch._fields) + 3
+
+
+def from_legacy(args: tuple) -> tuple:
+    """``(x, branch, bn, mode, moments)`` of a statistics call a graph saved by an earlier version makes with the
+    branch's fields spread out (``torch.load`` of a prepared model keeps its generated code).
+
+    >>> x, branch, bn, mode, moments = from_legacy(("x", *IDENTITY, "bn", "batch", None))
+    >>> branch == IDENTITY, mode
+    (True, 'batch')
+    """
+    fields = len(Branch._fields)
+    return (args[0], Branch(*args[1:1 + fields]), *args[1 + fields:])
+
+
+__all__ = ["Branch", "IDENTITY", "Pads", "LEGACY_ARGS", "from_legacy"]
