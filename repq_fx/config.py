@@ -20,15 +20,18 @@ QUANTIZERS = ("lsq", "minmax")
 STEP_INITS = ("mse", "minmax")
 
 
-class BnMode(enum.StrEnum):
+class BnMode(str, enum.Enum):
     """How a BatchNorm inside a block normalizes in train mode (``QConfig.bn_mode``).
 
     A ``str``: ``QConfig`` takes the strings users write (``bn_mode="estimate"``) and each member
-    equals its string.
+    equals its string (``str, Enum`` rather than Python 3.11's ``StrEnum``: setup.cfg allows 3.10).
 
-    >>> BnMode("estimate") is BnMode.ESTIMATE, BnMode.BATCH == "batch"
-    (True, True)
+    >>> BnMode("estimate") is BnMode.ESTIMATE, BnMode.BATCH == "batch", str(BnMode.BATCH), f"{BnMode.RUNNING}"
+    (True, True, 'batch', 'running')
     """
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
     BATCH = "batch"  # RepQ-BN: exact batch statistics of each branch
     ESTIMATE = "estimate"  # RepQ-BNEst: estimated from the block input's moments

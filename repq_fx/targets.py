@@ -62,6 +62,14 @@ class Target:
     activation_container: str | None = "uint8"
     act_bits: int | None = None  # the only activation width the runtime quantizes to (None: any of 2-8)
 
+    def __post_init__(self) -> None:
+        wrong = [f"{name}={value!r} (one of {choices})" for name, value, choices in (
+            ("weight_container", self.weight_container, ("int8", "uint8")),
+            ("activation_container", self.activation_container, ("uint8", "int8", None)),
+            ("act_bits", self.act_bits, (None, *range(2, 9)))) if value not in choices]
+        if wrong:
+            raise ConfigError(f"Target {self.name!r}: {'; '.join(wrong)}")
+
     def stored_input_max(self, input_max: int) -> int:
         """The largest magnitude of an activation integer as this runtime stores it: ``input_max`` in uint8,
         ``max(128, input_max - 128)`` once shifted into int8."""
@@ -90,6 +98,8 @@ def register_target(target: Target) -> Target:
     'an NPU with int32 accumulators'
     >>> del TARGETS["my-npu"]
     """
+    if not isinstance(target, Target):
+        raise ConfigError(f"register_target() takes a Target; got {type(target).__name__}")
     TARGETS[target.name] = target
     return target
 

@@ -189,3 +189,13 @@ def test_timm_check_progress_is_labelled_timm_check(monkeypatch: pytest.MonkeyPa
     assert cli.main(["timm-check", "--models", "repvgg_a0"]) == 0
     assert [b.get("desc") for b in bars] == ["timm-check"] and bars[0].get("leave") is False
     assert "repq-fx demo" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("old, new", [("repq_fx.examples.networks:RepVGGNet", "repq_fx.app.networks:RepVGGNet"),
+                                      ("repq_fx.examples.blocks:RepVGGNet", "repq_fx.testing.blocks:RepVGGNet")])
+def test_model_specs_of_earlier_versions_still_resolve(old: str, new: str) -> None:
+    """Regression: checkpoints name their model spec; those trained before the application moved named
+    repq_fx.examples, and could then be neither evaluated nor exported."""
+    from repq_fx.app.models import resolve_model
+
+    assert type(resolve_model(old)) is type(resolve_model(new))

@@ -61,6 +61,12 @@ def test_register_op_label_names_the_op_in_explain(restore_registries) -> None:
 def test_register_op_refuses_what_no_table_can_key_on() -> None:
     with pytest.raises(RegistrationError, match="got 3"):
         repq_fx.register_op(3)
+    # regression: accepted, then never matched (only call_function rules are consulted) or crashed in explain
+    for targets in [("negative",), (nn.Hardtanh,), (nn.Identity(),), ()]:
+        with pytest.raises(RegistrationError, match="call_function targets"):
+            repq_fx.register_op(*targets)
+    with pytest.raises(RegistrationError, match="decorates a rule"):
+        repq_fx.register_op(torch.negative)(42)
     with pytest.raises(RegistrationError, match="label"):
         repq_fx.register_op(torch.negative, label=3)
 
@@ -159,3 +165,22 @@ def test_a_saved_graph_keeps_the_canonical_batch_norm_when_loaded(tmp_path) -> N
     assert torch.equal(back(x), merged(x))
     back.train()(x)  # follows train mode: batch statistics, running statistics updated
     assert not torch.equal(back.get_submodule("1").running_mean, merged.get_submodule("1").running_mean)
+
+
+class _ReflectPadThenConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(F.pad(x, (1, 1, 1, 1), mode="reflect")) + self.b(x)
+
+
+def test_relabelling_a_known_op_keeps_its_refusal(restore_registries) -> None:
+    """Regression: register_op(F.pad, label=...) replaced pad's whole record, so explain lost why a reflect pad
+    stays out of the block."""
+    before = repq_fx.explain(_ReflectPadThenConv())
+    assert "reflect" in str(before)
+    repq_fx.register_op(F.pad, label="zeropad")(RULES.for_function(F.pad))
+    after = repq_fx.explain(_ReflectPadThenConv())
+    assert str(after) == str(before)  # its label shows only where a pad is merged; the refusal stays

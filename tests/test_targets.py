@@ -178,3 +178,22 @@ def test_cpu_features_name_what_is_missing() -> None:
     assert "AVX512 but no VNNI" in cpu_int8_features(["avx2", "avx512f", "avx512bw"], "x86_64")
     assert cpu_int8_features(["avx2", "avx_vnni"], "x86_64") == "an x86 CPU with AVX-VNNI"
     assert cpu_int8_features([], "aarch64") == "a non-x86 CPU (aarch64)"
+
+
+@pytest.mark.parametrize("fields", [dict(act_bits=0), dict(activation_container="int3"), dict(weight_container="u4")])
+def test_a_target_with_impossible_fields_is_refused(fields: dict) -> None:
+    """Regression: Target(act_bits=0) was accepted, and QConfig then asked to train 0-bit activations."""
+    from repq_fx.targets import Target
+
+    with pytest.raises(repq_fx.errors.ConfigError, match=next(iter(fields))):
+        Target("npu", "an NPU", **{"weight_container": "int8", "int16_pair_sums": False, "exact_on": "it", **fields})
+
+
+def test_registries_take_their_own_records_only() -> None:
+    from repq_fx.export.formats import register_format
+    from repq_fx.targets import register_target
+
+    with pytest.raises(repq_fx.errors.ConfigError, match="takes a Target"):
+        register_target("npu")
+    with pytest.raises(repq_fx.errors.ConfigError, match="takes a Format"):
+        register_format("tflite")

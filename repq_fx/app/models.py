@@ -115,9 +115,14 @@ def resolve_model(spec: str, **options: Any) -> nn.Module:
         raise ModelSpecError(f"bad model spec {spec!r}: {e}; accepted forms: {SPEC_FORMS}") from None
 
 
+# module paths of earlier versions, which checkpoints name in their model spec
+MOVED_MODULES = {"repq_fx.examples.blocks": "repq_fx.testing.blocks", "repq_fx.examples.networks": "repq_fx.app.networks",
+                 "repq_fx.cases": "repq_fx.testing.cases"}
+
+
 def _dotted(module_path: str, attr: str) -> nn.Module:
     try:
-        module = importlib.import_module(module_path)
+        module = importlib.import_module(MOVED_MODULES.get(module_path, module_path))
     except ImportError as e:
         raise ModelSpecError(f"{module_path!r} is neither a known prefix ({', '.join(RESOLVERS)}) "
                              f"nor an importable module ({e})") from None

@@ -58,6 +58,8 @@ FORMATS: dict[str, Format] = {}
 
 def register_format(fmt: Format) -> Format:
     """Add a row to :data:`FORMATS` (a name already there is replaced)."""
+    if not isinstance(fmt, Format):
+        raise ConfigError(f"register_format() takes a Format; got {type(fmt).__name__}")
     FORMATS[fmt.name] = fmt
     return fmt
 

@@ -147,7 +147,7 @@ def _tensor_names(lowered: fx.GraphModule, proto: onnx.ModelProto, input_names: 
     "inputs": {FX placeholder: ONNX input}}``, read from the scopes torch.onnx records on each node."""
     paths = {n.target for n in lowered.graph.nodes if n.op == "call_module"
              and isinstance(lowered.get_submodule(n.target), QuantizeDequantize)}
-    found: dict[str, list[str | None]] = {p: [None, None] for p in paths}
+    found: dict[str, list[str | None]] = {p: [None, None] for p in sorted(paths)}  # sorted: reproducible files
     for node in proto.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue

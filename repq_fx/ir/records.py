@@ -13,7 +13,7 @@ read from its record (:func:`record_of`), never from a chain of ``if`` on its ta
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -71,6 +71,16 @@ def register_record(record: OpRecord) -> OpRecord:
     """Make ``record`` the record of each of its targets."""
     RECORDS.register(*record.targets)(record)
     return record
+
+
+def label_function(target: Any, label: str | Label) -> OpRecord:
+    """Name the op ``target`` ``label`` in ``explain`` (a string, or a function of the graph module and the node),
+    keeping what an existing record of it says besides (its view, channel rule, refusal)."""
+    as_label = label if callable(label) else named(label)
+    existing = RECORDS.for_function(target)
+    if existing is not None:
+        return register_record(replace(existing, targets=(target,), label=as_label))
+    return register_record(OpRecord(getattr(target, "__name__", str(target)), (target,), as_label))
 
 
 def record_of(node: fx.Node, root: nn.Module | None = None) -> OpRecord | None:

@@ -22,13 +22,14 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..algebra import AffineConv, NoMatch, ops
 from ..errors import RegistrationError
-from ..ir import (ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, OpRecord, PadView, RuleTable,
-                  View, batch_norm, input_dependent, is_size_value, register_record)
-from ..ir.records import RECORDS, target_name
+from ..ir import (ArithView, AvgPoolView, BatchNormView, CatView, ConvView, CropView, PadView, RuleTable,
+                  View, batch_norm, input_dependent, is_size_value)
+from ..ir.records import RECORDS, label_function, target_name
 
 
 class Values(Protocol):
@@ -85,14 +86,20 @@ def register_op(*targets: Any, label: str | Callable[[fx.GraphModule, fx.Node], 
     if label is not None and not (isinstance(label, str) or callable(label)):
         raise RegistrationError(f"register_op(label=...) takes a string or a function (gm, node) -> str; got "
                                 f"{type(label).__name__}")
+    plain = [t for t in targets if not callable(t) or isinstance(t, (type, nn.Module))]
+    if not targets or plain:
+        raise RegistrationError(f"register_op() takes the functions a canonical graph calls (call_function "
+                                f"targets such as torch.negative); got {plain[0] if plain else 'none'!r}. Modules "
+                                "and methods are canonicalized into functions first (capture/canonicalize.py)")
     tables = RULES.register(*targets)  # refuses a key of no kind the table knows, before anything is registered
 
     def deco(rule: Rule) -> Rule:
+        if not callable(rule):
+            raise RegistrationError(f"register_op(...) decorates a rule (node, tensor nodes) -> LinearOp | NoMatch; "
+                                    f"got {type(rule).__name__}")
         for target in targets:
             if label is not None or RECORDS.for_function(target) is None:
-                text = label if label is not None else target_name
-                register_record(OpRecord(getattr(target, "__name__", str(target)), (target,),
-                                         text if callable(text) else (lambda gm, node, text=text: text)))
+                label_function(target, label if label is not None else target_name)
         return tables(rule)
     return deco
 

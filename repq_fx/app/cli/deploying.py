@@ -39,7 +39,7 @@ Lower a quantized model to one int8 conv per block (`repq_fx.lower`) and write i
   .onnx  QDQ ONNX (`repq_fx.export_onnx`): int8 per-channel weights, int32 biases, 8-bit activations,
          which ONNX Runtime fuses into QLinearConv (and TensorRT reads, with --target tensorrt)
   .pte   an ExecuTorch program whose int8 convs XNNPACK runs (static input shape, batch 1)
-  .xml   OpenVINO IR (the .bin and the QDQ .onnx it was converted from are written beside it)
+  .xml   OpenVINO IR (the .bin beside it; converted from a QDQ ONNX written to a temporary folder)
 
   repq-fx export examples:RepVGGNet --ckpt w8a8.pt --out repvgg_int8.onnx --check
   repq-fx export examples:RepVGGNet --ckpt w8a8.pt --out repvgg_int8.pte --check
@@ -74,7 +74,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", metavar="CKPT", help="a quantized checkpoint written by `repq-fx train` "
                    "(repq-bn, repq-bnest, lsq or ptq); without it, MODEL is prepared and calibrated on random data")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write: .onnx (ONNX Runtime, TensorRT), "
-                   ".pte (ExecuTorch with XNNPACK) or .xml (OpenVINO IR, with the .bin and the .onnx beside it)")
+                   ".pte (ExecuTorch with XNNPACK) or .xml (OpenVINO IR, with the .bin beside it)")
     p.add_argument("--format", choices=("onnx", "pte", "openvino"), help="the file format (default: from the "
                    "suffix of --out)")
     p.add_argument("--input-size", type=_size, metavar="CxHxW", help="input shape (batch is dynamic); default: "
