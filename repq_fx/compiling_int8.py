@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import CompileError, ConfigError, SaturationError
+from .errors import CompileError, ConfigError, SaturationError, first_few
 from .quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 from .targets import TARGETS, get_target
 
@@ -210,8 +210,7 @@ def _check_pair_sums(form: fx.GraphModule, allow_vnni_only: bool, target: str | 
     overflows = int16_pair_overflows(form)
     if not overflows:
         return
-    listed = "; ".join(str(o) for o in overflows[:3]) + (f"; and {len(overflows) - 3} more" if len(overflows) > 3
-                                                         else "")
+    listed = first_few(overflows)
     trained = (f"The model was prepared for target {target!r}, a grid for {get_target(target).summary.split(':')[0]}"
                f" (run it there: repq-fx export). " if target in TARGETS else "")
     if not allow_vnni_only:

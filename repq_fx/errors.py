@@ -5,6 +5,8 @@ raise ``AssertionError`` explicitly; user input never meets a bare ``assert``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class RepQError(Exception):
     """Base class of every error repq_fx raises on purpose."""
@@ -98,6 +100,16 @@ class ZeroRangeWarning(RepQWarning):
 
 class StepCollapsedWarning(RepQWarning):
     """A learned quantization step was pushed to or below zero by training and is held at the floor."""
+
+
+def first_few(items: Sequence[object], shown: int = 3) -> str:
+    """The first ``shown`` of ``items``, ``; ``-separated, and how many more there are, for messages.
+
+    >>> first_few(["a", "b", "c", "d", "e"]), first_few([1])
+    ('a; b; c; and 2 more', '1')
+    """
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(str(item) for item in items[:shown]) + more
 
 
 def first_line(error: BaseException | None) -> str:

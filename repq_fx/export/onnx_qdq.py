@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from ..capture.example_inputs import batched_example
-from ..errors import ExportError, SaturationError
+from ..errors import ExportError, SaturationError, first_few
 from ..ir import RuleTable
 from ..quant.lowered import QuantizeDequantize, QuantizedConv2d, QuantizedLinear
 from ..targets import DEFAULT_TARGET, Target, get_target
@@ -174,8 +174,7 @@ def _check_pair_sums(lowered: fx.GraphModule, scheme: Target) -> None:
     overflows = int16_pair_overflows(lowered, stored=False)
     if not overflows:
         return
-    listed = "; ".join(str(o) for o in overflows[:3]) + (f"; and {len(overflows) - 3} more" if len(overflows) > 3
-                                                         else "")
+    listed = first_few(overflows)
     if scheme.int16_pair_sums:
         raise SaturationError(
             f"{len(overflows)} int8 layers can overflow the 16-bit pair sums of ONNX Runtime's u8s8 kernels on x86 "

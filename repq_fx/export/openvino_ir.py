@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..errors import ExportCheckError, ExportError
-from .parity import AGREEMENT, cpu_int8_features, output_steps, segment_parity, step_agreement
+from ..errors import ExportCheckError, ExportError, first_few
+from .parity import AGREEMENT, cpu_int8_features, output_steps, segment_parity, step_agreement, steps_apart
 
 INT8 = ("u8", "i8")  # runtime precisions of an integer kernel
 _LAYERS = ("Convolution", "FullyConnected", "MatMul", "GroupConvolution")
@@ -129,7 +129,7 @@ def check_openvino(path: str, lowered: fx.GraphModule, inputs: Sequence[torch.Te
                             result.max_steps, len(layers), min((s.within_one_step for s in layers), default=1.0))
     bad = [s for s in layers if not s.ok]
     if bad:
-        listed = "; ".join(str(s) for s in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        listed = first_few(bad)
         raise ExportCheckError(f"OpenVINO disagrees with the lowered model in {len(bad)} layers ({listed}); {result}. "
                                f"This machine is {cpu_int8_features()}")
     if result.int8_convs == 0 and result.float_convs:
@@ -141,13 +141,9 @@ def _require_same_outputs(path: str, deployed: str, lowered: fx.GraphModule, inp
                           threads: int) -> None:
     """The deployed file runs as the checked ONNX file does in OpenVINO (within one output step): it is that
     model, not another one (a stale file, another checkpoint's)."""
-    worst = 0.0
-    pairs = zip(run(compile_model(path, threads), inputs), run(compile_model(deployed, threads), inputs),
-                output_steps(lowered))
-    for a, b, step in pairs:
-        scale = step if step else max(float(np.abs(a).max()), 1.0) * 1e-5
-        worst = max(worst, float((np.abs(a.astype(np.float64) - b.astype(np.float64)) / scale).max(initial=0.0)))
-    if worst > 1.001:
+    within, worst, compared = steps_apart(run(compile_model(deployed, threads), inputs),
+                                          run(compile_model(path, threads), inputs), output_steps(lowered))
+    if compared and within < 1.0:
         raise ExportCheckError(f"{deployed} is not the model that was checked: in OpenVINO its outputs differ from "
                                f"the lowered model's QDQ ONNX by up to {worst:.1f} output steps; write it again "
                                "from this model")
@@ -170,8 +166,7 @@ def require_exact_in_openvino(lowered: fx.GraphModule, target: str | None = None
         return
     overflows = int16_pair_overflows(lowered, stored=False, signed_as_uint8=True)
     if overflows:
-        listed = "; ".join(str(o) for o in overflows[:3]) + (f"; and {len(overflows) - 3} more"
-                                                             if len(overflows) > 3 else "")
+        listed = first_few(overflows)
         raise SaturationError(
             f"target {scheme.name!r} trains signed activations, which OpenVINO runs as uint8 (shifted by 128) on "
             f"x86; then {len(overflows)} int8 layers can overflow the 16-bit pair sums of its u8s8 kernels on CPUs "

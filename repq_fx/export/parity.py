@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..errors import ExportCheckError
+from ..errors import ExportCheckError, first_few
 from ..quant.lowered import QuantizeDequantize
 from .saturation import int16_pair_overflows
 
@@ -110,15 +110,27 @@ def step_agreement(actual: Sequence[Any], lowered: fx.GraphModule,
     """
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in tree_leaves(lowered.eval()(*inputs))]
+    return steps_apart(actual, expected, output_steps(lowered))
+
+
+def steps_apart(actual: Sequence[Any], expected: Sequence[Any], steps: Sequence[float | None]
+                ) -> tuple[float, float, int]:
+    """Flattened outputs ``actual`` against ``expected`` (arrays or tensors), each in its quantization step
+    (None: 1e-5 of its largest value): ``(fraction within one step, largest difference in steps, values
+    compared)``.
+
+    >>> steps_apart([np.array([0.0, 0.5, 3.0])], [np.zeros(3)], [1.0])
+    (0.6666666666666666, 3.0, 3)
+    """
     within = compared = 0
     worst = 0.0
-    for got, ref, step in zip(actual, expected, output_steps(lowered)):
-        got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    for got, ref, step in zip(actual, expected, steps):
+        got, ref = (np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t) for t in (got, ref))
         scale = step if step else max(float(np.abs(ref).max()), 1.0) * 1e-5
-        steps = np.abs(got.astype(np.float64).reshape(ref.shape) - ref.astype(np.float64)) / scale
-        within += int((steps <= 1.001).sum())
-        compared += steps.size
-        worst = max(worst, float(steps.max()) if steps.size else 0.0)
+        distance = np.abs(got.astype(np.float64).reshape(ref.shape) - ref.astype(np.float64)) / scale
+        within += int((distance <= 1.001).sum())
+        compared += distance.size
+        worst = max(worst, float(distance.max()) if distance.size else 0.0)
     return within / max(compared, 1), worst, compared
 
 
@@ -268,10 +280,10 @@ def check_onnx_runtime(path: str, lowered: fx.GraphModule, inputs: Sequence[Any]
     overflows = int16_pair_overflows(lowered)
     cause = (f"{len(overflows)} layers can overflow 16-bit pair sums (first: {overflows[0]})" if overflows
              else "no layer can overflow 16-bit pair sums, so this is a bug in repq_fx's export: please report it")
-    listed = "; ".join(str(s) for s in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    listed = first_few(bad)
     raise ExportCheckError(f"ONNX Runtime disagrees with the lowered model in {len(bad)} layers ({listed}); end to "
                            f"end: {parity}. This machine is {cpu_int8_features()}; {cause}")
 
 
-__all__ = ["Parity", "SegmentParity", "AGREEMENT", "output_steps", "step_agreement", "onnx_runtime_parity", "segment_parity",
-           "cpu_int8_features", "check_onnx_runtime"]
+__all__ = ["Parity", "SegmentParity", "AGREEMENT", "output_steps", "step_agreement", "steps_apart",
+           "onnx_runtime_parity", "segment_parity", "cpu_int8_features", "check_onnx_runtime"]

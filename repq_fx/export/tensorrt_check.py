@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ..errors import ExportCheckError
+from ..errors import ExportCheckError, first_few
 from ..targets import Target, get_target
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -209,7 +209,7 @@ def require_target_form(model: onnx.ModelProto, path: str, lowered: fx.GraphModu
     from ``lowered``) breaks a structural rule of ``target``; return whether ``target`` has any such rule."""
     problems = structure_problems(model, target, float_convs=has_float_convs(lowered))
     if problems:
-        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        listed = first_few(problems)
         raise ExportCheckError(f"{path} does not have the form target {target.name!r} runs in int8: {listed}")
     return any(getattr(target, flag) for flag, _ in RULES)
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import ZeroRangeWarning
+from ..errors import ZeroRangeWarning, first_few
 
 _collected: list[list[str]] = []  # open collections (calibrate), innermost last
 
@@ -68,7 +68,7 @@ def collected() -> Iterator[list[str]]:
 
 def message(lines: list[str]) -> str:
     """The :class:`ZeroRangeWarning` text for the reported ``lines``."""
-    shown = "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
+    shown = first_few(lines, 8)
     return (f"{len(lines)} quantizer{'s' if len(lines) != 1 else ''} saw data without a range (all zeros, e.g. a "
             f"zero-initialised BatchNorm gamma or layer scale), which gives no step: {shown}. They start from "
             "the step of neighbouring data so that training can move them (a step of eps would stay stuck). "
