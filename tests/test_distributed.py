@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -37,6 +38,18 @@ from repq_fx.app.train import TrainConfig, restore, run_training, train_one_epoc
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_dist = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+
+
+@contextlib.contextmanager
+def _gloo_group(rank: int, port: int):
+    """This spawned process as rank ``rank`` of a two-process gloo group on ``port``, one thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -114,38 +127,35 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    import repq_fx.app.train.run as train  # the module whose run_training calls make_optimizer
+    with _gloo_group(rank, port):
+        import repq_fx.app.train.run as train  # the module whose run_training calls make_optimizer
 
-    models, checks = [], []
-    make_optimizer = train.make_optimizer
+        models, checks = [], []
+        make_optimizer = train.make_optimizer
 
-    def recording(model, config):  # the model run_training trains (the quantizers live in it)
-        models.append(model)
-        return make_optimizer(model, config)
+        def recording(model, config):  # the model run_training trains (the quantizers live in it)
+            models.append(model)
+            return make_optimizer(model, config)
 
-    def after_step(optimizer, args, kwargs) -> None:
-        model = models[-1]
-        quantizers = fake_quantizers(model)
-        checks.append((_gather_equal(_flat([p for g in optimizer.param_groups for p in g["params"]])),
-                       _gather_equal(_flat([q.scale for q in quantizers])),
-                       _gather_equal(_flat([b for q in quantizers for b in q.buffers()]))))
+        def after_step(optimizer, args, kwargs) -> None:
+            model = models[-1]
+            quantizers = fake_quantizers(model)
+            checks.append((_gather_equal(_flat([p for g in optimizer.param_groups for p in g["params"]])),
+                           _gather_equal(_flat([q.scale for q in quantizers])),
+                           _gather_equal(_flat([b for q in quantizers for b in q.buffers()]))))
 
-    train.make_optimizer = recording
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+        train.make_optimizer = recording
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    handle = register_optimizer_step_post_hook(after_step)
-    try:
-        config = TrainConfig(model="examples:RepVGGNet", method="repq-bn", bits=(4, 4), epochs=1, batch_size=16,
-                             calib_batches=2, test_subset=20, lr=0.002)
-        metrics = run_training(config, Path(out_dir) / "run.pt", progress=False, log=lambda _: None)
-        torch.save({"checks": checks, "metrics": metrics},
-                   Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        handle.remove()
-        dist.destroy_process_group()
+        handle = register_optimizer_step_post_hook(after_step)
+        try:
+            config = TrainConfig(model="examples:RepVGGNet", method="repq-bn", bits=(4, 4), epochs=1, batch_size=16,
+                                 calib_batches=2, test_subset=20, lr=0.002)
+            metrics = run_training(config, Path(out_dir) / "run.pt", progress=False, log=lambda _: None)
+            torch.save({"checks": checks, "metrics": metrics},
+                       Path(out_dir) / f"rank{rank}.pt")
+        finally:
+            handle.remove()
 
 
 @needs_dist
@@ -256,11 +266,8 @@ class _NetWithLoneBN(torch.nn.Module):
 
 
 def _sync_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     errors = {}
-    try:
+    with _gloo_group(rank, port):
         # SyncBatchNorm converted before prepare, or plain BNs marked after it (what `repq-fx train --sync-bn` does)
         for mode, how in (("batch", "convert"), ("estimate", "convert"), ("batch", "mark")):
             torch.manual_seed(0)
@@ -298,8 +305,6 @@ def _sync_worker(rank: int, port: int, out_dir: str) -> None:
                 "n_stats": len(stats), "n_grads": len(pairs),
             }
         torch.save(errors, Path(out_dir) / f"sync{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @needs_dist
@@ -314,10 +319,7 @@ def test_sync_batch_norm_inside_blocks_sees_the_global_batch(tmp_path: Path) -> 
 
 
 def _half_sync_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo_group(rank, port):
         from repq_fx.ir.norm import batch_norm
 
         bn = torch.nn.BatchNorm2d(4)
@@ -332,8 +334,6 @@ def _half_sync_worker(rank: int, port: int, out_dir: str) -> None:
                     "err": (y.double() - ref).abs().max().item(),
                     "running_var": bn.running_var.clone(), "ref_var": whole.double().var(dim=(0, 2, 3))},
                    Path(out_dir) / f"half{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @needs_dist
