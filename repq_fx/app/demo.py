@@ -175,17 +175,14 @@ def _runtime_chatter_captured():
                 _point_stderr_at(text, handlers)
                 try:
                     yield
-                except BaseException:
-                    _point_stderr_at(original, handlers)
-                    text.flush()
-                    os.dup2(saved, 2)
-                    captured.seek(0)
-                    original.write(captured.read().decode(errors="replace"))
-                    raise
                 finally:
                     _point_stderr_at(original, handlers)
                     text.flush()
                     os.dup2(saved, 2)
+        except BaseException:  # stderr is given back by now: show what the runtimes said
+            captured.seek(0)
+            original.write(captured.read().decode(errors="replace"))
+            raise
         finally:
             text.close()
             os.close(saved)
